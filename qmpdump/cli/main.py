@@ -1,0 +1,55 @@
+"""The ``qmpdump`` command: argument parsing and the one mapping of errors to exit codes.
+
+Every failure qmpdump expects ends as one line on stderr and the exit code of its error class
+(:mod:`qmpdump.errors`); a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from qmpdump import __version__
+from qmpdump.cli import demo
+from qmpdump.errors import QmpdumpError
+
+__all__ = ["main"]
+
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one sub-parser per command."""
+    parser = argparse.ArgumentParser(
+        prog="qmpdump", description="Memory dumps of live QEMU VMs, copying only populated memory."
+    )
+    parser.add_argument("--version", action="version", version=f"qmpdump {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(asyncio.run(args.run(args)))
+    except QmpdumpError as err:
+        print(f"qmpdump: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("qmpdump: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The one error tree of qmpdump.
+
+Every error qmpdump raises on purpose derives from :class:`QmpdumpError`. Each class says when it
+is raised and carries its details as attributes; its message is one sentence an operator can act
+on (addresses in hex). The CLI maps a class to an exit code through :attr:`QmpdumpError.exit_code`
+and the API (later) to an HTTP status, so that mapping lives here and nowhere else.
+
+``asyncio.CancelledError`` is never wrapped.
+
+::
+
+    QmpdumpError
+     +-- UsageError              bad arguments or configuration (exit 2)
+     +-- TestbedError            the built-in test/demo VMs (exit 10)
+     |    +-- GuestBuildError    the guest kernel/initramfs could not be built
+     |    +-- LaunchError        QEMU exited or failed to start
+     |    +-- GuestTimeout       the guest did not reach a state in time
+     +-- QMPConnectError         no QMP session could be opened (exit 20..24)
+     |    +-- SocketMissing      no socket at the path (exit 21)
+     |    +-- SocketPermission   the socket exists but may not be opened (exit 22)
+     |    +-- NotQEMU            the peer does not speak QMP (exit 23)
+     +-- QMPTimeout              QEMU did not answer in time (exit 24)
+     +-- QMPCommandError         QEMU answered a command with an error (exit 25)
+     +-- QMPDisconnected         the QMP connection dropped (exit 26)
+     +-- LayoutError             the guest memory layout could not be built (exit 30)
+     +-- HostAccessError         a host-side fact (backing file, /proc) could not be read (exit 31)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "GuestBuildError",
+    "GuestTimeout",
+    "HostAccessError",
+    "LaunchError",
+    "LayoutError",
+    "NotQEMU",
+    "QMPCommandError",
+    "QMPConnectError",
+    "QMPDisconnected",
+    "QMPTimeout",
+    "QmpdumpError",
+    "SocketMissing",
+    "SocketPermission",
+    "TestbedError",
+    "UsageError",
+]
+
+
+class QmpdumpError(Exception):
+    """Root of every error qmpdump raises on purpose."""
+
+    #: process exit code the CLI uses for this class of failure
+    exit_code: int = 1
+
+
+class UsageError(QmpdumpError):
+    """Raised when arguments or configuration are invalid; nothing was started."""
+
+    exit_code = 2
+
+
+class TestbedError(QmpdumpError):
+    """Raised by the built-in VM testbed (used by the demo and the test suite)."""
+
+    __test__ = False  # not a pytest test class, despite its name
+    exit_code = 10
+
+
+class GuestBuildError(TestbedError):
+    """Raised when the test guest (kernel and initramfs) cannot be fetched or built."""
+
+
+class LaunchError(TestbedError):
+    """Raised when QEMU fails to start or exits while it was expected to run.
+
+    Carries QEMU's exit code (None if it still ran), the full command line and QEMU's own log.
+    """
+
+    def __init__(self, reason: str, *, exit_code: int | None, argv: Sequence[str], log: str):
+        self.reason = reason
+        self.qemu_exit_code = exit_code
+        self.argv = list(argv)
+        self.log = log
+        super().__init__(
+            f"{reason} (QEMU exit code {exit_code}).\n"
+            f"command line: {' '.join(self.argv)}\n"
+            f"QEMU log:\n{log.rstrip() or '(empty)'}"
+        )
+
+
+class GuestTimeout(TestbedError):
+    """Raised when a test VM does not reach an expected state (booted, plugged) in time."""
+
+    def __init__(self, what: str, timeout_s: float, log_tail: str = ""):
+        self.what = what
+        self.timeout_s = timeout_s
+        self.log_tail = log_tail
+        tail = f"\nlast serial output:\n{log_tail}" if log_tail else ""
+        super().__init__(f"{what} did not happen within {timeout_s:g} s.{tail}")
+
+
+class QMPConnectError(QmpdumpError, ConnectionError):
+    """Raised when no QMP session can be opened; the cause is kept in :attr:`exc`."""
+
+    exit_code = 20
+
+    def __init__(self, address: str, message: str, exc: BaseException | None = None):
+        self.address = address
+        self.exc = exc
+        super().__init__(f"{address}: {message}")
+
+
+class SocketMissing(QMPConnectError):
+    """Raised when there is no socket at the QMP path (QEMU not running, or a wrong path)."""
+
+    exit_code = 21
+
+
+class SocketPermission(QMPConnectError):
+    """Raised when the QMP socket exists but this user may not connect to it."""
+
+    exit_code = 22
+
+
+class NotQEMU(QMPConnectError):
+    """Raised when the peer answers, but not with a QMP greeting and capabilities handshake."""
+
+    exit_code = 23
+
+
+class QMPTimeout(QmpdumpError, TimeoutError):
+    """Raised when QEMU does not answer a command (or the greeting) within its timeout."""
+
+    exit_code = 24
+
+    def __init__(self, command: str, timeout_s: float):
+        self.command = command
+        self.timeout_s = timeout_s
+        super().__init__(f"QEMU did not answer {command!r} within {timeout_s:g} s.")
+
+
+class QMPCommandError(QmpdumpError):
+    """Raised when QEMU answers a command with an error; keeps what was sent and the error class."""
+
+    exit_code = 25
+
+    def __init__(self, command: str, error_class: str, description: str):
+        self.command = command
+        self.error_class = error_class
+        self.description = description
+        super().__init__(f"QEMU refused {command!r}: {error_class}: {description}")
+
+
+class QMPDisconnected(QmpdumpError, ConnectionError):
+    """Raised when the QMP connection drops while a command or wait is outstanding."""
+
+    exit_code = 26
+
+
+class LayoutError(QmpdumpError):
+    """Raised when the guest-physical layout cannot be built; names the offending input."""
+
+    exit_code = 30
+
+
+class HostAccessError(QmpdumpError, OSError):
+    """Raised when a host-side fact (a backing file's extents, QEMU's /proc) can't be read."""
+
+    exit_code = 31

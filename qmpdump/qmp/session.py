@@ -1,0 +1,214 @@
+"""One QMP session with one QEMU: connect, execute with timeouts, events, disconnect.
+
+This package is the only place that imports ``qemu.qmp`` (the QMP library kept in QEMU's tree,
+``python/qemu/qmp``). Errors from it are translated into qmpdump's tree (:mod:`qmpdump.errors`)
+with the cause kept; ``asyncio.CancelledError`` passes through untouched.
+
+The socket is opened here rather than by the library so that a missing socket, a permission
+problem and a peer that is not QEMU are told apart, and so that the peer's pid can be read with
+``SO_PEERCRED`` (later code reads QEMU's ``/proc`` entries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp.error import QMPError as LibQMPError
+
+from qmpdump.errors import (
+    NotQEMU,
+    QMPCommandError,
+    QMPConnectError,
+    QMPDisconnected,
+    QMPTimeout,
+    SocketMissing,
+    SocketPermission,
+)
+
+__all__ = ["QMPAddress", "QMPSession", "parse_address"]
+
+log = logging.getLogger(__name__)
+
+#: A UNIX socket path, or (host, port) for TCP.
+QMPAddress = str | tuple[str, int]
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def parse_address(text: str) -> QMPAddress:
+    """Read an operator's ``--qmp`` value: a path, or ``tcp:HOST:PORT`` / ``HOST:PORT``."""
+    if text.startswith("tcp:"):
+        text = text[4:]
+    elif "/" in text or ":" not in text:
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return text
+    return (host.strip("[]"), int(port))
+
+
+def _describe(address: QMPAddress) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process at the other end of a UNIX socket (SO_PEERCRED), if any."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return pid or None
+
+
+def _open_socket(address: QMPAddress, timeout_s: float) -> socket.socket:
+    """Open a connected, non-blocking socket, classifying the usual failures."""
+    where = _describe(address)
+    try:
+        if isinstance(address, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout_s)
+                sock.connect(address)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection(address, timeout=timeout_s)
+    except FileNotFoundError as err:
+        raise SocketMissing(where, "no QMP socket at this path (is QEMU running?)", err) from err
+    except PermissionError as err:
+        raise SocketPermission(where, "permission denied opening the QMP socket", err) from err
+    except ConnectionRefusedError as err:
+        raise SocketMissing(where, "connection refused (nothing listens there)", err) from err
+    except TimeoutError as err:
+        raise QMPTimeout("connect", timeout_s) from err
+    except OSError as err:
+        if err.errno == errno.ENOTSOCK:
+            raise NotQEMU(where, "this path is not a socket", err) from err
+        raise QMPConnectError(where, f"cannot connect: {err.strerror or err}", err) from err
+    sock.setblocking(False)
+    return sock
+
+
+class QMPSession:
+    """A connected QMP session with one QEMU process.
+
+    Use as ``async with QMPSession(path) as qmp: ...``. Every command has a timeout;
+    :meth:`disconnect` is idempotent.
+    """
+
+    def __init__(
+        self, address: QMPAddress, *, timeout_s: float = DEFAULT_TIMEOUT_S, name: str = "qmpdump"
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._client = QMPClient(name)
+        self._pid: int | None = None
+        self._connected = False
+
+    @property
+    def where(self) -> str:
+        """The address as an operator would write it."""
+        return _describe(self.address)
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's pid from SO_PEERCRED (None over TCP)."""
+        return self._pid
+
+    @property
+    def client(self) -> QMPClient:
+        """The underlying library client, for code in :mod:`qmpdump.qmp` only (fd passing)."""
+        return self._client
+
+    async def connect(self) -> None:
+        """Open the socket, read the greeting and negotiate capabilities."""
+        sock = await asyncio.to_thread(_open_socket, self.address, self.timeout_s)
+        self._pid = _peer_pid(sock)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._client.connect(sock)
+        except TimeoutError as err:
+            sock.close()
+            await self._quiet_disconnect()
+            raise QMPTimeout(
+                "QMP greeting (QEMU serves one client per QMP socket: is another one connected?)",
+                self.timeout_s,
+            ) from err
+        except ConnectError as err:
+            sock.close()
+            raise NotQEMU(
+                self.where, f"the peer did not complete a QMP handshake ({err.exc!r})", err
+            ) from err
+        self._connected = True
+        log.debug("connected to %s (pid %s)", self.where, self._pid)
+
+    async def execute(
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Run one QMP command and return its ``return`` value (JSON, as QEMU sent it)."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                return await self._client.execute(command, arguments)
+        except TimeoutError as err:
+            raise QMPTimeout(command, limit) from err
+        except ExecuteError as err:
+            raise QMPCommandError(command, err.error_class, str(err)) from err
+        except ExecInterruptedError as err:
+            raise QMPDisconnected(f"{self.where}: connection lost during {command!r}") from err
+        except LibQMPError as err:
+            raise QMPDisconnected(f"{self.where}: {command!r} failed: {err}") from err
+
+    async def hmp(self, command_line: str, *, timeout_s: float | None = None) -> str:
+        """Run a human monitor command through QMP and return its text."""
+        out = await self.execute(
+            "human-monitor-command", {"command-line": command_line}, timeout_s=timeout_s
+        )
+        return str(out)
+
+    @contextlib.contextmanager
+    def listen(self, *names: str) -> Iterator[EventListener]:
+        """Listen for the named events while the block runs (a ``qemu.qmp`` EventListener)."""
+        listener = EventListener(names or None)
+        with self._client.listen(listener):
+            yield listener
+
+    async def events(self, listener: EventListener) -> AsyncIterator[dict[str, Any]]:
+        """Yield the events a listener hears, as plain dicts."""
+        async for event in listener:
+            yield dict(event)
+
+    async def _quiet_disconnect(self) -> None:
+        with contextlib.suppress(LibQMPError, OSError, EOFError):
+            await self._client.disconnect()
+
+    async def disconnect(self) -> None:
+        """Close the session. Safe to call more than once and after the peer went away."""
+        self._connected = False
+        await self._quiet_disconnect()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.disconnect()

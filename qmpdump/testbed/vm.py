@@ -1,0 +1,440 @@
+"""Launch real QEMU VMs from a typed description, and always stop them.
+
+Two modes:
+
+* guest (default): Debian's kernel and qmpdump's initramfs (:mod:`qmpdump.testbed.guest`) boot,
+  the virtio-mem driver plugs the requested memory, the guest writes a known pattern and says
+  ``QMPDUMP-READY`` on its serial console. :func:`launch` returns once that happened and every
+  virtio-mem device's plugged size equals its requested size.
+* bare: no kernel, QEMU stopped at reset (``-S``); RAM on files or memfd so that a test can write
+  known bytes at known offsets from the host. Starts in well under a second.
+
+QMP listens on a UNIX socket, the serial console is logged, backing files live in a private
+folder under ``/dev/shm``. :meth:`VM.stop` asks QEMU to ``quit``, kills it by pid if it does not
+go, and removes every file the VM had; ``async with launch(spec) as vm`` does so on any exit.
+The command line that works for virtio-mem on QEMU 7.2 follows ``shared/FACTS.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from qmpdump.errors import GuestTimeout, LaunchError, QmpdumpError, UsageError
+from qmpdump.qmp.session import QMPSession
+from qmpdump.testbed.guest import GuestImage, build_guest
+
+__all__ = [
+    "VM",
+    "Accel",
+    "Backend",
+    "GiB",
+    "MiB",
+    "VMSpec",
+    "VirtioMemSpec",
+    "launch",
+    "live_vms",
+]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+QEMU_BINARY = os.environ.get("QMPDUMP_QEMU", "qemu-system-x86_64")
+SHM_ROOT = Path("/dev/shm")  # noqa: S108 - private mkdtemp folders below it, mode 0700
+#: Prefix of every folder the testbed makes (the leftover check looks for it).
+DIR_PREFIX = "qmpdump-vm-"
+READY_MARKER = "QMPDUMP-READY"
+
+
+class Backend(StrEnum):
+    """Where a RAM region's memory comes from."""
+
+    DEFAULT = "default"  # main RAM only: QEMU's own anonymous pc.ram, no memory backend
+    RAM = "ram"  # memory-backend-ram: anonymous
+    MEMFD = "memfd"  # memory-backend-memfd, share=on
+    FILE = "file"  # memory-backend-file on /dev/shm, share=on
+
+
+class Accel(StrEnum):
+    """QEMU accelerator. TCG works everywhere; KVM only where /dev/kvm boots kernels in time."""
+
+    TCG = "tcg"
+    KVM = "kvm"
+
+
+def _default_accel() -> Accel:
+    return Accel(os.environ.get("QMPDUMP_ACCEL", "tcg"))
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioMemSpec:
+    """One virtio-mem-pci device and its memory backend."""
+
+    id: str = "vmem0"
+    backend: Backend = Backend.FILE
+    max_size: int = 2 * GiB
+    block_size: int = 2 * MiB
+    requested_size: int = 256 * MiB
+
+    def __post_init__(self) -> None:
+        if self.backend is Backend.DEFAULT:
+            raise UsageError(f"virtio-mem {self.id}: needs a memory backend (ram, memfd or file)")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise UsageError(f"virtio-mem {self.id}: block size {self.block_size:#x} is not 2^n")
+        if self.max_size % self.block_size or self.requested_size % self.block_size:
+            raise UsageError(f"virtio-mem {self.id}: sizes must be multiples of the block size")
+        if not 0 <= self.requested_size <= self.max_size:
+            raise UsageError(f"virtio-mem {self.id}: requested size exceeds the maximum")
+
+    @property
+    def memdev(self) -> str:
+        """The id of this device's memory backend object."""
+        return f"mem-{self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class VMSpec:
+    """A test VM, described by what matters to memory dumps."""
+
+    machine: str = "q35"
+    ram_backend: Backend = Backend.DEFAULT
+    ram_size: int = 512 * MiB
+    #: ``max-ram-below-4g``: with a value below ram_size, main RAM is split below/above 4 GiB.
+    below_4g: int | None = None
+    virtio_mem: tuple[VirtioMemSpec, ...] = ()
+    cpus: int = 2
+    accel: Accel = field(default_factory=_default_accel)
+    #: False: bare mode (no kernel, ``-S``).
+    guest: bool = True
+    #: MiB of pattern the guest writes into a tmpfs file after boot.
+    pattern_mib: int = 0
+    name: str = "qmpdump-test"
+    boot_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.machine not in ("q35", "pc"):
+            raise UsageError(f"machine {self.machine!r} is not supported (q35 or pc)")
+        if self.ram_size <= 0 or self.ram_size % MiB:
+            raise UsageError("ram_size must be a positive multiple of 1 MiB")
+        ids = [d.id for d in self.virtio_mem]
+        if len(set(ids)) != len(ids):
+            raise UsageError(f"virtio-mem ids must be unique: {ids}")
+        if self.pattern_mib and not self.guest:
+            raise UsageError("a pattern needs a guest; bare VMs get bytes from the host")
+
+    @property
+    def main_memdev(self) -> str | None:
+        """The id of main RAM's backend object (``ram0``), or None for pc.ram."""
+        return None if self.ram_backend is Backend.DEFAULT else "ram0"
+
+
+def _backend_object(kind: Backend, obj_id: str, size: int, backing_dir: Path) -> str:
+    if kind is Backend.RAM:
+        return f"memory-backend-ram,id={obj_id},size={size}"
+    if kind is Backend.MEMFD:
+        return f"memory-backend-memfd,id={obj_id},size={size},share=on"
+    if kind is Backend.FILE:
+        return (
+            f"memory-backend-file,id={obj_id},mem-path={backing_dir / obj_id},size={size},share=on"
+        )
+    raise UsageError(f"backend {kind} has no memory-backend object")
+
+
+def qemu_argv(
+    spec: VMSpec, run_dir: Path, backing_dir: Path, image: GuestImage | None
+) -> list[str]:
+    """The QEMU command line for a spec (pure: paths in, strings out)."""
+    machine = [spec.machine]
+    if spec.below_4g is not None:
+        machine.append(f"max-ram-below-4g={spec.below_4g}")
+    argv = [QEMU_BINARY, "-name", f"guest={spec.name},debug-threads=on"]
+    if spec.main_memdev:
+        machine.append(f"memory-backend={spec.main_memdev}")
+        argv += ["-object", _backend_object(spec.ram_backend, "ram0", spec.ram_size, backing_dir)]
+    mem = f"{spec.ram_size // MiB}M"
+    if spec.virtio_mem:
+        maxmem = spec.ram_size + sum(d.max_size for d in spec.virtio_mem)
+        mem += f",maxmem={maxmem // MiB}M"
+    cpu = os.environ.get("QMPDUMP_CPU") or ("max" if spec.accel is Accel.TCG else "host")
+    argv += ["-machine", ",".join(machine), "-accel", spec.accel.value, "-cpu", cpu]
+    argv += ["-m", mem, "-smp", str(spec.cpus)]
+    for dev in spec.virtio_mem:
+        argv += ["-object", _backend_object(dev.backend, dev.memdev, dev.max_size, backing_dir)]
+        argv += [
+            "-device",
+            f"virtio-mem-pci,id={dev.id},memdev={dev.memdev},"
+            f"block-size={dev.block_size},requested-size={dev.requested_size}",
+        ]
+    argv += ["-device", "vmcoreinfo", "-nodefaults", "-no-user-config", "-display", "none"]
+    argv += ["-no-reboot", "-pidfile", str(run_dir / "qemu.pid")]
+    # Two monitors, as on a managed host: the testbed keeps one (as libvirt would), the other is
+    # free for qmpdump. QEMU serves one client per QMP monitor.
+    argv += ["-qmp", f"unix:{run_dir / 'control.sock'},server=on,wait=off"]
+    argv += ["-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off"]
+    argv += [
+        "-chardev",
+        f"socket,id=ser0,path={run_dir / 'serial.sock'},server=on,wait=off,"
+        f"logfile={run_dir / 'serial.log'}",
+        "-serial",
+        "chardev:ser0",
+    ]
+    if image is None:
+        argv.append("-S")
+    else:
+        append = (
+            "console=ttyS0 memhp_default_state=online_movable quiet panic=-1 "
+            f"qmpdump.pattern_mib={spec.pattern_mib}"
+        )
+        argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append]
+    return argv
+
+
+_LIVE: dict[int, Path] = {}
+
+
+def live_vms() -> dict[int, Path]:
+    """VMs this process launched and has not stopped yet: pid -> run folder."""
+    return dict(_LIVE)
+
+
+def _die_with_parent() -> None:
+    # A safety net only (stop() is the real mechanism): if the launching process dies
+    # without stopping its VMs, the kernel kills them.
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryDeviceState:
+    """The virtio-mem numbers the testbed waits on (the full model lives in qmpdump.qmp)."""
+
+    id: str
+    size: int
+    requested_size: int
+
+
+class VM:
+    """A running QEMU launched by the testbed. Create with :func:`launch`."""
+
+    def __init__(
+        self,
+        spec: VMSpec,
+        argv: list[str],
+        proc: asyncio.subprocess.Process,
+        run_dir: Path,
+        backing_dir: Path,
+    ) -> None:
+        self.spec = spec
+        self.argv = argv
+        self.proc = proc
+        self.run_dir = run_dir
+        self.backing_dir = backing_dir
+        self.qmp: QMPSession | None = None
+        self._stopped = False
+
+    @property
+    def pid(self) -> int:
+        """QEMU's pid."""
+        return self.proc.pid
+
+    @property
+    def qmp_path(self) -> Path:
+        """The QMP socket left free for qmpdump (the testbed holds its own)."""
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def control_path(self) -> Path:
+        """The QMP socket the testbed itself holds (:attr:`qmp`)."""
+        return self.run_dir / "control.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        """Everything the guest printed on its serial console."""
+        return self.run_dir / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        """QEMU's own stdout and stderr."""
+        return self.run_dir / "qemu.log"
+
+    def backing_file(self, memdev: str) -> Path:
+        """The /dev/shm file behind a file backend (``ram0`` or a device's memdev)."""
+        return self.backing_dir / memdev
+
+    def serial_text(self) -> str:
+        """The serial log so far."""
+        try:
+            return self.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _log_text(self) -> str:
+        try:
+            return self.qemu_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _launch_error(self, reason: str) -> LaunchError:
+        return LaunchError(
+            reason, exit_code=self.proc.returncode, argv=self.argv, log=self._log_text()
+        )
+
+    async def _wait_socket(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not (self.control_path.exists() and self.qmp_path.exists()):
+            if self.proc.returncode is not None:
+                raise self._launch_error("QEMU exited during start-up")
+            if time.monotonic() > deadline:
+                raise self._launch_error(f"no QMP socket after {timeout_s:g} s")
+            await asyncio.sleep(0.02)
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while READY_MARKER not in self.serial_text():
+            if self.proc.returncode is not None:
+                raise self._launch_error("QEMU exited before the guest was ready")
+            if time.monotonic() > deadline:
+                raise GuestTimeout(
+                    "guest boot (QMPDUMP-READY)", timeout_s, self.serial_text()[-2000:]
+                )
+            await asyncio.sleep(0.1)
+
+    async def memory_devices(self) -> list[MemoryDeviceState]:
+        """Plugged and requested size of every virtio-mem device, from query-memory-devices."""
+        assert self.qmp is not None
+        out: list[dict[str, Any]] = await self.qmp.execute("query-memory-devices")
+        return [
+            MemoryDeviceState(
+                id=d["data"]["id"],
+                size=d["data"]["size"],
+                requested_size=d["data"]["requested-size"],
+            )
+            for d in out
+            if d.get("type") == "virtio-mem"
+        ]
+
+    async def wait_plugged(self, timeout_s: float = 60.0) -> list[MemoryDeviceState]:
+        """Wait until every virtio-mem device's plugged size equals its requested size."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            devices = await self.memory_devices()
+            if all(d.size == d.requested_size for d in devices):
+                return devices
+            if self.proc.returncode is not None:
+                raise self._launch_error("QEMU exited while the guest plugged memory")
+            if time.monotonic() > deadline:
+                state = ", ".join(f"{d.id}: {d.size:#x}/{d.requested_size:#x}" for d in devices)
+                raise GuestTimeout(
+                    f"virtio-mem plug ({state})", timeout_s, self.serial_text()[-2000:]
+                )
+            await asyncio.sleep(0.05)
+
+    async def resize(self, device_id: str, requested_size: int) -> None:
+        """Ask the guest to plug or unplug: set a virtio-mem device's requested size."""
+        assert self.qmp is not None
+        await self.qmp.execute(
+            "qom-set",
+            {
+                "path": f"/machine/peripheral/{device_id}",
+                "property": "requested-size",
+                "value": requested_size,
+            },
+        )
+
+    async def _start(self) -> None:
+        await self._wait_socket(timeout_s=30.0)
+        self.qmp = QMPSession(str(self.control_path), timeout_s=30.0, name=f"testbed-{self.pid}")
+        await self.qmp.connect()
+        if self.spec.guest:
+            await self._wait_ready(self.spec.boot_timeout_s)
+            await self.wait_plugged()
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop QEMU (``quit``, then SIGKILL by pid) and remove its files. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self.proc.returncode is None and self.qmp is not None:
+                with contextlib.suppress(QmpdumpError, OSError):
+                    await self.qmp.execute("quit", timeout_s=2.0)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                await self.proc.wait()
+        finally:
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), 10.0)
+            if self.qmp is not None:
+                await self.qmp.disconnect()
+            _LIVE.pop(self.pid, None)
+            shutil.rmtree(self.backing_dir, ignore_errors=True)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _make_dirs(name: str) -> tuple[Path, Path]:
+    run_dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
+    safe = re.sub(r"[^\w.-]", "_", name)
+    backing_dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{safe}-", dir=SHM_ROOT))
+    return run_dir, backing_dir
+
+
+async def start(spec: VMSpec) -> VM:
+    """Launch QEMU for a spec and wait until it is usable; on failure nothing is left behind.
+
+    The caller owns the result and must :meth:`VM.stop` it; prefer ``async with launch(spec)``.
+    """
+    image = await asyncio.to_thread(build_guest) if spec.guest else None
+    run_dir, backing_dir = _make_dirs(spec.name)
+    argv = qemu_argv(spec, run_dir, backing_dir, image)
+    try:
+        with (run_dir / "qemu.log").open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=_die_with_parent,
+            )
+    except FileNotFoundError as err:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(backing_dir, ignore_errors=True)
+        raise LaunchError(
+            f"{QEMU_BINARY} is not installed", exit_code=None, argv=argv, log=""
+        ) from err
+    _LIVE[proc.pid] = run_dir
+    vm = VM(spec, argv, proc, run_dir, backing_dir)
+    try:
+        await vm._start()
+    except BaseException:
+        await vm.stop()
+        raise
+    return vm
+
+
+@contextlib.asynccontextmanager
+async def launch(spec: VMSpec) -> AsyncIterator[VM]:
+    """``async with launch(spec) as vm``: a running VM, stopped and cleaned up on exit."""
+    vm = await start(spec)
+    try:
+        yield vm
+    finally:
+        await vm.stop()
