@@ -22,8 +22,11 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
      +-- QMPTimeout              QEMU did not answer in time (exit 24)
      +-- QMPCommandError         QEMU answered a command with an error (exit 25)
      +-- QMPDisconnected         the QMP connection dropped (exit 26)
+     +-- QMPReplyError           QEMU's reply does not have the expected shape (exit 27)
      +-- LayoutError             the guest memory layout could not be built (exit 30)
      +-- HostAccessError         a host-side fact (backing file, /proc) could not be read (exit 31)
+     +-- ElfFormatError          bytes are not the ELF64 core expected (exit 32)
+     +-- DumpBusy                QEMU is already running a dump (exit 40)
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "DumpBusy",
+    "ElfFormatError",
     "GuestBuildError",
     "GuestTimeout",
     "HostAccessError",
@@ -40,6 +45,7 @@ __all__ = [
     "QMPCommandError",
     "QMPConnectError",
     "QMPDisconnected",
+    "QMPReplyError",
     "QMPTimeout",
     "QmpdumpError",
     "SocketMissing",
@@ -160,6 +166,17 @@ class QMPDisconnected(QmpdumpError, ConnectionError):
     exit_code = 26
 
 
+class QMPReplyError(QmpdumpError):
+    """Raised when a QMP reply lacks a member qmpdump needs or has a wrong type."""
+
+    exit_code = 27
+
+    def __init__(self, command: str, problem: str):
+        self.command = command
+        self.problem = problem
+        super().__init__(f"unexpected reply to {command!r}: {problem}")
+
+
 class LayoutError(QmpdumpError):
     """Raised when the guest-physical layout cannot be built; names the offending input."""
 
@@ -170,3 +187,15 @@ class HostAccessError(QmpdumpError, OSError):
     """Raised when a host-side fact (a backing file's extents, QEMU's /proc) can't be read."""
 
     exit_code = 31
+
+
+class ElfFormatError(QmpdumpError, ValueError):
+    """Raised when bytes that should be an ELF64 little-endian core are not (or are cut short)."""
+
+    exit_code = 32
+
+
+class DumpBusy(QmpdumpError):
+    """Raised when QEMU already runs a ``dump-guest-memory`` (ours or someone else's)."""
+
+    exit_code = 40

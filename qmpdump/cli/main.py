@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from qmpdump import __version__
-from qmpdump.cli import demo
+from qmpdump.cli import demo, map_command
 from qmpdump.errors import QmpdumpError
 
 __all__ = ["main"]
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qmpdump {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    map_command.add_parser(commands)
     demo.add_parser(commands)
     return parser
 
@@ -41,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # qemu.qmp logs every failed connection at ERROR; qmpdump reports it as one line.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         return int(asyncio.run(args.run(args)))
     except QmpdumpError as err:

@@ -14,6 +14,7 @@ Offsets are file offsets; the caller maps them to guest-physical addresses.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -21,7 +22,7 @@ import stat
 from qmpdump.host import host_access_error
 from qmpdump.memmap.ranges import Range, RangeSet
 
-__all__ = ["data_extents", "open_for_extents", "path_extents"]
+__all__ = ["data_extents", "open_for_extents", "path_extents", "punch_hole"]
 
 
 def open_for_extents(path: str | os.PathLike[str]) -> int:
@@ -100,3 +101,20 @@ def path_extents(path: str | os.PathLike[str], window: Range | None = None) -> R
         return data_extents(fd, window, name=os.fspath(path))
     finally:
         os.close(fd)
+
+
+# fallocate(2) modes from linux/falloc.h; Python's os module has posix_fallocate only.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, window: Range, *, name: str | None = None) -> None:
+    """Deallocate ``window`` of a file (it reads as zeros afterwards, as a hole)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if libc.fallocate(fd, mode, ctypes.c_int64(window.start), ctypes.c_int64(window.size)) != 0:
+        code = ctypes.get_errno()
+        label = name or f"fd {fd}"
+        raise host_access_error(
+            f"cannot punch a hole in {label} at {window}: {os.strerror(code)}", OSError(code, "")
+        )
