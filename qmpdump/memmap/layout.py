@@ -31,7 +31,9 @@ class BackendType(StrEnum):
     MEMFD = "memfd"  # memory-backend-memfd: an fd, reachable through /proc/PID/fd
     FILE = "file"  # memory-backend-file: mem-path
     RAM = "ram"  # memory-backend-ram: anonymous memory of QEMU
-    ANONYMOUS = "anonymous"  # RAM outside any backend object (pc.ram, pc.bios, option ROMs)
+    #: RAM outside any backend object (pc.bios, pc.rom, vga.vram). QEMU 7.2 makes default main
+    #: RAM ``pc.ram`` a memory-backend-ram object of its own, so that one is RAM, not this.
+    ANONYMOUS = "anonymous"
 
     @property
     def has_fd(self) -> bool:
@@ -43,8 +45,8 @@ class BackendType(StrEnum):
 class Backend:
     """The host memory behind one RAM region.
 
-    ``id`` is the memory backend object's id (``ram0``, ``mem-vmem0``), or None for RAM that
-    belongs to no backend object (then ``region`` alone names it, e.g. ``pc.ram``).
+    ``id`` is the memory backend object's id (``ram0``, ``mem-vmem0``, ``pc.ram``), or None for
+    RAM that belongs to no backend object (then ``region`` alone names it, e.g. ``pc.bios``).
     """
 
     region: str

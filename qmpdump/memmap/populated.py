@@ -90,8 +90,8 @@ class Population:
 
     @property
     def exact(self) -> bool:
-        """Whether every region's population is exactly known."""
-        return all(r.exact for r in self.regions.values())
+        """Whether every RAM region's population is exactly known."""
+        return not self.unknown and all(r.exact for r in self.regions.values())
 
 
 def _device_population(
