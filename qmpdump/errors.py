@@ -26,7 +26,12 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
      +-- LayoutError             the guest memory layout could not be built (exit 30)
      +-- HostAccessError         a host-side fact (backing file, /proc) could not be read (exit 31)
      +-- ElfFormatError          bytes are not the ELF64 core expected (exit 32)
-     +-- DumpBusy                QEMU is already running a dump (exit 40)
+     +-- DumpError               a dump did not complete; nothing was left behind
+          +-- DumpBusy           QEMU is already running a dump (exit 40)
+          +-- DumpCancelled      the operator cancelled it (exit 41)
+          +-- QEMUGone           QEMU exited or the QMP connection dropped mid-dump (exit 42)
+          +-- DiskFull           the target filesystem is full (exit 43)
+          +-- DumpFailed         QEMU reported the dump as failed (exit 44)
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "DiskFull",
     "DumpBusy",
+    "DumpCancelled",
+    "DumpError",
+    "DumpFailed",
     "ElfFormatError",
     "GuestBuildError",
     "GuestTimeout",
@@ -42,6 +51,7 @@ __all__ = [
     "LaunchError",
     "LayoutError",
     "NotQEMU",
+    "QEMUGone",
     "QMPCommandError",
     "QMPConnectError",
     "QMPDisconnected",
@@ -195,7 +205,37 @@ class ElfFormatError(QmpdumpError, ValueError):
     exit_code = 32
 
 
-class DumpBusy(QmpdumpError):
+class DumpError(QmpdumpError):
+    """Base of the errors that end a dump; the partial output has been removed."""
+
+    exit_code = 44
+
+
+class DumpBusy(DumpError):
     """Raised when QEMU already runs a ``dump-guest-memory`` (ours or someone else's)."""
 
     exit_code = 40
+
+
+class DumpCancelled(DumpError):
+    """Raised when a dump is cancelled before it completed."""
+
+    exit_code = 41
+
+
+class QEMUGone(DumpError, ConnectionError):
+    """Raised when QEMU exits, or its QMP connection drops, while a dump runs."""
+
+    exit_code = 42
+
+
+class DiskFull(DumpError, OSError):
+    """Raised when the dump's filesystem has no space left (ENOSPC, EDQUOT)."""
+
+    exit_code = 43
+
+
+class DumpFailed(DumpError):
+    """Raised when QEMU reports the dump as failed, with QEMU's reason."""
+
+    exit_code = 44

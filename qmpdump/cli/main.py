@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from qmpdump import __version__
-from qmpdump.cli import demo, map_command
+from qmpdump.cli import demo, dump_command, map_command
 from qmpdump.errors import QmpdumpError
 
 __all__ = ["main"]
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     map_command.add_parser(commands)
+    dump_command.add_parser(commands)
     demo.add_parser(commands)
     return parser
 

@@ -30,6 +30,7 @@ __all__ = [
     "ProgramHeader",
     "parse_header",
     "parse_program_headers",
+    "phdr_count",
     "prefix_needed",
 ]
 
@@ -107,7 +108,7 @@ def parse_header(data: bytes) -> ElfHeader:
     return ElfHeader(etype, machine, phoff, shoff, flags, phentsize, phnum, shentsize, shnum)
 
 
-def _real_phnum(header: ElfHeader, data: bytes) -> int | None:
+def phdr_count(header: ElfHeader, data: bytes) -> int | None:
     """The number of program headers, or None if section header 0 is not in ``data`` yet."""
     if header.phnum != PN_XNUM:
         return header.phnum
@@ -130,7 +131,7 @@ def prefix_needed(data: bytes) -> int:
     need = EHDR_SIZE
     if header.phnum == PN_XNUM:
         need = max(need, header.shoff + SHDR_SIZE)
-    phnum = _real_phnum(header, data)
+    phnum = phdr_count(header, data)
     if phnum is None:
         return need
     phdrs_end = header.phoff + phnum * PHDR_SIZE
@@ -146,7 +147,7 @@ def prefix_needed(data: bytes) -> int:
 def parse_program_headers(data: bytes) -> list[ProgramHeader]:
     """All program headers of a core whose prefix ``data`` holds them."""
     header = parse_header(data)
-    phnum = _real_phnum(header, data)
+    phnum = phdr_count(header, data)
     if phnum is None or header.phoff + phnum * PHDR_SIZE > len(data):
         raise ElfFormatError("the program headers lie past the bytes given")
     return [

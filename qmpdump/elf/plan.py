@@ -23,6 +23,8 @@ Choices, and where they come from:
   (``shared/FACTS.md``).
 * ``e_ehsize`` = 64. QEMU 7.2's ``prepare_elf64_header`` (``dump/dump.c``) stores
   ``sizeof(elf_header)`` of a *pointer*, i.e. 8; the gABI says "the ELF header's size in bytes".
+* ``e_machine`` is the caller's, normally copied from QEMU's dump header together with the notes
+  (EM_X86_64 = 62 is only the default).
 * ``e_ident``: ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_NONE (0), ABI version 0; ``e_type``
   ET_CORE, ``e_version`` EV_CURRENT, ``e_entry`` and ``e_flags`` 0 -- as QEMU's
   ``write_elf64_header``/``prepare_elf64_header``.
@@ -309,6 +311,11 @@ def plan_core(
     bytes for fewer segments. ``max_phdrs`` caps the program header count, PT_NOTE included
     (at least 2); above 65534 it allows PN_XNUM (up to 0xffffffff). The first data byte sits at a
     multiple of ``data_align``. See the module docstring for every header field.
+
+    Pass QEMU's own ``e_machine`` (``parse_header(prefix).machine``) rather than relying on the
+    default: on x86 QEMU writes EM_386 (3) while vCPU 0 is not in long mode, e.g. at reset or
+    in firmware (``x86_get_dump_info`` in ``target/i386/arch_dump.c``), and its notes follow
+    that choice.
 
     Raises ``ValueError`` for bad arguments or overlapping sets, and :class:`ElfFormatError` if
     ``notes`` is not a sequence of ELF note records.

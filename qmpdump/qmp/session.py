@@ -21,7 +21,14 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    Runstate,
+)
 from qemu.qmp.error import QMPError as LibQMPError
 
 from qmpdump.errors import (
@@ -124,6 +131,11 @@ class QMPSession:
     def pid(self) -> int | None:
         """QEMU's pid from SO_PEERCRED (None over TCP)."""
         return self._pid
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is up (False once QEMU hung up or :meth:`disconnect` ran)."""
+        return self._connected and self._client.runstate == Runstate.RUNNING
 
     @property
     def client(self) -> QMPClient:

@@ -1,0 +1,172 @@
+"""``qmpdump dump``: dump a VM's memory into a file, with progress, cancel and a sidecar.
+
+A progress bar goes to stderr when it is a terminal (silent otherwise); Ctrl-C or SIGTERM
+cancels: the partial file is removed and the VM runs as before. ``--json`` prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+
+from qmpdump.cli.map_command import format_size
+from qmpdump.engines.qemu import Progress as DumpProgress
+from qmpdump.engines.qemu import QemuDumpRequest
+from qmpdump.engines.run import DumpOutcome, run_qemu_dump
+from qmpdump.errors import UsageError
+from qmpdump.qmp.session import QMPSession, parse_address
+
+__all__ = ["add_parser", "run"]
+
+
+def _size(text: str) -> int:
+    """An integer byte count, decimal or 0x-hex, optionally with K/M/G/T (binary) suffix."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = 1
+    if t and t[-1] in units:
+        scale = units[t[-1]]
+        t = t[:-1]
+    try:
+        return int(t, 0) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def add_parser(commands: Any) -> None:
+    """Register ``dump``."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "dump",
+        help="dump a VM's memory into a file",
+        description="Dump a VM's guest memory into FILE (written as FILE.partial, renamed when "
+        "complete; mode 0600) with a sidecar FILE.json.",
+    )
+    parser.add_argument("--qmp", required=True, help="QEMU's QMP socket (path, or tcp:HOST:PORT)")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+    parser.add_argument(
+        "--engine", choices=["qemu"], default="qemu", help="qemu: QEMU's dump-guest-memory"
+    )
+    parser.add_argument(
+        "--format",
+        default="elf",
+        help="elf (default), kdump-zlib, kdump-lzo, kdump-snappy, "
+        "win-dmp: whatever this QEMU offers",
+    )
+    parser.add_argument("--paging", action="store_true", help="ELF: guest-virtual mappings")
+    parser.add_argument("--begin", type=_size, help="ELF: first guest-physical byte")
+    parser.add_argument("--length", type=_size, help="ELF: bytes from --begin")
+    parser.add_argument(
+        "--no-elf-fix",
+        action="store_true",
+        help="keep QEMU 7.2's ELF header layout (makedumpfile cannot read it)",
+    )
+    parser.add_argument(
+        "--seekable",
+        action="store_true",
+        help="kdump: let QEMU write the file itself for the standard (not flattened) layout; "
+        "no cancel, no byte progress",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="QMP timeout")
+    parser.set_defaults(run=run)
+
+
+class _Bar:
+    """A rich progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress: Progress | None = None
+        self.task: Any = None
+        if enabled:
+            self.progress = Progress(
+                TextColumn("[bold]dump"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeElapsedColumn(),
+                transient=True,
+            )
+
+    def __enter__(self) -> _Bar:
+        if self.progress is not None:
+            self.progress.start()
+            self.task = self.progress.add_task("dump", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def update(self, p: DumpProgress) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=p.completed, total=p.total or None)
+
+
+def _summary(outcome: DumpOutcome) -> dict[str, Any]:
+    return {
+        "path": str(outcome.path),
+        "sidecar": str(outcome.sidecar),
+        "engine": outcome.engine,
+        "format": outcome.format,
+        "bytes": outcome.size,
+        "sha256": outcome.sha256,
+        "duration_s": round(outcome.duration_s, 3),
+        "paused_s": None if outcome.paused_s is None else round(outcome.paused_s, 3),
+    }
+
+
+async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Dump, reporting progress; cancel on SIGINT/SIGTERM."""
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    request = QemuDumpRequest(
+        format=args.format,
+        paging=args.paging,
+        begin=args.begin,
+        length=args.length,
+        fix_elf_header=not args.no_elf_fix,
+        seekable=args.seekable,
+    )
+    cancel = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, cancel.set)
+    try:
+        async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
+            with _Bar(sys.stderr.isatty()) as bar:
+                outcome = await run_qemu_dump(
+                    session,
+                    args.output,
+                    request,
+                    overwrite=args.overwrite,
+                    progress=bar.update,
+                    cancel=cancel,
+                )
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if args.json:
+        out.write(json.dumps(_summary(outcome), indent=2) + "\n")
+    else:
+        paused = "" if outcome.paused_s is None else f", VM paused {outcome.paused_s:.2f} s"
+        out.write(
+            f"{outcome.path}: {format_size(outcome.size)} ({outcome.format}, engine "
+            f"{outcome.engine}) in {outcome.duration_s:.2f} s{paused}\n"
+            f"sha256 {outcome.sha256}\nsidecar {outcome.sidecar}\n"
+        )
+    return 0

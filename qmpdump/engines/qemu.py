@@ -1,0 +1,360 @@
+"""Engine 1: QEMU's own ``dump-guest-memory``, driven properly.
+
+QEMU writes the dump (``dump/dump.c``) into a pipe whose write end qmpdump opened and passed over
+QMP (``getfd``, ``protocol: "fd:NAME"``), so QEMU needs no access to the dump folder. qmpdump
+relays the pipe into the output file (:mod:`qmpdump.engines.relay`): byte progress, a sha256 on
+the way, the ELF header fix for makedumpfile, and cancel (closing the pipe makes QEMU's next write
+fail with EPIPE; the dump ends ``failed`` and QEMU restores the run state).
+
+kdump formats into a pipe come out in makedumpfile's *flattened* layout (QEMU writes it whenever
+the fd cannot seek); ``seekable=True`` hands QEMU the output file itself for the standard layout,
+at the cost of cancel (QEMU 7.2 has no command to stop a dump) and of the on-the-way hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qmpdump.engines.relay import CHUNK, RelayState, relay
+from qmpdump.errors import (
+    DumpBusy,
+    DumpCancelled,
+    DumpError,
+    DumpFailed,
+    QEMUGone,
+    QMPCommandError,
+    QMPDisconnected,
+    QMPTimeout,
+    UsageError,
+)
+from qmpdump.output import DumpFile, write_error
+from qmpdump.qmp.models import DumpCapability, DumpQueryResult, StatusInfo, parse_reply
+from qmpdump.qmp.session import QMPSession
+
+__all__ = ["Progress", "QemuDumpRequest", "QemuDumpResult", "dump_with_qemu", "qemu_formats"]
+
+PIPE_SIZE = 1 << 20  # /proc/sys/fs/pipe-max-size's default: fewer wake-ups per MiB
+POLL_S = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class QemuDumpRequest:
+    """What to ask ``dump-guest-memory`` for."""
+
+    format: str = "elf"
+    paging: bool = False
+    begin: int | None = None
+    length: int | None = None
+    #: rewrite QEMU 7.2's ELF header so that makedumpfile reads it (ELF only)
+    fix_elf_header: bool = True
+    #: give QEMU the output file itself (standard kdump layout; no cancel, hash after)
+    seekable: bool = False
+
+    def check(self, formats: list[str]) -> None:
+        """Reject a request QEMU would refuse, before anything starts."""
+        if self.format not in formats:
+            raise UsageError(
+                f"QEMU offers the formats {', '.join(formats)}; {self.format!r} is not one"
+            )
+        if (self.begin is None) != (self.length is None):
+            raise UsageError("begin and length go together")
+        if self.begin is not None and self.format != "elf":
+            raise UsageError("begin/length are for the elf format only")
+        if self.length is not None and self.length <= 0:
+            raise UsageError("length must be positive")
+        if self.paging and self.format != "elf":
+            raise UsageError("paging is for the elf format only")
+
+    def arguments(self, fdname: str) -> dict[str, Any]:
+        """The ``dump-guest-memory`` arguments."""
+        args: dict[str, Any] = {
+            "paging": self.paging,
+            "protocol": f"fd:{fdname}",
+            "detach": True,
+            "format": self.format,
+        }
+        if self.begin is not None:
+            args["begin"] = self.begin
+            args["length"] = self.length
+        return args
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a dump stands: bytes written to the file, and QEMU's own counters."""
+
+    written: int
+    completed: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class QemuDumpResult:
+    """A finished dump (already committed by the caller)."""
+
+    size: int
+    sha256: str
+    #: seconds the VM was paused by the dump (None if it was not running)
+    paused_s: float | None
+    total: int
+
+
+async def qemu_formats(session: QMPSession) -> list[str]:
+    """The formats this QEMU's ``dump-guest-memory`` offers."""
+    raw = await session.execute("query-dump-guest-memory-capability")
+    return parse_reply(DumpCapability, raw, "query-dump-guest-memory-capability").formats
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    stamp = event.get("timestamp", {})
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+
+
+class _Watch:
+    """Follows one dump: DUMP_COMPLETED, STOP/RESUME for the paused time, QEMU's liveness."""
+
+    def __init__(self, session: QMPSession) -> None:
+        self.session = session
+        self.completed: dict[str, Any] | None = None
+        self.stop_at: float | None = None
+        self.resume_at: float | None = None
+
+    def take(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        if name == "DUMP_COMPLETED":
+            self.completed = event
+        elif name == "STOP" and self.stop_at is None:
+            self.stop_at = _event_time(event)
+        elif name == "RESUME" and self.stop_at is not None:
+            self.resume_at = _event_time(event)
+
+    @property
+    def paused_s(self) -> float | None:
+        if self.stop_at is None or self.resume_at is None:
+            return None
+        return max(0.0, self.resume_at - self.stop_at)
+
+
+async def _pass_fd(session: QMPSession, fd: int) -> str:
+    fdname = f"qmpdump-{secrets.token_hex(6)}"
+    session.client.send_fd_scm(fd)
+    await session.execute("getfd", {"fdname": fdname})
+    return fdname
+
+
+async def _closefd(session: QMPSession, fdname: str) -> None:
+    with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
+        await session.execute("closefd", {"fdname": fdname}, timeout_s=2.0)
+
+
+async def dump_with_qemu(
+    session: QMPSession,
+    output: DumpFile,
+    request: QemuDumpRequest,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: asyncio.Event | None = None,
+    timeout_s: float = 3600.0,
+) -> QemuDumpResult:
+    """Run one ``dump-guest-memory`` into ``output`` (not committed here: the caller does).
+
+    Raises a :class:`~qmpdump.errors.DumpError` subclass on every failure; the run state of
+    the VM is then what it was before.
+    """
+    request.check(await qemu_formats(session))
+    status = parse_reply(StatusInfo, await session.execute("query-status"), "query-status")
+    if status.status == "inmigrate":
+        raise DumpError("the VM is in incoming migration: its memory is not complete yet")
+    current = parse_reply(DumpQueryResult, await session.execute("query-dump"), "query-dump")
+    if current.status == "active":
+        raise DumpBusy("QEMU is already running a dump of this VM")
+    run = _QemuDump(
+        session,
+        output,
+        request=request,
+        progress=progress,
+        cancel=cancel or asyncio.Event(),
+        timeout_s=timeout_s,
+    )
+    try:
+        with session.listen("DUMP_COMPLETED", "STOP", "RESUME") as listener:
+            pump = asyncio.create_task(_pump(listener, run.watch), name="dump-events")
+            try:
+                size, digest = await (run.seekable() if request.seekable else run.piped())
+            finally:
+                pump.cancel()
+                await asyncio.wait([pump])
+    finally:
+        await _restore_run_state(session, status.running)
+    return QemuDumpResult(size=size, sha256=digest, paused_s=run.watch.paused_s, total=run.total)
+
+
+async def _pump(listener: Any, watch: _Watch) -> None:
+    while True:
+        watch.take(dict(await listener.get()))
+
+
+def _result_of(event: dict[str, Any]) -> tuple[str, str]:
+    data = event.get("data", {})
+    result = data.get("result", {})
+    return str(result.get("status", "")), str(data.get("error", ""))
+
+
+def _hash_file(fd: int) -> tuple[int, str]:
+    hasher = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return offset, hasher.hexdigest()
+
+
+class _QemuDump:
+    """One dump in flight."""
+
+    def __init__(
+        self,
+        session: QMPSession,
+        output: DumpFile,
+        *,
+        request: QemuDumpRequest,
+        progress: Callable[[Progress], None] | None,
+        cancel: asyncio.Event,
+        timeout_s: float,
+    ) -> None:
+        self.session = session
+        self.output = output
+        self.request = request
+        self.progress = progress
+        self.cancel = cancel
+        self.deadline = time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+        self.watch = _Watch(session)
+        self.total = 0
+
+    async def _start(self, fd: int) -> None:
+        fdname = await _pass_fd(self.session, fd)
+        try:
+            await self.session.execute("dump-guest-memory", self.request.arguments(fdname))
+        except QMPCommandError as err:
+            await _closefd(self.session, fdname)
+            if "in progress" in err.description or "already" in err.description:
+                raise DumpBusy(f"QEMU is already dumping: {err.description}") from err
+            raise DumpFailed(f"QEMU refused the dump: {err.description}") from err
+        except QMPDisconnected as err:
+            raise QEMUGone("the QMP connection dropped as the dump started") from err
+
+    def _check_alive(self) -> None:
+        if not self.session.connected:
+            raise QEMUGone("QEMU went away during the dump (QMP connection closed)")
+        if time.monotonic() > self.deadline:
+            raise DumpFailed(f"the dump did not finish within {self.timeout_s:g} s")
+
+    async def _report(self, written: int) -> None:
+        try:
+            raw = await self.session.execute("query-dump", timeout_s=5.0)
+        except (QMPDisconnected, QMPTimeout):
+            return
+        query = parse_reply(DumpQueryResult, raw, "query-dump")
+        self.total = query.total
+        if self.progress is not None:
+            self.progress(Progress(written, query.completed, query.total))
+
+    async def _verdict(self, timeout_s: float) -> None:
+        """Wait for DUMP_COMPLETED and raise unless it says completed."""
+        limit = time.monotonic() + timeout_s
+        while self.watch.completed is None:
+            if not self.session.connected:
+                raise QEMUGone("QEMU went away during the dump (QMP connection closed)")
+            if time.monotonic() > limit:
+                raise QEMUGone(f"no DUMP_COMPLETED within {timeout_s:g} s of the end of the data")
+            await asyncio.sleep(0.02)
+        status, error = _result_of(self.watch.completed)
+        if status != "completed":
+            raise DumpFailed(f"QEMU reports the dump {status or 'failed'}: {error or 'no reason'}")
+
+    async def piped(self) -> tuple[int, str]:
+        """QEMU -> pipe -> relay thread -> file."""
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller pipe only costs wake-ups
+            fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        os.set_blocking(read_fd, False)
+        try:
+            await self._start(write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # QEMU holds its own copy now
+        state = RelayState()
+        fix = self.request.fix_elf_header and self.request.format == "elf"
+        copier = asyncio.create_task(
+            asyncio.to_thread(relay, read_fd, self.output.fd, state, fix_elf=fix),
+            name="dump-relay",
+        )
+        try:
+            while not (await asyncio.wait([copier], timeout=POLL_S))[0]:
+                if self.cancel.is_set():
+                    raise DumpCancelled("the dump was cancelled")
+                self._check_alive()
+                await self._report(state.written)
+            try:
+                copier.result()
+            except OSError as err:
+                raise write_error(err, self.output.final) from err
+        except BaseException:
+            state.stop.set()
+            await asyncio.wait([copier])
+            os.close(read_fd)  # QEMU's next write fails: the dump stops, the VM runs again
+            read_fd = -1
+            with contextlib.suppress(DumpError):
+                await self._verdict(10.0)
+            raise
+        finally:
+            if read_fd >= 0:
+                os.close(read_fd)
+        # End of data: QEMU closed its end. Now its verdict.
+        await self._verdict(30.0)
+        if self.progress is not None:
+            done = self.total or state.written
+            self.progress(Progress(state.written, done, done))
+        return state.written, state.sha256
+
+    async def seekable(self) -> tuple[int, str]:
+        """QEMU writes the output file itself; progress from ``query-dump`` only."""
+        await self._start(self.output.fd)
+        while self.watch.completed is None:
+            self._check_alive()
+            await self._report(0)
+            # QEMU 7.2 cannot stop a dump it writes into a file: a cancel waits for the end.
+            await asyncio.sleep(POLL_S)
+        await self._verdict(0)
+        size, digest = await asyncio.to_thread(_hash_file, self.output.fd)
+        if self.cancel.is_set():
+            raise DumpCancelled("the dump was cancelled (QEMU had to finish it: seekable mode)")
+        return size, digest
+
+
+async def _restore_run_state(session: QMPSession, was_running: bool) -> None:
+    """Return only once QEMU has left ``save-vm`` (it resumes a VM it paused for a dump).
+
+    No ``cont`` here: QEMU restores the run state itself (``dump_cleanup``), and a VM that is
+    paused afterwards was paused by someone else, whose decision this is.
+    """
+    if not was_running or not session.connected:
+        return
+    with contextlib.suppress(QMPDisconnected, QMPTimeout, QMPCommandError):
+        for _ in range(200):
+            raw = await session.execute("query-status")
+            if parse_reply(StatusInfo, raw, "query-status").status != "save-vm":
+                return
+            await asyncio.sleep(0.025)

@@ -1,0 +1,134 @@
+"""Dump files on disk: never a partial file presented as a dump, never readable by others.
+
+A dump is written to ``NAME.partial`` (mode 0600, created exclusively) next to its final name,
+fsynced, then renamed to ``NAME``; its sidecar ``NAME.json`` (0600) follows the same path; the
+folder is fsynced so the rename survives a crash. On any failure or cancel the partial is
+removed. A folder qmpdump creates is 0700. A guest memory dump holds the guest's secrets.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from qmpdump.errors import DiskFull, DumpError, UsageError
+
+__all__ = ["PARTIAL_SUFFIX", "DumpFile", "sidecar_path", "write_error"]
+
+PARTIAL_SUFFIX = ".partial"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def sidecar_path(dump: Path) -> Path:
+    """The sidecar JSON of a dump: ``NAME.json`` next to ``NAME``."""
+    return dump.with_name(dump.name + ".json")
+
+
+def write_error(err: OSError, path: Path) -> DumpError:
+    """The dump error for a failed write: :class:`DiskFull` for ENOSPC/EDQUOT."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = DiskFull(f"no space left on the filesystem of {path.parent}")
+        full.errno = err.errno
+        return full
+    return DumpError(f"cannot write {path}: {err.strerror or err}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DumpFile:
+    """One dump being written. Use as a context manager: it is discarded unless committed."""
+
+    def __init__(self, final: Path, fd: int) -> None:
+        self.final = final
+        self.partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        self.fd = fd
+        self.committed = False
+
+    @classmethod
+    def create(cls, final: Path, *, overwrite: bool = False) -> DumpFile:
+        """Create ``FINAL.partial`` exclusively (0600); make the folder (0700) if missing."""
+        final = Path(os.path.abspath(final))
+        folder = final.parent
+        if final.name.endswith(PARTIAL_SUFFIX):
+            raise UsageError(f"{final}: a dump's name may not end in {PARTIAL_SUFFIX}")
+        try:
+            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create the folder {folder}: {err.strerror}") from err
+        if not folder.is_dir():
+            raise UsageError(f"{folder} is not a folder")
+        if final.exists() and not overwrite:
+            raise UsageError(f"{final} exists already (choose another name, or overwrite)")
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(partial, flags, FILE_MODE)
+        except FileExistsError as err:
+            raise UsageError(
+                f"{partial} exists: another dump to this name is running, or one crashed "
+                "(remove the file if no qmpdump is writing it)"
+            ) from err
+        except OSError as err:
+            raise UsageError(f"cannot create {partial}: {err.strerror}") from err
+        os.fchmod(fd, FILE_MODE)  # whatever the umask said
+        return cls(final, fd)
+
+    def commit(self, sidecar: Mapping[str, Any] | None = None) -> Path:
+        """Make the dump durable and visible under its final name; write the sidecar."""
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            if sidecar is not None:
+                side = sidecar_path(self.final)
+                side_partial = side.with_name(side.name + PARTIAL_SUFFIX)
+                data = (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode()
+                fd = os.open(side_partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+                try:
+                    os.fchmod(fd, FILE_MODE)
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(side_partial, side)
+            os.replace(self.partial, self.final)
+            _fsync_dir(self.final.parent)
+        except OSError as err:
+            self.discard()
+            raise write_error(err, self.final) from err
+        self.committed = True
+        return self.final
+
+    def discard(self) -> None:
+        """Close and remove the partial file (and a partial sidecar). Safe to call twice."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self.committed:
+            self.partial.unlink(missing_ok=True)
+            side = sidecar_path(self.final)
+            side.with_name(side.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.committed:
+            self.discard()
