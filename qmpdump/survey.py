@@ -29,12 +29,12 @@ from qmpdump.host.procfs import find_mapping_file
 from qmpdump.memmap.layout import Backend, Layout
 from qmpdump.memmap.populated import Population, RegionPopulation, Source, compute_population
 from qmpdump.memmap.ranges import Range, RangeSet
-from qmpdump.qmp.plugged import probe_dump_loads
+from qmpdump.qmp.plugged import dump_loads, read_dump_prefix
 from qmpdump.qmp.probe import VMFacts, read_layout, read_vm_facts, region_host_addresses
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport, VMSummary, build_report
 
-__all__ = ["RegionAccess", "Survey", "probe_plugged_without_growth", "region_population", "survey"]
+__all__ = ["RegionAccess", "Survey", "probe_prefix_without_growth", "region_population", "survey"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,14 +160,14 @@ def _refill_holes(where: RegionAccess, holes: RangeSet) -> int:
     return punched
 
 
-async def probe_plugged_without_growth(
+async def probe_prefix_without_growth(
     session: QMPSession,
     facts: VMFacts,
     layout: Layout,
     regions: Mapping[str, RegionPopulation],
     access: Mapping[str, RegionAccess],
-) -> RangeSet:
-    """Exact plugged ranges from QEMU's dump headers, leaving the host's memory as it was.
+) -> bytes:
+    """QEMU's dump headers and notes (:func:`read_dump_prefix`), leaving host memory as it was.
 
     QEMU's aborted probe dump reads the first page(s) of the lowest RAM piece; on shmem that
     allocates them if they were holes (a booted guest always has data there; a VM that never
@@ -179,13 +179,13 @@ async def probe_plugged_without_growth(
     if pause:
         await session.execute("stop")
     try:
-        loads = await probe_dump_loads(session, timeout_s=session.timeout_s)
+        prefix = await read_dump_prefix(session, timeout_s=session.timeout_s)
         if restore is not None:
             await asyncio.to_thread(_refill_holes, *restore)
     finally:
         if pause:
             await session.execute("cont")
-    return loads
+    return prefix
 
 
 async def survey(session: QMPSession, *, exact_plug: bool = False) -> Survey:
@@ -203,7 +203,8 @@ async def survey(session: QMPSession, *, exact_plug: bool = False) -> Survey:
     access = {a.region: a for _, a in found if a is not None}
     exact = None
     if exact_plug and layout.devices:
-        loads = await probe_plugged_without_growth(session, facts, layout, regions, access)
+        prefix = await probe_prefix_without_growth(session, facts, layout, regions, access)
+        loads = dump_loads(prefix)
         exact = {d.id: loads.clip(d.region) for d in layout.devices}
     population = compute_population(layout, regions, exact)
     return Survey(facts, population, access)

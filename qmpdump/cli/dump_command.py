@@ -24,9 +24,10 @@ from rich.progress import (
 )
 
 from qmpdump.cli.map_command import format_size
+from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.qemu import Progress as DumpProgress
 from qmpdump.engines.qemu import QemuDumpRequest
-from qmpdump.engines.run import DumpOutcome, run_qemu_dump
+from qmpdump.engines.run import DumpOutcome, run_dump
 from qmpdump.errors import UsageError
 from qmpdump.qmp.session import QMPSession, parse_address
 
@@ -58,7 +59,18 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--qmp", required=True, help="QEMU's QMP socket (path, or tcp:HOST:PORT)")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
     parser.add_argument(
-        "--engine", choices=["qemu"], default="qemu", help="qemu: QEMU's dump-guest-memory"
+        "--engine",
+        choices=["auto", "backend", "qemu"],
+        default="auto",
+        help="backend: qmpdump's sparse reader (ELF of populated memory only); qemu: QEMU's "
+        "dump-guest-memory; auto (default): backend when it can read every RAM region and the "
+        "format is elf, else qemu",
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="backend: do not stop the VM while copying (a fuzzy dump; QEMU's header probe "
+        "still pauses it for a few milliseconds)",
     )
     parser.add_argument(
         "--format",
@@ -122,6 +134,7 @@ def _summary(outcome: DumpOutcome) -> dict[str, Any]:
         "path": str(outcome.path),
         "sidecar": str(outcome.sidecar),
         "engine": outcome.engine,
+        "engine_reason": outcome.record["engine_reason"],
         "format": outcome.format,
         "bytes": outcome.size,
         "sha256": outcome.sha256,
@@ -149,10 +162,12 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     try:
         async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
             with _Bar(sys.stderr.isatty()) as bar:
-                outcome = await run_qemu_dump(
+                outcome = await run_dump(
                     session,
                     args.output,
-                    request,
+                    engine=args.engine,
+                    qemu=request,
+                    backend=BackendDumpRequest(live=args.live),
                     overwrite=args.overwrite,
                     progress=bar.update,
                     cancel=cancel,
@@ -167,6 +182,7 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         out.write(
             f"{outcome.path}: {format_size(outcome.size)} ({outcome.format}, engine "
             f"{outcome.engine}) in {outcome.duration_s:.2f} s{paused}\n"
+            f"engine: {outcome.engine} ({outcome.record['engine_reason']})\n"
             f"sha256 {outcome.sha256}\nsidecar {outcome.sidecar}\n"
         )
     return 0

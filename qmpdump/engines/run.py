@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from qmpdump import __version__
+from qmpdump.engines.backend import BackendDumpRequest, dump_with_backend, readable
 from qmpdump.engines.qemu import Progress, QemuDumpRequest, dump_with_qemu
+from qmpdump.errors import UsageError
 from qmpdump.output import DumpFile, sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
-from qmpdump.survey import survey
+from qmpdump.survey import Survey, survey
 
-__all__ = ["DumpOutcome", "run_qemu_dump"]
+__all__ = ["DumpOutcome", "choose_engine", "run_dump", "run_qemu_dump"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,103 @@ def map_summary(report: MapReport) -> dict[str, Any]:
     }
 
 
+def choose_engine(engine: str, before: Survey, fmt: str) -> tuple[str, str]:
+    """Resolve ``auto``: the sparse reader when it can produce what is asked, else QEMU's."""
+    if engine == "qemu":
+        return "qemu", "asked for"
+    if engine == "backend":
+        if fmt != "elf":
+            raise UsageError(f"the backend engine writes ELF only, not {fmt!r}")
+        return "backend", "asked for"
+    if engine != "auto":
+        raise UsageError(f"unknown engine {engine!r} (qemu, backend or auto)")
+    if fmt != "elf":
+        return "qemu", f"the backend engine writes ELF only, and {fmt} was asked for"
+    ok, why = readable(before)
+    return ("backend", why) if ok else ("qemu", why)
+
+
+async def run_dump(
+    session: QMPSession,
+    target: Path,
+    *,
+    engine: str = "auto",
+    qemu: QemuDumpRequest | None = None,
+    backend: BackendDumpRequest | None = None,
+    overwrite: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: asyncio.Event | None = None,
+    timeout_s: float = 3600.0,
+) -> DumpOutcome:
+    """Dump the VM into ``target`` with the chosen engine; commit it with its sidecar."""
+    qemu = qemu or QemuDumpRequest()
+    backend = backend or BackendDumpRequest()
+    before = await survey(session)
+    chosen, reason = choose_engine(engine, before, qemu.format)
+    report = before.report()
+    with DumpFile.create(target, overwrite=overwrite) as output:
+        started = time.time()
+        t0 = time.monotonic()
+        details: dict[str, Any]
+        if chosen == "qemu":
+            q = await dump_with_qemu(
+                session, output, qemu, progress=progress, cancel=cancel, timeout_s=timeout_s
+            )
+            size, digest, paused = q.size, q.sha256, q.paused_s
+            details = {
+                "format": qemu.format,
+                "paging": qemu.paging,
+                "begin": qemu.begin,
+                "length": qemu.length,
+                "elf_header_fixed": qemu.fix_elf_header and qemu.format == "elf",
+                "kdump_layout": "standard" if qemu.seekable else "flattened",
+                "qemu_total": q.total,
+            }
+            fmt = qemu.format
+        else:
+            b = await dump_with_backend(session, output, backend, progress=progress, cancel=cancel)
+            size, digest, paused = b.size, b.sha256, b.paused_s
+            report = b.survey.report()
+            details = {
+                "format": "elf",
+                "mode": "live" if backend.live else "consistent",
+                "program_headers": b.plan.phnum,
+                "pn_xnum": b.plan.uses_pn_xnum,
+                "data_bytes": b.plan.data.total,
+                "zero_fill_bytes": b.plan.zero_fill.total,
+                "copied_bytes": b.copied,
+            }
+            fmt = "elf"
+        duration = time.monotonic() - t0
+        record: dict[str, Any] = {
+            "qmpdump_version": __version__,
+            "vm": report.vm.model_dump(),
+            "engine": chosen,
+            "engine_reason": reason,
+            "format": fmt,
+            "request": details,
+            "started": _iso(started),
+            "ended": _iso(started + duration),
+            "duration_s": round(duration, 6),
+            "bytes": size,
+            "sha256": digest,
+            "paused_s": None if paused is None else round(paused, 6),
+            "map": map_summary(report),
+        }
+        path = output.commit(record)
+    return DumpOutcome(
+        path=path,
+        sidecar=sidecar_path(path),
+        size=size,
+        sha256=digest,
+        engine=chosen,
+        format=fmt,
+        duration_s=duration,
+        paused_s=paused,
+        record=record,
+    )
+
+
 async def run_qemu_dump(
     session: QMPSession,
     target: Path,
@@ -68,45 +167,13 @@ async def run_qemu_dump(
     timeout_s: float = 3600.0,
 ) -> DumpOutcome:
     """Dump the VM with QEMU's ``dump-guest-memory`` into ``target``."""
-    before = await survey(session)
-    report = before.report()
-    with DumpFile.create(target, overwrite=overwrite) as output:
-        started = time.time()
-        t0 = time.monotonic()
-        result = await dump_with_qemu(
-            session, output, request, progress=progress, cancel=cancel, timeout_s=timeout_s
-        )
-        duration = time.monotonic() - t0
-        record: dict[str, Any] = {
-            "qmpdump_version": __version__,
-            "vm": report.vm.model_dump(),
-            "engine": "qemu",
-            "format": request.format,
-            "request": {
-                "paging": request.paging,
-                "begin": request.begin,
-                "length": request.length,
-                "elf_header_fixed": request.fix_elf_header and request.format == "elf",
-                "kdump_layout": "standard" if request.seekable else "flattened",
-            },
-            "started": _iso(started),
-            "ended": _iso(started + duration),
-            "duration_s": round(duration, 6),
-            "bytes": result.size,
-            "sha256": result.sha256,
-            "qemu_total": result.total,
-            "paused_s": None if result.paused_s is None else round(result.paused_s, 6),
-            "map": map_summary(report),
-        }
-        path = output.commit(record)
-    return DumpOutcome(
-        path=path,
-        sidecar=sidecar_path(path),
-        size=result.size,
-        sha256=result.sha256,
+    return await run_dump(
+        session,
+        target,
         engine="qemu",
-        format=request.format,
-        duration_s=duration,
-        paused_s=result.paused_s,
-        record=record,
+        qemu=request,
+        overwrite=overwrite,
+        progress=progress,
+        cancel=cancel,
+        timeout_s=timeout_s,
     )

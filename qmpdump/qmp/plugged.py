@@ -27,7 +27,7 @@ from qmpdump.errors import DumpBusy, ElfFormatError, QMPCommandError, QMPTimeout
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.qmp.session import QMPSession
 
-__all__ = ["probe_dump_loads", "read_dump_prefix"]
+__all__ = ["dump_loads", "probe_dump_loads", "read_dump_prefix"]
 
 F_SETPIPE_SZ = 1031  # fcntl.h; Python exposes it only as fcntl.F_SETPIPE_SZ on 3.10+ Linux
 _PIPE_SIZE = 4096
@@ -113,11 +113,15 @@ async def read_dump_prefix(session: QMPSession, *, timeout_s: float = 10.0) -> b
     return data
 
 
-async def probe_dump_loads(session: QMPSession, *, timeout_s: float = 10.0) -> RangeSet:
-    """Guest-physical ranges QEMU's dump would hold: every RAM block minus unplugged memory."""
-    data = await read_dump_prefix(session, timeout_s=timeout_s)
+def dump_loads(prefix: bytes) -> RangeSet:
+    """Guest-physical ranges a QEMU dump holds (its PT_LOADs): RAM minus unplugged memory."""
     return RangeSet.from_ranges(
         (ph.paddr, ph.memsz)
-        for ph in parse_program_headers(data)
+        for ph in parse_program_headers(prefix)
         if ph.type == PT_LOAD and ph.memsz > 0
     )
+
+
+async def probe_dump_loads(session: QMPSession, *, timeout_s: float = 10.0) -> RangeSet:
+    """Guest-physical ranges QEMU's dump would hold: every RAM block minus unplugged memory."""
+    return dump_loads(await read_dump_prefix(session, timeout_s=timeout_s))

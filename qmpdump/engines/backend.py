@@ -1,0 +1,244 @@
+"""Engine 2: the sparse reader. Copy only populated memory into an ELF core every tool opens.
+
+Consistent mode (default): ``stop`` the VM if it runs, survey, copy, ``cont`` only if it was
+running; a ``finally`` resumes it whatever happens (exception, cancel, timeout). Live mode: no
+``stop``; the dump is fuzzy (the guest keeps writing while we copy), and the VM is paused only by
+QEMU's own header probe (a few milliseconds, reported as ``paused_s``).
+
+1. Survey (:mod:`qmpdump.survey`): layout, populated memory per region, where to read it.
+2. QEMU's dump headers (:func:`qmpdump.survey.probe_prefix_without_growth`): the CPU state and
+   VMCOREINFO notes to copy verbatim, the ELF machine, and QEMU's PT_LOAD coverage (all RAM minus
+   unplugged virtio-mem), so that our core covers exactly the addresses QEMU's would.
+3. Plan (:mod:`qmpdump.elf.plan`): populated (or unknown) memory inside that coverage becomes
+   data segments, the rest of the coverage zero-fill segments.
+4. Copy (:mod:`qmpdump.engines.copier`) in worker threads, hashing on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from qmpdump.elf.format import parse_header
+from qmpdump.elf.plan import DEFAULT_MAX_PHDRS, CorePlan, notes_payload, plan_core
+from qmpdump.engines.copier import (
+    CopyState,
+    FileSource,
+    ProcessSource,
+    Source,
+    Stopped,
+    copy_ops_into,
+    hash_output,
+)
+from qmpdump.engines.copyplan import CopyOp, copy_ops
+from qmpdump.engines.qemu import Progress
+from qmpdump.errors import DumpCancelled, DumpError, HostAccessError, QMPCommandError
+from qmpdump.output import DumpFile, write_error
+from qmpdump.qmp.plugged import dump_loads
+from qmpdump.qmp.session import QMPSession
+from qmpdump.survey import RegionAccess, Survey, probe_prefix_without_growth, survey
+
+__all__ = ["BackendDumpRequest", "BackendDumpResult", "dump_with_backend", "readable"]
+
+POLL_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class BackendDumpRequest:
+    """How to run the sparse reader."""
+
+    live: bool = False
+    max_phdrs: int = DEFAULT_MAX_PHDRS
+
+
+@dataclass(frozen=True, slots=True)
+class BackendDumpResult:
+    """A finished sparse dump (committed by the caller)."""
+
+    size: int
+    sha256: str
+    paused_s: float | None
+    plan: CorePlan
+    copied: int
+    survey: Survey
+
+
+def readable(result: Survey) -> tuple[bool, str]:
+    """Whether the sparse reader can read every RAM region of a surveyed VM, and if not why."""
+    for backend in result.layout.backends:
+        region = result.population.regions.get(backend.region)
+        if region is None or not region.known:
+            why = region.note if region is not None else "not inspected"
+            return False, f"the population of {backend.region} is unknown: {why}"
+        access = result.access.get(backend.region)
+        if access is None or (access.path is None and access.hva is None):
+            return False, f"{backend.region} cannot be read from the host"
+        if access.path is None and result.facts.pid is None:
+            return False, f"{backend.region} is anonymous memory and QEMU's pid is unknown"
+    return True, "every RAM region can be read from the host"
+
+
+@contextlib.contextmanager
+def _open_sources(result: Survey) -> Iterator[dict[str, Source]]:
+    fds: list[int] = []
+    sources: dict[str, Source] = {}
+    try:
+        for region, access in result.access.items():
+            sources[region] = _source(access, result.facts.pid, fds)
+        yield sources
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _source(access: RegionAccess, pid: int | None, fds: list[int]) -> Source:
+    if access.path is not None:
+        try:
+            fd = os.open(access.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise HostAccessError(f"cannot open {access.path}: {err.strerror}") from err
+        fds.append(fd)
+        return FileSource(fd, access.file_offset)
+    if pid is None or access.hva is None:
+        raise HostAccessError(f"{access.region}: neither a file nor QEMU's memory can be read")
+    return ProcessSource(pid, access.hva)
+
+
+class _PauseGuard:
+    """``stop`` now, ``cont`` at exit if we stopped it; the resume survives a cancel."""
+
+    def __init__(self, session: QMPSession, pause: bool) -> None:
+        self.session = session
+        self.pause = pause
+        self.stopped_at: float | None = None
+        self.resumed_at: float | None = None
+
+    async def __aenter__(self) -> _PauseGuard:
+        if self.pause:
+            await self.session.execute("stop")
+            self.stopped_at = time.monotonic()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.stopped_at is None:
+            return
+        # Shielded: a second cancel must not keep the VM paused.
+        await asyncio.shield(self._resume())
+
+    async def _resume(self) -> None:
+        try:
+            await self.session.execute("cont")
+        except QMPCommandError as err:
+            raise DumpError(f"could not resume the VM after the dump: {err}") from err
+        finally:
+            self.resumed_at = time.monotonic()
+
+    @property
+    def paused_s(self) -> float | None:
+        if self.stopped_at is None or self.resumed_at is None:
+            return None
+        return self.resumed_at - self.stopped_at
+
+
+async def dump_with_backend(
+    session: QMPSession,
+    output: DumpFile,
+    request: BackendDumpRequest,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: asyncio.Event | None = None,
+) -> BackendDumpResult:
+    """Write an ELF core of populated memory into ``output`` (the caller commits it)."""
+    cancel = cancel or asyncio.Event()
+    before = await survey(session)
+    ok, why = readable(before)
+    if not ok:
+        raise DumpError(f"the sparse reader cannot dump this VM: {why}")
+    guard = _PauseGuard(session, pause=before.facts.running and not request.live)
+    async with guard:
+        result = await survey(session) if guard.pause else before
+        prefix = await probe_prefix_without_growth(
+            session,
+            result.facts,
+            result.layout,
+            result.population.regions,
+            result.access,
+        )
+        coverage = dump_loads(prefix)
+        wanted = result.population.populated | result.population.unknown
+        data = wanted & coverage
+        plan = plan_core(
+            notes_payload(prefix),
+            data,
+            coverage - data,
+            machine=parse_header(prefix).machine,
+            max_phdrs=request.max_phdrs,
+        )
+        ops = copy_ops(plan, result.layout, wanted & plan.data)
+        state = CopyState()
+        total = sum(op.size for op in ops)
+        with _open_sources(result) as sources:
+            try:
+                os.pwrite(output.fd, plan.header, 0)
+                digest = await _copy(
+                    output,
+                    ops,
+                    sources,
+                    state=state,
+                    plan=plan,
+                    total=total,
+                    progress=progress,
+                    cancel=cancel,
+                )
+            except OSError as err:
+                raise write_error(err, output.final) from err
+    copied = state.copied
+    if progress is not None:
+        progress(Progress(plan.file_size, copied, total))
+    return BackendDumpResult(plan.file_size, digest, guard.paused_s, plan, copied, result)
+
+
+async def _copy(
+    output: DumpFile,
+    ops: list[CopyOp],
+    sources: Mapping[str, Source],
+    *,
+    state: CopyState,
+    plan: CorePlan,
+    total: int,
+    progress: Callable[[Progress], None] | None,
+    cancel: asyncio.Event,
+) -> str:
+    def copy_all() -> None:
+        copy_ops_into(output.fd, ops, sources, state)
+        os.ftruncate(output.fd, plan.file_size)
+        state.finish(plan.file_size)
+
+    copier = asyncio.create_task(asyncio.to_thread(copy_all), name="backend-copy")
+    hasher = asyncio.create_task(
+        asyncio.to_thread(hash_output, output.fd, state), name="backend-hash"
+    )
+    state.advance(0, len(plan.header))
+    tasks = {copier, hasher}
+    try:
+        while not all(t.done() for t in tasks):
+            await asyncio.wait(tasks, timeout=POLL_S, return_when=asyncio.FIRST_EXCEPTION)
+            if any(t.done() and t.exception() is not None for t in tasks):
+                break
+            if cancel.is_set():
+                raise DumpCancelled("the dump was cancelled")
+            if progress is not None:
+                progress(Progress(state.final_upto, state.copied, total))
+        copier.result()
+        return hasher.result()
+    except Stopped as err:
+        raise DumpCancelled("the dump was cancelled") from err
+    finally:
+        state.stop.set()
+        with state.changed:
+            state.changed.notify_all()
+        await asyncio.wait(tasks)
