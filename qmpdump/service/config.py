@@ -1,0 +1,681 @@
+"""The daemon's configuration: one TOML file, validated with pydantic, errors that name the key.
+
+The file (see :func:`example_config` for a commented one) has four parts:
+
+* ``[daemon]`` -- where the API socket, the dumps and the state live; limits and timeouts; the
+  default engine, format and mode of a dump request.
+* ``[retention]`` -- how many dumps (``keep_count``) and how many bytes (``keep_bytes``) to keep
+  per VM by default; unset means no limit.
+* ``[[vm]]`` -- the VMs named in the file: a name and a QMP address, with optional per-VM
+  ``engine``/``format``/``mode`` defaults and a ``[vm.retention]`` override.
+* ``[[discover]]`` -- QMP sockets found by a glob at run time; each match becomes a VM named
+  after the file (``name_from = "stem"``) or its directory (``"parent"``), with the same optional
+  defaults and retention override as a ``[[vm]]``.
+
+Rules worth knowing:
+
+* The models are strict (``extra="forbid"``, no coercion): a misspelt key is an error naming the
+  key (with a suggestion), and ``max_concurrent_dumps = "2"`` is not silently an int.
+* A VM name names folders and URLs, so it must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``.
+* Per-key inheritance: a VM's ``engine``, ``format``, ``mode`` and each retention key override the
+  ``[daemon]`` defaults and ``[retention]`` one by one; ``"unlimited"`` lifts a global limit.
+* A discovered VM never replaces a ``[[vm]]``: a discovered name equal to a static VM's name, or a
+  discovered socket that a static VM already uses, is skipped (and reported in
+  :attr:`Discovery.skipped`), so a static entry can pin a discovered VM's settings. Between two
+  discovered sockets with one name, the earlier ``[[discover]]`` entry wins, then the path that
+  sorts first.
+* Formats are those of QEMU's ``DumpGuestMemoryFormat`` (``qapi/dump.json``); QEMU itself still
+  decides at dump time whether it offers one (kdump-raw-* need QEMU 8.2).
+
+:func:`load_config` turns every problem into one line ``FILE: KEY.PATH: problem`` of a single
+:class:`~qmpdump.errors.UsageError` (list indexes are 0-based, in file order).
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+import posixpath
+import re
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path, PurePosixPath
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from qmpdump.errors import UsageError
+from qmpdump.qmp.session import QMPAddress, parse_address
+
+__all__ = [
+    "QEMU_FORMATS",
+    "VM_NAME_PATTERN",
+    "Config",
+    "DaemonConfig",
+    "DiscoverConfig",
+    "Discovery",
+    "Engine",
+    "Mode",
+    "ResolvedVM",
+    "Retention",
+    "SkippedSocket",
+    "VMConfig",
+    "example_config",
+    "format_validation_error",
+    "load_config",
+    "parse_config",
+    "parse_size",
+]
+
+#: What a VM name must match: it becomes a folder under ``dump_dir`` and a segment of API URLs.
+VM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_VM_NAME_RE = re.compile(VM_NAME_PATTERN)
+
+#: QEMU's ``DumpGuestMemoryFormat`` (qapi/dump.json); kdump-raw-* since QEMU 8.2.
+QEMU_FORMATS = (
+    "elf",
+    "kdump-zlib",
+    "kdump-lzo",
+    "kdump-snappy",
+    "kdump-raw-zlib",
+    "kdump-raw-lzo",
+    "kdump-raw-snappy",
+    "win-dmp",
+)
+
+Engine = Literal["auto", "backend", "qemu"]
+Mode = Literal["consistent", "live"]
+
+# --- field validators: they raise ValueError, whose text becomes the problem's line as is ---
+
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)")
+# K/M/G/T alone are binary, as in QEMU's -m and numfmt --from=iec; KB/MB/... are decimal (SI).
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    **{p: 1024**i for i, p in enumerate("kmgtp", 1)},
+    **{f"{p}ib": 1024**i for i, p in enumerate("kmgtp", 1)},
+    **{f"{p}b": 1000**i for i, p in enumerate("kmgtp", 1)},
+}
+
+
+def parse_size(text: str) -> int:
+    """Read a byte count such as ``"10GiB"``, ``"1.5G"`` (binary) or ``"500MB"`` (decimal).
+
+    Units are case-insensitive: B; K, M, G, T, P and KiB ... PiB are powers of 1024; KB ... PB
+    powers of 1000. A fraction of a byte is dropped. Raises ValueError on anything else.
+    """
+    match = _SIZE_RE.fullmatch(text.strip())
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(
+            f"{text!r} is not a size: write a number of bytes, or a number with a unit "
+            "such as 500MB, 10GiB or 2T"
+        )
+    return int(Decimal(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _limit(value: Any, *, sizes: bool) -> int | None:
+    if value is None or value == "unlimited":  # None: from Python; TOML has no null
+        return None
+    if isinstance(value, str) and sizes:
+        number = parse_size(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        kind = 'an integer, a size such as "10GiB"' if sizes else "an integer"
+        raise ValueError(f'expected {kind} or "unlimited", not {value!r}')
+    if number < 1:
+        why = "" if sizes else " (the newest dump is always kept)"
+        raise ValueError(f"must be at least 1{why}, not {value!r}")
+    return number
+
+
+def _keep_count(value: Any) -> int | None:
+    return _limit(value, sizes=False)
+
+
+def _keep_bytes(value: Any) -> int | None:
+    return _limit(value, sizes=True)
+
+
+def _path(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("expected a path, not an empty string")
+        return Path(value)
+    if isinstance(value, Path):
+        return value
+    raise ValueError(f"expected a path (a string), not {value!r}")
+
+
+def _absolute(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError(f"must be an absolute path, not {str(value)!r}")
+    return value
+
+
+def _socket_mode(value: Any) -> int:
+    if isinstance(value, str):
+        digits = value.removeprefix("0o")
+        if not digits or any(c not in "01234567" for c in digits):
+            raise ValueError(f'{value!r} is not an octal mode such as "0660"')
+        mode = int(digits, 8)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        raise ValueError(f'expected an octal mode (0o660 or "0660"), not {value!r}')
+    if not 0 <= mode <= 0o777:
+        raise ValueError(
+            f"{value!r} is not a permission mode from 0 to 0o777 "
+            '(in TOML write 0o660 or "0660"; a plain 660 is decimal)'
+        )
+    if mode & 0o002:
+        raise ValueError(
+            f"mode {mode:#o} lets every local user connect, and so read every VM's memory; "
+            "grant access through api_socket_group instead"
+        )
+    return mode
+
+
+def _vm_name(value: str) -> str:
+    if not _VM_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid VM name: 1 to 64 of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _qmp(value: str) -> str:
+    if value.startswith("tcp:"):
+        host, sep, port = value[4:].rpartition(":")
+        if not (sep and host and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{value!r} is not tcp:HOST:PORT with a port from 1 to 65535")
+        return value
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is neither an absolute socket path nor tcp:HOST:PORT")
+    # normalised, so that a discovered socket is recognised as the one a [[vm]] names
+    return posixpath.normpath(value)
+
+
+def _format(value: str) -> str:
+    if value not in QEMU_FORMATS:
+        raise ValueError(f"{value!r} is not a dump format; QEMU knows {', '.join(QEMU_FORMATS)}")
+    return value
+
+
+def _glob_pattern(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f'{value!r} must be an absolute pattern, such as "/run/qemu/*.qmp"')
+    return value
+
+
+AbsPath = Annotated[Path, BeforeValidator(_path), AfterValidator(_absolute)]
+Format = Annotated[str, AfterValidator(_format)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _combination(
+    engine: str, fmt: str, mode: str, *, keys: tuple[str, str, str]
+) -> tuple[str, str] | None:
+    """What is wrong with an engine/format/mode combination: (the key to blame, why), or None.
+
+    ``keys`` names the engine, format and mode keys as the entry spells them; a key the entry
+    did not set (its value is inherited) is given as "" and is not blamed if another can be.
+    """
+    engine_key, format_key, mode_key = keys
+    if engine == "backend" and fmt != "elf":
+        blame, other = format_key or engine_key, (engine_key, format_key)
+        why = f"the backend engine writes ELF only, not {fmt!r}"
+    elif engine == "qemu" and mode == "live":
+        blame, other = mode_key or engine_key, (engine_key, mode_key)
+        why = "QEMU's dump-guest-memory stops the VM: a live dump needs engine backend or auto"
+    else:
+        return None
+    if not all(other):
+        why += " (with the [daemon] defaults)"
+    return blame, why
+
+
+# --- the models ---
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Retention(_Strict):
+    """How many dumps of one VM to keep; None is no limit. The newest dump is always kept."""
+
+    keep_count: Annotated[int | None, BeforeValidator(_keep_count)] = None
+    keep_bytes: Annotated[int | None, BeforeValidator(_keep_bytes)] = None
+
+    def over(self, base: Retention) -> Retention:
+        """This retention's keys that were set in the file, the others from ``base``."""
+        return base.model_copy(update={k: getattr(self, k) for k in self.model_fields_set})
+
+
+class _DumpDefaults(_Strict):
+    """What a VM (or a discovered group of VMs) may set over the daemon's defaults."""
+
+    engine: Engine | None = None
+    format: Format | None = None
+    mode: Mode | None = None
+    retention: Retention = Field(default_factory=Retention)
+
+
+class VMConfig(_DumpDefaults):
+    """A ``[[vm]]`` entry: a VM named in the file."""
+
+    name: Annotated[str, AfterValidator(_vm_name)]
+    #: an absolute UNIX socket path, or ``tcp:HOST:PORT``
+    qmp: Annotated[str, AfterValidator(_qmp)]
+
+
+class DiscoverConfig(_DumpDefaults):
+    """A ``[[discover]]`` entry: every path the glob matches is a VM's QMP socket."""
+
+    glob: Annotated[str, AfterValidator(_glob_pattern)]
+    #: ``stem``: the file name without its suffix; ``parent``: the directory's name
+    name_from: Literal["stem", "parent"] = "stem"
+
+    def name_of(self, path: str) -> str:
+        """The VM name this entry gives to a matched path (not validated)."""
+        p = PurePosixPath(path)
+        return p.stem if self.name_from == "stem" else p.parent.name
+
+
+class DaemonConfig(_Strict):
+    """The ``[daemon]`` table."""
+
+    api_socket: AbsPath
+    #: permission bits of the API socket; whoever may connect may dump every VM
+    api_socket_mode: Annotated[int, BeforeValidator(_socket_mode)] = 0o660
+    #: group owning the API socket (a name or a numeric gid); None leaves the daemon's group
+    api_socket_group: str | None = None
+    dump_dir: AbsPath
+    state_dir: AbsPath
+    max_concurrent_dumps: Annotated[int, Field(ge=1)] = 2
+    default_engine: Engine = "auto"
+    default_format: Format = "elf"
+    default_mode: Mode = "consistent"
+    #: QMP reconnection backoff: first delay, doubled up to the maximum
+    reconnect_min_s: Seconds = 1.0
+    reconnect_max_s: Seconds = 60.0
+    qmp_timeout_s: Seconds = 10.0
+    #: how long one dump may take before it is cancelled
+    dump_timeout_s: Seconds = 3600.0
+    #: on SIGTERM: how long running dumps may finish before they are cancelled
+    shutdown_grace_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 30.0
+    #: ping systemd's watchdog (sd_notify WATCHDOG=1) when the unit sets WatchdogSec=
+    watchdog: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DaemonConfig:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.reconnect_min_s > self.reconnect_max_s:
+            problems.append(
+                (
+                    ("reconnect_min_s",),
+                    f"{self.reconnect_min_s:g} is above reconnect_max_s ({self.reconnect_max_s:g})",
+                )
+            )
+        keys = ("default_engine", "default_format", "default_mode")
+        problem = _combination(
+            self.default_engine, self.default_format, self.default_mode, keys=keys
+        )
+        if problem:
+            problems.append(((problem[0],), problem[1]))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedVM:
+    """A VM the daemon serves, with every default resolved."""
+
+    name: str
+    #: an absolute socket path, or ``tcp:HOST:PORT``
+    qmp: str
+    engine: Engine
+    format: str
+    mode: Mode
+    retention: Retention
+    #: where its dumps go: ``dump_dir/NAME``
+    dump_dir: Path
+    #: where it came from: ``vm[0]``, or ``discover[1]`` for a discovered socket
+    origin: str
+
+    @property
+    def discovered(self) -> bool:
+        """Whether a ``[[discover]]`` glob found it."""
+        return self.origin.startswith("discover")
+
+    @property
+    def qmp_address(self) -> QMPAddress:
+        """The address in the form :class:`qmpdump.qmp.session.QMPSession` takes."""
+        return parse_address(self.qmp)
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedSocket:
+    """A path a discovery glob matched that did not become a VM, and why."""
+
+    path: str
+    origin: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """What the discovery globs found: VMs, and matches that were skipped."""
+
+    vms: list[ResolvedVM]
+    skipped: list[SkippedSocket]
+
+
+class _Problems(ValueError):
+    """Cross-key problems found after the keys themselves validated: (key path, problem)."""
+
+    def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]):
+        self.problems = problems
+        super().__init__("; ".join(problem for _, problem in problems))
+
+
+class Config(_Strict):
+    """The whole file."""
+
+    daemon: DaemonConfig
+    retention: Retention = Field(default_factory=Retention)
+    vm: list[VMConfig] = Field(default_factory=list)
+    discover: list[DiscoverConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Config:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if not self.vm and not self.discover:
+            problems.append(((), "no [[vm]] and no [[discover]]: there would be nothing to dump"))
+        by_name: dict[str, int] = {}
+        by_qmp: dict[str, int] = {}
+        for i, vm in enumerate(self.vm):
+            if vm.name in by_name:
+                problems.append(
+                    (("vm", i, "name"), f"{vm.name!r} is already vm[{by_name[vm.name]}]'s name")
+                )
+            by_name.setdefault(vm.name, i)
+            if vm.qmp in by_qmp:
+                problems.append(
+                    (
+                        ("vm", i, "qmp"),
+                        f"{vm.qmp!r} is already vm[{by_qmp[vm.qmp]}]'s QMP address "
+                        "(two dumps of one VM at a time)",
+                    )
+                )
+            by_qmp.setdefault(vm.qmp, i)
+        entries: list[tuple[str, int, _DumpDefaults]] = [
+            *(("vm", i, v) for i, v in enumerate(self.vm)),
+            *(("discover", i, d) for i, d in enumerate(self.discover)),
+        ]
+        for section, index, entry in entries:
+            engine, fmt, mode = self._defaults(entry)
+            given = entry.model_fields_set
+            keys = ("engine", "format", "mode")
+            e_key, f_key, m_key = (k if k in given else "" for k in keys)
+            problem = _combination(engine, fmt, mode, keys=(e_key, f_key, m_key))
+            if problem:
+                loc = (section, index, problem[0]) if problem[0] else (section, index)
+                problems.append((loc, problem[1]))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    def _defaults(self, entry: _DumpDefaults) -> tuple[Engine, str, Mode]:
+        d = self.daemon
+        return (
+            entry.engine or d.default_engine,
+            entry.format or d.default_format,
+            entry.mode or d.default_mode,
+        )
+
+    def _resolve(self, entry: _DumpDefaults, name: str, qmp: str, origin: str) -> ResolvedVM:
+        engine, fmt, mode = self._defaults(entry)
+        return ResolvedVM(
+            name=name,
+            qmp=qmp,
+            engine=engine,
+            format=fmt,
+            mode=mode,
+            retention=entry.retention.over(self.retention),
+            dump_dir=self.daemon.dump_dir / name,
+            origin=origin,
+        )
+
+    def static_vms(self) -> list[ResolvedVM]:
+        """The ``[[vm]]`` entries, resolved, in file order."""
+        return [self._resolve(v, v.name, v.qmp, f"vm[{i}]") for i, v in enumerate(self.vm)]
+
+    def discover_vms(self, glob_fn: Callable[[str], Iterable[str]] = glob.glob) -> Discovery:
+        """Expand the ``[[discover]]`` globs; pure given ``glob_fn`` (the only I/O).
+
+        Matches are taken entry by entry, each entry's paths sorted. A match is skipped when its
+        name is not a valid VM name, when a static VM has that name or that socket, or when an
+        earlier match already took the name or the socket.
+        """
+        static_names = {v.name for v in self.vm}
+        static_qmp = {v.qmp for v in self.vm}
+        taken: dict[str, str] = {}
+        paths_seen: set[str] = set()
+        vms: list[ResolvedVM] = []
+        skipped: list[SkippedSocket] = []
+        for i, entry in enumerate(self.discover):
+            origin = f"discover[{i}]"
+            for path in sorted(set(glob_fn(entry.glob))):
+                name = entry.name_of(path)
+                reason = None
+                if path in static_qmp:
+                    reason = "a [[vm]] entry already uses this socket"
+                elif path in paths_seen:
+                    reason = "an earlier [[discover]] entry already matched this socket"
+                elif not _VM_NAME_RE.fullmatch(name):
+                    reason = f"{name!r} is not a valid VM name"
+                elif name in static_names:
+                    reason = f"the [[vm]] named {name!r} takes precedence"
+                elif name in taken:
+                    reason = f"{taken[name]} already provides a VM named {name!r}"
+                if reason:
+                    skipped.append(SkippedSocket(path=path, origin=origin, reason=reason))
+                    continue
+                taken[name] = path
+                paths_seen.add(path)
+                vms.append(self._resolve(entry, name, path, origin))
+        return Discovery(vms=vms, skipped=skipped)
+
+    def resolve_vms(self, glob_fn: Callable[[str], Iterable[str]] = glob.glob) -> list[ResolvedVM]:
+        """Every VM to serve: the static ones in file order, then the discovered ones."""
+        return [*self.static_vms(), *self.discover_vms(glob_fn).vms]
+
+
+# --- loading and error messages ---
+
+
+def _key_path(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``list[X]`` or ``X | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (list, Union, UnionType, Annotated):
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found:
+                return found
+    return None
+
+
+def _known_keys(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the model at ``loc`` (the table holding the unknown key) accepts."""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        model = _model_in(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _vm_label(data: Any, loc: tuple[str | int, ...]) -> str:
+    """`` (the [[vm]] named 'x')`` for a problem under ``vm[i]``, if that entry has a name."""
+    if len(loc) >= 3 and loc[0] == "vm" and isinstance(loc[1], int) and isinstance(data, dict):
+        vms = data.get("vm")
+        if isinstance(vms, list) and loc[1] < len(vms) and isinstance(vms[loc[1]], dict):
+            name = vms[loc[1]].get("name")
+            if isinstance(name, str) and loc[2] != "name":
+                return f" (in the [[vm]] named {name!r})"
+    return ""
+
+
+def format_validation_error(err: ValidationError, data: Any = None) -> list[str]:
+    """One ``KEY.PATH: problem`` line per problem pydantic found (``data``: the raw input)."""
+    lines: list[str] = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        kind = e["type"]
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, _Problems):
+            for sub_loc, problem in cause.problems:
+                where = _key_path(loc + sub_loc)
+                lines.append(f"{where}: {problem}" if where else problem)
+            continue
+        if kind == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problem = f"unknown key{hint}"
+        elif kind == "missing":
+            problem = "required, but missing"
+        elif kind in ("value_error", "assertion_error"):
+            problem = str(cause) if cause is not None else e["msg"]
+        elif kind == "list_type" and loc in (("vm",), ("discover",)):
+            problem = f"must be an array of tables: write [[{loc[0]}]], not [{loc[0]}]"
+        else:
+            msg = e["msg"]
+            problem = f"{msg[:1].lower()}{msg[1:]} (got {_short(e['input'])})"
+        where = _key_path(loc)
+        lines.append(f"{where}: {problem}{_vm_label(data, loc)}" if where else problem)
+    return lines
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate already-parsed TOML; raise :class:`UsageError` with one line per problem."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{source}: {line}" for line in format_validation_error(err, data)]
+        raise UsageError("\n".join(lines)) from err
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the TOML file at ``path``.
+
+    Raises :class:`UsageError` when the file cannot be read, is not TOML, or does not validate;
+    the message names the file and, per problem, the key path and what is wrong.
+    """
+    source = os.fspath(path)
+    try:
+        raw = Path(source).read_bytes()
+    except OSError as err:
+        raise UsageError(f"{source}: cannot read the configuration: {err.strerror}") from err
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{source}: not UTF-8 text (byte {err.start})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"{source}: not valid TOML: {err}") from err
+    return parse_config(data, source)
+
+
+_EXAMPLE = """\
+# qmpdump daemon configuration (TOML). Keys not listed here are errors.
+# Install as /etc/qmpdump/qmpdump.toml.
+
+[daemon]
+# The HTTP API listens on this UNIX socket. Whoever may connect may dump every VM's memory:
+# grant access through the group, never to all users (a mode with o+w is refused).
+api_socket = "/run/qmpdump/api.sock"
+api_socket_mode = "0660"            # octal, as a string or a TOML 0o660
+# api_socket_group = "qmpdump"      # default: the daemon's own group
+
+# Dumps go to dump_dir/VM/; the job store (SQLite) lives in state_dir. Absolute paths.
+dump_dir = "/var/lib/qmpdump/dumps"
+state_dir = "/var/lib/qmpdump"
+
+max_concurrent_dumps = 2            # over all VMs; one dump at a time per VM in any case
+
+# What a dump request gets unless it says otherwise (a [[vm]] may override them):
+default_engine = "auto"             # auto | backend | qemu
+default_format = "elf"              # elf, kdump-zlib, kdump-lzo, kdump-snappy, win-dmp, ...
+default_mode = "consistent"         # consistent (VM paused while copying) | live (backend only)
+
+reconnect_min_s = 1.0               # QMP reconnection backoff: first delay ...
+reconnect_max_s = 60.0              # ... doubled up to this
+qmp_timeout_s = 10.0                # every QMP command
+dump_timeout_s = 3600.0             # one whole dump
+shutdown_grace_s = 30.0             # on stop: time for running dumps to finish
+watchdog = true                     # ping systemd's watchdog when the unit sets WatchdogSec=
+
+# Per VM, keep at most this many dumps and this many bytes; the oldest go first, the newest
+# always stays. Sizes: bytes, or 500MB (decimal), 10GiB / 10G (binary). Leave out = no limit.
+[retention]
+keep_count = 10
+keep_bytes = "200GiB"
+
+[[vm]]
+name = "vm1"                        # A-Z a-z 0-9 . _ -, up to 64; names folders and URLs
+qmp = "/run/vm1.qmp"                # a UNIX socket path, or "tcp:HOST:PORT"
+
+[[vm]]
+name = "db"
+qmp = "tcp:127.0.0.1:4444"
+engine = "qemu"                     # per-VM overrides of the [daemon] defaults
+format = "kdump-zlib"
+[vm.retention]                      # per-VM overrides of [retention], key by key
+keep_count = 3
+keep_bytes = "unlimited"
+
+# Every socket matching the glob is a VM; its name is the file name without its suffix
+# ("stem") or the name of its directory ("parent"). A [[vm]] with the same name or the same
+# socket wins over a discovered one.
+[[discover]]
+glob = "/run/qemu/*.qmp"
+name_from = "stem"
+[discover.retention]
+keep_count = 5
+"""
+
+
+def example_config() -> str:
+    """A commented example configuration that loads cleanly (shipped as qmpdump.toml.example)."""
+    return _EXAMPLE
