@@ -32,6 +32,10 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
           +-- QEMUGone           QEMU exited or the QMP connection dropped mid-dump (exit 42)
           +-- DiskFull           the target filesystem is full (exit 43)
           +-- DumpFailed         QEMU reported the dump as failed (exit 44)
+     +-- ServiceError            the daemon's answers (exit 50..53; HTTP status on the class)
+          +-- NotFound           no such VM, job or dump (404)
+          +-- Conflict           the request conflicts with the state (409)
+          +-- Unavailable        the VM is not connected, or the daemon is stopping (503)
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "Conflict",
     "DiskFull",
     "DumpBusy",
     "DumpCancelled",
@@ -50,6 +55,7 @@ __all__ = [
     "HostAccessError",
     "LaunchError",
     "LayoutError",
+    "NotFound",
     "NotQEMU",
     "QEMUGone",
     "QMPCommandError",
@@ -58,9 +64,11 @@ __all__ = [
     "QMPReplyError",
     "QMPTimeout",
     "QmpdumpError",
+    "ServiceError",
     "SocketMissing",
     "SocketPermission",
     "TestbedError",
+    "Unavailable",
     "UsageError",
 ]
 
@@ -239,3 +247,31 @@ class DumpFailed(DumpError):
     """Raised when QEMU reports the dump as failed, with QEMU's reason."""
 
     exit_code = 44
+
+
+class ServiceError(QmpdumpError):
+    """Base of the errors the daemon answers with; ``http_status`` is its HTTP status."""
+
+    exit_code = 50
+    http_status = 500
+
+
+class NotFound(ServiceError, LookupError):
+    """Raised when a VM, job or dump named in a request does not exist."""
+
+    exit_code = 51
+    http_status = 404
+
+
+class Conflict(ServiceError):
+    """Raised when a request conflicts with the current state (a full queue, a finished job)."""
+
+    exit_code = 52
+    http_status = 409
+
+
+class Unavailable(ServiceError):
+    """Raised when the VM is not connected or the daemon is shutting down."""
+
+    exit_code = 53
+    http_status = 503

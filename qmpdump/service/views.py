@@ -1,0 +1,184 @@
+"""The daemon's wire formats (API schema ``qmpdump.api/1``) and the core the API is served from.
+
+Strict pydantic models (``extra="forbid"``): qmpdump owns these formats, and a client sending an
+unknown field -- a file path above all: clients never name files -- gets a 400 naming the field.
+Times are UTC ISO 8601 strings; sizes are integers of bytes.
+
+:class:`ServiceCore` is what the HTTP layer needs from the daemon; the daemon implements it, and
+the API module depends only on this protocol. Errors are :class:`qmpdump.errors.ServiceError`
+subclasses (NotFound 404, Conflict 409, Unavailable 503) or :class:`qmpdump.errors.UsageError`
+(400); each carries its HTTP status.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from qmpdump.report import MapReport
+
+__all__ = [
+    "ConnectionState",
+    "DumpRequest",
+    "DumpView",
+    "HealthView",
+    "JobErrorView",
+    "JobResultView",
+    "JobView",
+    "ProgressView",
+    "ServiceCore",
+    "VMView",
+]
+
+EngineName = Literal["auto", "backend", "qemu"]
+ModeName = Literal["consistent", "live"]
+JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConnectionState(StrEnum):
+    """The daemon's QMP connection to one VM."""
+
+    CONNECTED = "connected"
+    CONNECTING = "connecting"
+    DISCONNECTED = "disconnected"
+
+
+class VMView(_Strict):
+    """One VM the daemon looks after."""
+
+    name: str
+    qmp: str
+    origin: str
+    connection: ConnectionState
+    #: why it is not connected (the last error), or None
+    reason: str | None = None
+    run_state: str | None = None
+    qemu_version: str | None = None
+    pid: int | None = None
+    running_job: str | None = None
+    queued_jobs: int = 0
+    default_engine: EngineName
+    default_format: str
+    default_mode: ModeName
+
+
+class DumpRequest(_Strict):
+    """``POST /v1/vms/{vm}/dumps``: every field optional; the VM's defaults fill the rest."""
+
+    engine: EngineName | None = None
+    format: str | None = None
+    mode: ModeName | None = None
+
+
+class ProgressView(_Strict):
+    """Bytes written so far, and the expected total when known."""
+
+    written: int = 0
+    total: int | None = None
+
+
+class JobResultView(_Strict):
+    """What a succeeded job produced (``file`` is a name in the VM's dump folder)."""
+
+    file: str
+    size: int
+    sha256: str
+    engine: str
+    paused_s: float | None
+
+
+class JobErrorView(_Strict):
+    """Why a job failed or was cancelled."""
+
+    message: str
+    error_class: str | None = None
+    exit_code: int | None = None
+
+
+class JobView(_Strict):
+    """One dump job."""
+
+    id: str
+    vm: str
+    engine: EngineName
+    format: str
+    mode: ModeName
+    state: JobStateName
+    created: str
+    started: str | None = None
+    ended: str | None = None
+    progress: ProgressView
+    result: JobResultView | None = None
+    error: JobErrorView | None = None
+
+
+class DumpView(_Strict):
+    """One dump on disk."""
+
+    vm: str
+    file: str
+    size: int
+    created: str
+    sha256: str | None = None
+    job_id: str | None = None
+
+
+class HealthView(_Strict):
+    """``GET /healthz``."""
+
+    status: Literal["ok", "stopping"]
+    version: str
+    vms: int
+    connected: int
+    running_jobs: int
+    queued_jobs: int
+
+
+class ServiceCore(Protocol):
+    """What the HTTP API serves from. Every method raises ServiceError/UsageError subclasses."""
+
+    def vms(self) -> list[VMView]:
+        """All VMs, in configuration order."""
+        ...
+
+    def vm(self, name: str) -> VMView:
+        """One VM; NotFound if unknown."""
+        ...
+
+    async def vm_map(self, name: str) -> MapReport:
+        """A fresh memory map of a connected VM; NotFound, Unavailable."""
+        ...
+
+    def submit(self, name: str, request: DumpRequest) -> JobView:
+        """Queue a dump; NotFound, Conflict (queue full), UsageError (bad engine/format)."""
+        ...
+
+    def jobs(self, vm: str | None, state: str | None, limit: int) -> list[JobView]:
+        """Jobs, newest first."""
+        ...
+
+    def job(self, job_id: str) -> JobView:
+        """One job; NotFound."""
+        ...
+
+    def cancel(self, job_id: str) -> JobView:
+        """Cancel a queued or running job; NotFound, Conflict if already finished."""
+        ...
+
+    def dumps(self, vm: str | None) -> list[DumpView]:
+        """Dumps on disk, oldest first."""
+        ...
+
+    def health(self) -> HealthView:
+        """Liveness summary."""
+        ...
+
+    def metrics(self) -> str:
+        """Prometheus text exposition (format 0.0.4)."""
+        ...
