@@ -3,11 +3,13 @@
 A dump is written to ``NAME.partial`` (mode 0600, created exclusively) next to its final name,
 fsynced, then renamed to ``NAME``; its sidecar ``NAME.json`` (0600) follows the same path; the
 folder is fsynced so the rename survives a crash. On any failure or cancel the partial is
-removed. A folder qmpdump creates is 0700. A guest memory dump holds the guest's secrets.
+removed, and so are the folders created for it. Every folder qmpdump creates is 0700, parents
+included. A guest memory dump holds the guest's secrets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -39,6 +41,30 @@ def write_error(err: OSError, path: Path) -> DumpError:
     return DumpError(f"cannot write {path}: {err.strerror or err}")
 
 
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents, each 0700 whatever the umask; the new ones."""
+    missing: list[Path] = []
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):
+            try:
+                path.mkdir(mode=DIR_MODE)
+            except FileExistsError:
+                continue  # made by someone else meanwhile: not ours to chmod or remove
+            created.append(path)
+            path.chmod(DIR_MODE)
+    except OSError:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    return created
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -50,11 +76,13 @@ def _fsync_dir(folder: Path) -> None:
 class DumpFile:
     """One dump being written. Use as a context manager: it is discarded unless committed."""
 
-    def __init__(self, final: Path, fd: int) -> None:
+    def __init__(self, final: Path, fd: int, created: list[Path] | None = None) -> None:
         self.final = final
         self.partial = final.with_name(final.name + PARTIAL_SUFFIX)
         self.fd = fd
         self.committed = False
+        #: folders made for this dump, parents first (removed again if it is discarded)
+        self.created = list(created or [])
 
     @classmethod
     def create(cls, final: Path, *, overwrite: bool = False) -> DumpFile:
@@ -63,27 +91,30 @@ class DumpFile:
         folder = final.parent
         if final.name.endswith(PARTIAL_SUFFIX):
             raise UsageError(f"{final}: a dump's name may not end in {PARTIAL_SUFFIX}")
-        try:
-            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"cannot create the folder {folder}: {err.strerror}") from err
-        if not folder.is_dir():
-            raise UsageError(f"{folder} is not a folder")
         if final.exists() and not overwrite:
             raise UsageError(f"{final} exists already (choose another name, or overwrite)")
-        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        try:
+            created = _make_folders(folder)
+        except OSError as err:
+            raise UsageError(f"cannot create the folder {folder}: {err.strerror}") from err
+        dump = cls(final, -1, created)
+        if not folder.is_dir():
+            dump._remove_folders()
+            raise UsageError(f"{folder} is not a folder")
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            fd = os.open(partial, flags, FILE_MODE)
+            dump.fd = os.open(dump.partial, flags, FILE_MODE)
         except FileExistsError as err:
+            dump._remove_folders()  # the partial is someone else's
             raise UsageError(
-                f"{partial} exists: another dump to this name is running, or one crashed "
+                f"{dump.partial} exists: another dump to this name is running, or one crashed "
                 "(remove the file if no qmpdump is writing it)"
             ) from err
         except OSError as err:
-            raise UsageError(f"cannot create {partial}: {err.strerror}") from err
-        os.fchmod(fd, FILE_MODE)  # whatever the umask said
-        return cls(final, fd)
+            dump._remove_folders()
+            raise UsageError(f"cannot create {dump.partial}: {err.strerror}") from err
+        os.fchmod(dump.fd, FILE_MODE)  # whatever the umask said
+        return dump
 
     def commit(self, sidecar: Mapping[str, Any] | None = None) -> Path:
         """Make the dump durable and visible under its final name; write the sidecar."""
@@ -112,7 +143,8 @@ class DumpFile:
         return self.final
 
     def discard(self) -> None:
-        """Close and remove the partial file (and a partial sidecar). Safe to call twice."""
+        """Close and remove the partial file (and a partial sidecar), and the folders made for
+        it if they are empty. Safe to call twice."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -120,6 +152,16 @@ class DumpFile:
             self.partial.unlink(missing_ok=True)
             side = sidecar_path(self.final)
             side.with_name(side.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
+            self._remove_folders()
+
+    def _remove_folders(self) -> None:
+        """Remove the folders made for this dump, deepest first, while they are empty."""
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (someone else's files) or gone: leave it
+        self.created = []
 
     def __enter__(self) -> Self:
         return self

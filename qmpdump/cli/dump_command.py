@@ -89,8 +89,8 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--seekable",
         action="store_true",
-        help="kdump: let QEMU write the file itself for the standard (not flattened) layout; "
-        "no cancel, no byte progress",
+        help="kdump: write the standard layout that crash and makedumpfile read directly, "
+        "rebuilt from QEMU's flattened stream as makedumpfile -R does (hashed at the end)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")

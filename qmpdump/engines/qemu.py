@@ -6,9 +6,11 @@ relays the pipe into the output file (:mod:`qmpdump.engines.relay`): byte progre
 the way, the ELF header fix for makedumpfile, and cancel (closing the pipe makes QEMU's next write
 fail with EPIPE; the dump ends ``failed`` and QEMU restores the run state).
 
-kdump formats into a pipe come out in makedumpfile's *flattened* layout (QEMU writes it whenever
-the fd cannot seek); ``seekable=True`` hands QEMU the output file itself for the standard layout,
-at the cost of cancel (QEMU 7.2 has no command to stop a dump) and of the on-the-way hash.
+QEMU 7.2 writes kdump formats only in makedumpfile's *flattened* layout, into a pipe or a file
+alike (measured: a seekable fd changes nothing). ``seekable=True`` asks for the standard layout,
+which crash and makedumpfile read directly: the relay places each flattened record at its offset
+(:func:`qmpdump.engines.relay.unflatten`, what ``makedumpfile -R`` does) and the file is hashed
+once complete; cancel and progress work as for the other formats.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import secrets
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qmpdump.engines.relay import CHUNK, RelayState, relay
+from qmpdump.engines.relay import CHUNK, RelayState, relay, unflatten
 from qmpdump.errors import (
     DumpBusy,
     DumpCancelled,
@@ -56,7 +59,7 @@ class QemuDumpRequest:
     length: int | None = None
     #: rewrite QEMU 7.2's ELF header so that makedumpfile reads it (ELF only)
     fix_elf_header: bool = True
-    #: give QEMU the output file itself (standard kdump layout; no cancel, hash after)
+    #: kdump in the standard layout, reassembled from QEMU's flattened stream (hashed after)
     seekable: bool = False
 
     def check(self, formats: list[str]) -> None:
@@ -73,6 +76,8 @@ class QemuDumpRequest:
             raise UsageError("length must be positive")
         if self.paging and self.format != "elf":
             raise UsageError("paging is for the elf format only")
+        if self.seekable and not self.format.startswith("kdump"):
+            raise UsageError("seekable (the standard kdump layout) is for the kdump formats only")
 
     def arguments(self, fdname: str) -> dict[str, Any]:
         """The ``dump-guest-memory`` arguments."""
@@ -185,16 +190,19 @@ async def dump_with_qemu(
         cancel=cancel or asyncio.Event(),
         timeout_s=timeout_s,
     )
-    try:
-        with session.listen("DUMP_COMPLETED", "STOP", "RESUME") as listener:
-            pump = asyncio.create_task(_pump(listener, run.watch), name="dump-events")
-            try:
-                size, digest = await (run.seekable() if request.seekable else run.piped())
-            finally:
-                pump.cancel()
-                await asyncio.wait([pump])
-    finally:
-        await _restore_run_state(session, status.running)
+    with session.listen("DUMP_COMPLETED", "STOP", "RESUME") as listener:
+        pump = asyncio.create_task(_pump(listener, run.watch), name="dump-events")
+        try:
+            size, digest = await run.piped()
+        finally:
+            # Still listening: QEMU sends RESUME after DUMP_COMPLETED, and before the
+            # query-status reply that shows the VM running again.
+            if run.started:
+                await _restore_run_state(session, status.running)
+            pump.cancel()
+            await asyncio.wait([pump])
+            for event in listener.clear():
+                run.watch.take(dict(event))
     return QemuDumpResult(size=size, sha256=digest, paused_s=run.watch.paused_s, total=run.total)
 
 
@@ -240,6 +248,8 @@ class _QemuDump:
         self.timeout_s = timeout_s
         self.watch = _Watch(session)
         self.total = 0
+        #: QEMU accepted dump-guest-memory (so it paused a running VM and will resume it)
+        self.started = False
 
     async def _start(self, fd: int) -> None:
         fdname = await _pass_fd(self.session, fd)
@@ -247,11 +257,13 @@ class _QemuDump:
             await self.session.execute("dump-guest-memory", self.request.arguments(fdname))
         except QMPCommandError as err:
             await _closefd(self.session, fdname)
-            if "in progress" in err.description or "already" in err.description:
+            # QEMU 7.2: "There is a dump in process, please wait."
+            if any(s in err.description for s in ("in process", "in progress", "already")):
                 raise DumpBusy(f"QEMU is already dumping: {err.description}") from err
             raise DumpFailed(f"QEMU refused the dump: {err.description}") from err
         except QMPDisconnected as err:
             raise QEMUGone("the QMP connection dropped as the dump started") from err
+        self.started = True
 
     def _check_alive(self) -> None:
         if not self.session.connected:
@@ -282,6 +294,13 @@ class _QemuDump:
         if status != "completed":
             raise DumpFailed(f"QEMU reports the dump {status or 'failed'}: {error or 'no reason'}")
 
+    def _relay_work(self, read_fd: int, state: RelayState) -> Callable[[], None]:
+        """The blocking copy for this request: sequential relay, or kdump reassembly."""
+        if self.request.seekable:
+            return functools.partial(unflatten, read_fd, self.output.fd, state)
+        fix = self.request.fix_elf_header and self.request.format == "elf"
+        return functools.partial(relay, read_fd, self.output.fd, state, fix_elf=fix)
+
     async def piped(self) -> tuple[int, str]:
         """QEMU -> pipe -> relay thread -> file."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -296,11 +315,8 @@ class _QemuDump:
         finally:
             os.close(write_fd)  # QEMU holds its own copy now
         state = RelayState()
-        fix = self.request.fix_elf_header and self.request.format == "elf"
-        copier = asyncio.create_task(
-            asyncio.to_thread(relay, read_fd, self.output.fd, state, fix_elf=fix),
-            name="dump-relay",
-        )
+        work = self._relay_work(read_fd, state)
+        copier = asyncio.create_task(asyncio.to_thread(work), name="dump-relay")
         try:
             while not (await asyncio.wait([copier], timeout=POLL_S))[0]:
                 if self.cancel.is_set():
@@ -311,6 +327,8 @@ class _QemuDump:
                 copier.result()
             except OSError as err:
                 raise write_error(err, self.output.final) from err
+            except ValueError as err:
+                raise DumpFailed(f"QEMU's dump stream is not as expected: {err}") from err
         except BaseException:
             state.stop.set()
             await asyncio.wait([copier])
@@ -324,23 +342,18 @@ class _QemuDump:
                 os.close(read_fd)
         # End of data: QEMU closed its end. Now its verdict.
         await self._verdict(30.0)
-        if self.progress is not None:
-            done = self.total or state.written
-            self.progress(Progress(state.written, done, done))
-        return state.written, state.sha256
+        return await self._finish(state)
 
-    async def seekable(self) -> tuple[int, str]:
-        """QEMU writes the output file itself; progress from ``query-dump`` only."""
-        await self._start(self.output.fd)
-        while self.watch.completed is None:
-            self._check_alive()
-            await self._report(0)
-            # QEMU 7.2 cannot stop a dump it writes into a file: a cancel waits for the end.
-            await asyncio.sleep(POLL_S)
-        await self._verdict(0)
-        size, digest = await asyncio.to_thread(_hash_file, self.output.fd)
-        if self.cancel.is_set():
-            raise DumpCancelled("the dump was cancelled (QEMU had to finish it: seekable mode)")
+    async def _finish(self, state: RelayState) -> tuple[int, str]:
+        """Size and sha256 of the complete file; the last progress report."""
+        size, digest = state.written, state.sha256
+        if self.request.seekable:  # written out of order: hash the whole file now
+            if not state.eof:
+                raise DumpFailed("QEMU's flattened kdump stream ended before its end marker")
+            size, digest = await asyncio.to_thread(_hash_file, self.output.fd)
+        if self.progress is not None:
+            done = self.total or size
+            self.progress(Progress(size, done, done))
         return size, digest
 
 

@@ -30,6 +30,7 @@ from qemu.qmp import (
     Runstate,
 )
 from qemu.qmp.error import QMPError as LibQMPError
+from qemu.qmp.message import Message
 
 from qmpdump.errors import (
     NotQEMU,
@@ -106,6 +107,19 @@ def _open_socket(address: QMPAddress, timeout_s: float) -> socket.socket:
     return sock
 
 
+class _Listener(EventListener):
+    """An EventListener without ``history``: the library's keeps every event forever, which in a
+    daemon that runs for months is a leak. Events still queue until taken."""
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            await self._queue.put(event)
+
+
+def _never(_event: Message) -> bool:
+    return False
+
+
 class QMPSession:
     """A connected QMP session with one QEMU process.
 
@@ -119,6 +133,9 @@ class QMPSession:
         self.address = address
         self.timeout_s = timeout_s
         self._client = QMPClient(name)
+        # The library's default all-events listener queues and records every event and nobody
+        # reads it: make it accept none.
+        self._client.events.event_filter = _never
         self._pid: int | None = None
         self._connected = False
 
@@ -195,7 +212,7 @@ class QMPSession:
     @contextlib.contextmanager
     def listen(self, *names: str) -> Iterator[EventListener]:
         """Listen for the named events while the block runs (a ``qemu.qmp`` EventListener)."""
-        listener = EventListener(names or None)
+        listener = _Listener(names or None)
         with self._client.listen(listener):
             yield listener
 
