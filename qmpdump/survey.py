@@ -34,7 +34,14 @@ from qmpdump.qmp.probe import VMFacts, read_layout, read_vm_facts, region_host_a
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport, VMSummary, build_report
 
-__all__ = ["RegionAccess", "Survey", "probe_prefix_without_growth", "region_population", "survey"]
+__all__ = [
+    "RegionAccess",
+    "Survey",
+    "probe_prefix_without_growth",
+    "refill_holes",
+    "region_population",
+    "survey",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +149,7 @@ def _holes_to_restore(
     return (where, holes) if holes else None
 
 
-def _refill_holes(where: RegionAccess, holes: RangeSet) -> int:
+def refill_holes(where: RegionAccess, holes: RangeSet) -> int:
     """Punch again the pages of ``holes`` that the probe allocated and that hold only zeros."""
     assert where.path is not None
     punched = 0
@@ -181,7 +188,7 @@ async def probe_prefix_without_growth(
     try:
         prefix = await read_dump_prefix(session, timeout_s=session.timeout_s)
         if restore is not None:
-            await asyncio.to_thread(_refill_holes, *restore)
+            await asyncio.to_thread(refill_holes, *restore)
     finally:
         if pause:
             await session.execute("cont")

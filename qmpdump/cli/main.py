@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from qmpdump import __version__
-from qmpdump.cli import demo, dump_command, map_command
+from qmpdump.cli import client_commands, daemon_command, demo, dump_command, map_command
 from qmpdump.errors import QmpdumpError
 
 __all__ = ["main"]
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     map_command.add_parser(commands)
     dump_command.add_parser(commands)
+    daemon_command.add_parser(commands)
     demo.add_parser(commands)
+    client_commands.add_parsers(commands)
     return parser
 
 

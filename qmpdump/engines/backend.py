@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from qmpdump.elf.format import parse_header
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS, CorePlan, notes_payload, plan_core
@@ -53,6 +54,9 @@ class BackendDumpRequest:
 
     live: bool = False
     max_phdrs: int = DEFAULT_MAX_PHDRS
+    #: called before ``stop`` (the daemon journals its intent here) and after ``cont``
+    on_pause: Callable[[], None] | None = None
+    on_resume: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,16 +115,24 @@ def _source(access: RegionAccess, pid: int | None, fds: list[int]) -> Source:
 class _PauseGuard:
     """``stop`` now, ``cont`` at exit if we stopped it; the resume survives a cancel."""
 
-    def __init__(self, session: QMPSession, pause: bool) -> None:
+    def __init__(self, session: QMPSession, pause: bool, request: BackendDumpRequest) -> None:
         self.session = session
         self.pause = pause
+        self.request = request
         self.stopped_at: float | None = None
         self.resumed_at: float | None = None
 
     async def __aenter__(self) -> _PauseGuard:
         if self.pause:
-            await self.session.execute("stop")
+            if self.request.on_pause is not None:
+                self.request.on_pause()
             self.stopped_at = time.monotonic()
+            try:
+                await self.session.execute("stop")
+            except BaseException:
+                # It may have taken effect all the same (a timeout): resume to be sure.
+                await self.__aexit__()
+                raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -136,6 +148,8 @@ class _PauseGuard:
             raise DumpError(f"could not resume the VM after the dump: {err}") from err
         finally:
             self.resumed_at = time.monotonic()
+        if self.request.on_resume is not None:
+            self.request.on_resume()
 
     @property
     def paused_s(self) -> float | None:
@@ -158,16 +172,10 @@ async def dump_with_backend(
     ok, why = readable(before)
     if not ok:
         raise DumpError(f"the sparse reader cannot dump this VM: {why}")
-    guard = _PauseGuard(session, pause=before.facts.running and not request.live)
+    guard = _PauseGuard(session, before.facts.running and not request.live, request)
     async with guard:
         result = await survey(session) if guard.pause else before
-        prefix = await probe_prefix_without_growth(
-            session,
-            result.facts,
-            result.layout,
-            result.population.regions,
-            result.access,
-        )
+        prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
         coverage = dump_loads(prefix)
         wanted = result.population.populated | result.population.unknown
         data = wanted & coverage
@@ -199,7 +207,37 @@ async def dump_with_backend(
     copied = state.copied
     if progress is not None:
         progress(Progress(plan.file_size, copied, total))
-    return BackendDumpResult(plan.file_size, digest, guard.paused_s, plan, copied, result)
+    paused_s = guard.paused_s if guard.pause else probe_paused_s
+    return BackendDumpResult(plan.file_size, digest, paused_s, plan, copied, result)
+
+
+async def _probe(
+    session: QMPSession, result: Survey, *, measure: bool
+) -> tuple[bytes, float | None]:
+    """QEMU's dump headers; with ``measure``, also how long the probe paused the running VM.
+
+    Live mode does not stop the VM, but QEMU's header probe does (``save-vm``, and a ``stop`` of
+    its own when pages must be checked): the pause is summed from the STOP/RESUME events' QEMU
+    timestamps. QEMU emits RESUME before the run state reads ``running`` again, and the probe
+    returns only once it does, so every RESUME has arrived by then.
+    """
+    args = (result.facts, result.layout, result.population.regions, result.access)
+    if not measure:
+        return await probe_prefix_without_growth(session, *args), None
+    with session.listen("STOP", "RESUME") as listener:
+        prefix = await probe_prefix_without_growth(session, *args)
+        heard: list[dict[str, Any]] = [dict(event) for event in listener.clear()]
+    paused = 0.0
+    stopped_at: float | None = None
+    for event in heard:
+        stamp = event.get("timestamp", {})
+        at = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+        if event.get("event") == "STOP" and stopped_at is None:
+            stopped_at = at
+        elif event.get("event") == "RESUME" and stopped_at is not None:
+            paused += max(0.0, at - stopped_at)
+            stopped_at = None
+    return prefix, paused if heard else None
 
 
 async def _copy(
@@ -242,3 +280,8 @@ async def _copy(
         with state.changed:
             state.changed.notify_all()
         await asyncio.wait(tasks)
+        for task in tasks:
+            # Mark every outcome retrieved: the error that matters is raised already, and an
+            # unretrieved one (the other thread's Stopped) is logged by asyncio when collected.
+            if not task.cancelled():
+                task.exception()

@@ -1,0 +1,120 @@
+"""One QMP connection per VM, kept up: connect, follow events, reconnect with backoff.
+
+The supervisor owns the daemon's only QMP session with its VM (QEMU serves one client per
+monitor socket); dump jobs borrow it. While connected it follows ``STOP``, ``RESUME``,
+``SHUTDOWN`` and the other :data:`qmpdump.qmp.watch.VM_EVENTS` to keep the run state current.
+When QEMU goes away (or its socket is not there yet) the supervisor says why, waits, and tries
+again, doubling the delay from ``reconnect_min_s`` up to ``reconnect_max_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from qmpdump.errors import QmpdumpError, Unavailable
+from qmpdump.qmp.probe import read_vm_facts
+from qmpdump.qmp.session import QMPSession
+from qmpdump.qmp.watch import VM_EVENTS
+from qmpdump.service.config import DaemonConfig, ResolvedVM
+from qmpdump.service.views import ConnectionState
+
+__all__ = ["VMSupervisor"]
+
+log = logging.getLogger(__name__)
+
+_RUN_STATE_OF = {"STOP": "paused", "RESUME": "running", "SHUTDOWN": "shutdown"}
+
+
+class VMSupervisor:
+    """Keeps one VM's QMP session up; :meth:`run` is a long-lived task."""
+
+    def __init__(self, vm: ResolvedVM, daemon: DaemonConfig) -> None:
+        self.vm = vm
+        self.daemon = daemon
+        self.state = ConnectionState.DISCONNECTED
+        self.reason: str | None = "not connected yet"
+        self.session: QMPSession | None = None
+        self.run_state: str | None = None
+        self.qemu_version: str | None = None
+        self.pid: int | None = None
+        self.connected_since: float | None = None
+        self.connects = 0
+        self._up = asyncio.Event()
+
+    def require_session(self) -> QMPSession:
+        """The live session; Unavailable when the VM is not connected."""
+        session = self.session
+        if session is None or not session.connected:
+            raise Unavailable(f"VM {self.vm.name} is not connected: {self.reason or 'down'}")
+        return session
+
+    async def wait_connected(self, timeout_s: float) -> QMPSession:
+        """Wait up to ``timeout_s`` for a connection; Unavailable after that."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._up.wait()
+        return self.require_session()
+
+    async def run(self) -> None:
+        """Connect, follow, reconnect: until cancelled."""
+        delay = self.daemon.reconnect_min_s
+        while True:
+            self.state = ConnectionState.CONNECTING
+            try:
+                await self._session_once()
+                delay = self.daemon.reconnect_min_s  # it was up: start backing off afresh
+            except QmpdumpError as err:
+                self.reason = str(err)
+                log.info("VM %s: %s", self.vm.name, err)
+            finally:
+                self._down()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.daemon.reconnect_max_s)
+
+    def _down(self) -> None:
+        self._up.clear()
+        self.state = ConnectionState.DISCONNECTED
+        self.connected_since = None
+        self.run_state = None
+        self.session = None
+
+    async def _session_once(self) -> None:
+        session = QMPSession(
+            self.vm.qmp_address, timeout_s=self.daemon.qmp_timeout_s, name=f"qmpdump-{self.vm.name}"
+        )
+        await session.connect()
+        try:
+            with session.listen(*VM_EVENTS) as listener:
+                facts = await read_vm_facts(session)
+                self.session = session
+                self.pid = facts.pid
+                self.qemu_version = facts.qemu_version
+                self.run_state = facts.run_state
+                self.state = ConnectionState.CONNECTED
+                self.reason = None
+                self.connected_since = time.time()
+                self.connects += 1
+                self._up.set()
+                log.info(
+                    "VM %s: connected (QEMU %s, pid %s)",
+                    self.vm.name,
+                    facts.qemu_version,
+                    facts.pid,
+                )
+                while session.connected:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            self._take(dict(await listener.get()))
+                self.reason = "QEMU closed the QMP connection"
+        finally:
+            self.session = None
+            await session.disconnect()
+
+    def _take(self, event: dict[str, Any]) -> None:
+        name = str(event.get("event", ""))
+        if name in _RUN_STATE_OF:
+            self.run_state = _RUN_STATE_OF[name]
