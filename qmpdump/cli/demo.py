@@ -1,18 +1,35 @@
-"""``qmpdump demo``: boot the built-in demo VM and show what qmpdump sees of its memory.
+"""``qmpdump demo``: the whole mission, end to end, on a built-in demo VM.
 
-The demo VM is a real QEMU guest from :mod:`qmpdump.testbed` (Debian's kernel, virtio-mem,
-a known pattern written by the guest). qmpdump talks to it over its own QMP socket, exactly as
-it would to a production VM.
+1. Boot the demo VM: a real QEMU guest from :mod:`qmpdump.testbed` (Debian's kernel, memfd main
+   RAM split below and above 4 GiB, a virtio-mem device whose memory the guest's driver plugs,
+   a known pattern written by the guest).
+2. Show its memory map (``qmpdump map``) and write its picture (SVG).
+3. Start the daemon on a private socket, with the VM in its configuration.
+4. Request a dump with the CLI (a progress bar on a terminal), then QEMU's own dump of the same
+   VM, and list both with their sizes and times.
+5. Stop the daemon (SIGTERM) and the VM. The dumps and the picture stay in the demo folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from qmpdump.cli.map_command import format_size, render_text
+from qmpdump.errors import Unavailable
+from qmpdump.mapsvg import render_svg
 from qmpdump.qmp.session import QMPSession
-from qmpdump.testbed.vm import Backend, GiB, MiB, VirtioMemSpec, VMSpec, launch
+from qmpdump.service.client import ApiClient
+from qmpdump.survey import survey
+from qmpdump.testbed.guest import cache_dir
+from qmpdump.testbed.vm import VM, Backend, GiB, MiB, VirtioMemSpec, VMSpec, launch
 
 DEMO_VM = VMSpec(
     name="qmpdump-demo",
@@ -21,62 +38,154 @@ DEMO_VM = VMSpec(
     ram_size=1 * GiB,
     below_4g=512 * MiB,
     virtio_mem=(
-        VirtioMemSpec(id="vmem0", backend=Backend.FILE, max_size=2 * GiB, requested_size=256 * MiB),
+        VirtioMemSpec(id="vmem0", backend=Backend.FILE, max_size=2 * GiB, requested_size=512 * MiB),
     ),
-    pattern_mib=64,
+    pattern_mib=128,
 )
 
 
 def add_parser(commands: Any) -> None:
     """Register ``demo``."""
     parser: argparse.ArgumentParser = commands.add_parser(
-        "demo", help="boot the built-in demo VM and show its memory devices"
+        "demo",
+        help="the whole job end to end on a built-in demo VM",
+        description="Boot a demo VM, map its memory, run the daemon, dump the VM with the "
+        "sparse reader and with QEMU, and compare.",
     )
     parser.add_argument(
-        "--keep", action="store_true", help="keep the VM running until interrupted (Ctrl-C)"
+        "--dir", type=Path, default=None, help="demo folder (default: ~/.cache/qmpdump/demo)"
     )
     parser.set_defaults(run=run)
 
 
-def _size(n: int) -> str:
-    return f"{n / GiB:g} GiB" if n >= GiB and n % (GiB // 4) == 0 else f"{n / MiB:g} MiB"
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def _cli(*args: str) -> int:
+    """Run the qmpdump CLI as an operator would, sharing this terminal."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "qmpdump.cli.main", *args)
+    return await proc.wait()
+
+
+def _config(folder: Path, vm: VM) -> Path:
+    path = folder / "qmpdump.toml"
+    path.write_text(
+        "[daemon]\n"
+        f'api_socket = "{folder / "api.sock"}"\n'
+        f'dump_dir = "{folder / "dumps"}"\n'
+        f'state_dir = "{folder / "state"}"\n'
+        "max_concurrent_dumps = 1\n"
+        "reconnect_min_s = 0.2\n"
+        "[[vm]]\n"
+        'name = "demo"\n'
+        f'qmp = "{vm.qmp_path}"\n'
+    )
+    return path
+
+
+async def _wait_healthy(socket: Path, daemon: asyncio.subprocess.Process) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        if daemon.returncode is not None:
+            raise Unavailable(f"the daemon exited with code {daemon.returncode}")
+        try:
+            async with ApiClient(socket, timeout_s=5) as api:
+                view = await api.vm("demo")
+                if view.connection == "connected":
+                    return
+        except Unavailable:
+            pass
+        if time.monotonic() > deadline:
+            raise Unavailable("the daemon did not connect to the demo VM within 30 s")
+        await asyncio.sleep(0.2)
+
+
+async def _show_map(vm: VM, folder: Path) -> None:
+    async with QMPSession(str(vm.qmp_path)) as qmp:
+        result = await survey(qmp, exact_plug=True)
+    picture = folder / "memory-map.svg"
+    picture.write_text(render_svg(result.report()))
+    _say(render_text(result, ascii_only=not (sys.stdout.encoding or "").lower().startswith("utf")))
+    _say(f"picture of this map: {picture}\n")
+
+
+async def _compare(socket: Path) -> None:
+    async with ApiClient(socket) as api:
+        jobs = {j.id: j for j in await api.jobs(vm="demo")}
+        dumps = await api.dumps(vm="demo")
+    _say(f"\n{'engine':<8} {'file':<42} {'size':>10} {'dump time':>10} {'VM paused':>10}")
+    for d in dumps:
+        job = jobs.get(d.job_id or "")
+        if job is None or job.result is None or job.started is None or job.ended is None:
+            continue
+        took = _seconds(job.ended) - _seconds(job.started)
+        paused = "-" if job.result.paused_s is None else f"{job.result.paused_s:.2f} s"
+        _say(
+            f"{job.result.engine:<8} {d.file:<42} {format_size(d.size):>10} {took:>8.1f} s "
+            f"{paused:>10}"
+        )
+
+
+def _seconds(iso: str) -> float:
+    from datetime import datetime  # noqa: PLC0415
+
+    return datetime.fromisoformat(iso).timestamp()
 
 
 async def run(args: argparse.Namespace) -> int:
-    """Boot, show, stop."""
-    print("qmpdump demo: booting the demo VM (QEMU, Debian kernel, virtio-mem) ...", flush=True)
+    """Boot, map, serve, dump twice, compare, stop."""
+    folder: Path = args.dir or cache_dir() / "demo"
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, mode=0o700)
+    _say("1. booting the demo VM (QEMU, Debian kernel, virtio-mem) ...")
     t0 = time.monotonic()
     async with launch(DEMO_VM) as vm:
-        print(f"  up and plugged in {time.monotonic() - t0:.1f} s: QEMU pid {vm.pid}")
-        async with QMPSession(str(vm.qmp_path)) as qmp:
-            version = await qmp.execute("query-version")
-            status = await qmp.execute("query-status")
-            devices = await qmp.execute("query-memory-devices")
-            memdevs = await qmp.execute("query-memdev")
-        q = version["qemu"]
-        print(
-            f"  QMP socket {vm.qmp_path}  (QEMU {q['major']}.{q['minor']}.{q['micro']}, "
-            f"peer pid {qmp.pid}, run state {status['status']})"
+        _say(
+            f"   up, memory plugged, pattern written in {time.monotonic() - t0:.1f} s "
+            f"(QEMU pid {vm.pid})\n"
         )
-        print("\nmemory backends:")
-        for m in memdevs:
-            print(f"  {m.get('id', '?'):<12} {_size(m['size']):>9}  share={m.get('share')}")
-        print("\nvirtio-mem devices:")
-        print(
-            f"  {'id':<8} {'memaddr':>14} {'block':>7} {'plugged':>9} {'requested':>9} "
-            f"{'max':>9}  memdev"
+        _say("2. its memory, as `qmpdump map --exact-plug` sees it:\n")
+        await _show_map(vm, folder)
+
+        _say("3. starting the daemon (qmpdump daemon) ...")
+        config = _config(folder, vm)
+        log = (folder / "daemon.log").open("wb")
+        daemon = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "qmpdump.cli.main",
+            "daemon",
+            "--config",
+            str(config),
+            stdout=log,
+            stderr=log,
         )
-        for d in devices:
-            if d.get("type") != "virtio-mem":
-                continue
-            v = d["data"]
-            print(
-                f"  {v['id']:<8} {v['memaddr']:>#14x} {_size(v['block-size']):>7} "
-                f"{_size(v['size']):>9} {_size(v['requested-size']):>9} "
-                f"{_size(v['max-size']):>9}  {v['memdev']}"
+        socket = folder / "api.sock"
+        try:
+            await _wait_healthy(socket, daemon)
+            _say(f"   serving on {socket}\n")
+            await _cli("vms", "--socket", str(socket))
+            _say("\n4. `qmpdump request demo --wait` (the sparse reader: populated memory only)")
+            code = await _cli("request", "demo", "--wait", "--socket", str(socket))
+            _say("\n   and QEMU's own dump of the same VM, for comparison:")
+            code = code or await _cli(
+                "request", "demo", "--engine", "qemu", "--wait", "--socket", str(socket)
             )
-        if args.keep:
-            print(f"\nthe VM keeps running; QMP for qmpdump: {vm.qmp_path}. Ctrl-C stops it.")
-            await vm.proc.wait()
-    print("\ndemo VM stopped and its files removed.")
-    return 0
+            _say("\n   `qmpdump dumps`:")
+            await _cli("dumps", "--socket", str(socket))
+            await _compare(socket)
+        finally:
+            if daemon.returncode is None:
+                daemon.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(daemon.wait(), 60)
+            except TimeoutError:
+                os.kill(daemon.pid, signal.SIGKILL)
+                await daemon.wait()
+            log.close()
+    _say(
+        f"\n5. daemon stopped (exit {daemon.returncode}), VM stopped. "
+        f"Dumps, sidecars, picture and log: {folder}"
+    )
+    return code or daemon.returncode or 0
