@@ -41,10 +41,12 @@ Choices, and where they come from:
 * Data segments are exact, ``p_filesz == p_memsz > 0``: volatility3's ELF layer
   (``framework/layers/elf.py``) skips every PT_LOAD where the two differ. Known-zero memory is
   described by separate PT_LOADs with ``p_filesz = 0`` and ``p_memsz = size`` (the gABI: bytes
-  past ``p_filesz`` read as zero; crash and drgn honour that). Their ``p_offset`` is the running
-  file offset, inside the file (QEMU writes -1 there; a zero-size segment has no bytes, but an
-  in-file offset upsets no bounds check). ``merge_zero_tail=True`` instead folds a zero range
-  that follows a data range into that segment's ``p_memsz``, as QEMU's ``get_offset_range``
+  past ``p_filesz`` read as zero; crash and drgn honour that). Their ``p_offset`` is the end of
+  the file's data (QEMU writes -1 there): never inside another segment's bytes, since
+  makedumpfile's mmap reader maps ``p_offset + p_memsz`` and misread data otherwise (measured:
+  pages dropped silently, once SIGBUS), and no bounds check fails on it.
+  ``merge_zero_tail=True`` instead folds a zero range that follows a data range into that
+  segment's ``p_memsz``, as QEMU's ``get_offset_range``
   does for a clamped block: fewer headers, but volatility3 then skips those segments.
 * The program header count fits ``e_phnum`` (at most 0xfffe = 65534 by default): volatility3
   reads ``e_phnum`` only and knows no PN_XNUM. Over the cap, zero-fill segments go first (the
@@ -366,6 +368,9 @@ def plan_core(
     segments: list[Segment] = []
     phdrs = [PHDR.pack(PT_NOTE, 0, notes_offset, 0, 0, len(notes), len(notes), 0)]
     file_offset = data_offset
+    # Zero-fill segments point at the end of the file: no reader that sizes a read from
+    # p_offset + p_memsz (makedumpfile's mmap path does) may land inside another segment's data.
+    data_end = data_offset + sum(rng.size for rng in data)
     for gpa, size, is_data in items:
         if is_data:
             tail = tail_at.get(gpa + size, 0)
@@ -376,7 +381,7 @@ def plan_core(
             file_offset += size
         else:
             segments.append(Segment(gpa, size, None))
-            phdrs.append(PHDR.pack(PT_LOAD, _LOAD_FLAGS, file_offset, gpa, gpa, 0, size, 0))
+            phdrs.append(PHDR.pack(PT_LOAD, _LOAD_FLAGS, data_end, gpa, gpa, 0, size, 0))
 
     section0 = SHDR.pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0) if xnum else b""
     header = b"".join(
