@@ -16,9 +16,11 @@ chained (``raise ... from err``) and its ``errno`` copied.
 
 from __future__ import annotations
 
+import errno
+
 from qmpdump.errors import HostAccessError
 
-__all__ = ["host_access_error"]
+__all__ = ["host_access_error", "proc_error"]
 
 
 def host_access_error(message: str, cause: OSError | None = None) -> HostAccessError:
@@ -32,3 +34,14 @@ def host_access_error(message: str, cause: OSError | None = None) -> HostAccessE
     if cause is not None:
         err.errno = cause.errno
     return err
+
+
+def proc_error(pid: int, proc_path: str, verb: str, err: OSError) -> HostAccessError:
+    """The error for a failed access to a ``/proc/PID`` entry of QEMU, saying why in words."""
+    if err.errno in (errno.ENOENT, errno.ESRCH):
+        reason = f"process {pid} is gone"
+    elif err.errno in (errno.EACCES, errno.EPERM):
+        reason = "permission denied (ptrace read access to the process is needed)"
+    else:
+        reason = err.strerror or str(err)
+    return host_access_error(f"cannot {verb} {proc_path}: {reason}", err)

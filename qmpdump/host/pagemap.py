@@ -39,8 +39,7 @@ from itertools import compress
 from operator import sub
 from typing import Literal
 
-from qmpdump.errors import HostAccessError
-from qmpdump.host import host_access_error
+from qmpdump.host import proc_error
 from qmpdump.memmap.ranges import Range, RangeSet
 
 __all__ = [
@@ -206,7 +205,7 @@ def scan_populated(
         except OSError as err:
             if fallback and err.errno in (errno.ENOTTY, errno.EINVAL):
                 return _read_raw(fd, pid, hva, path)
-            raise _error(pid, path, "scan (PAGEMAP_SCAN ioctl)", err) from err
+            raise proc_error(pid, path, "scan (PAGEMAP_SCAN ioctl)", err) from err
     finally:
         os.close(fd)
     return PagemapScan(hva, populated, huge, PAGE_SIZE, exact=True, method="PAGEMAP_SCAN")
@@ -237,7 +236,7 @@ def _open_pagemap(pid: int, path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
-        raise _error(pid, path, "open", err) from err
+        raise proc_error(pid, path, "open", err) from err
 
 
 def _scan_ioctl(fd: int, hva: Range, vec_len: int) -> tuple[RangeSet, RangeSet]:
@@ -314,7 +313,7 @@ def _read_raw(fd: int, pid: int, hva: Range, path: str) -> PagemapScan:
                 sizes.append((run.end() - run.start()) * PAGE_SIZE)
             page += len(entries)
     except OSError as err:
-        raise _error(pid, path, "read", err) from err
+        raise proc_error(pid, path, "read", err) from err
     populated = RangeSet.from_ranges(zip(starts, sizes, strict=True))
     return PagemapScan(hva, populated, RangeSet(), PAGE_SIZE, exact=False, method="pagemap")
 
@@ -329,13 +328,3 @@ def _pread_full(fd: int, size: int, offset: int) -> bytes:
         size -= len(chunk)
         offset += len(chunk)
     return b"".join(chunks)
-
-
-def _error(pid: int, path: str, verb: str, err: OSError) -> HostAccessError:
-    if err.errno in (errno.ENOENT, errno.ESRCH):
-        reason = f"process {pid} is gone"
-    elif err.errno in (errno.EACCES, errno.EPERM):
-        reason = "permission denied (ptrace read access to the process is needed)"
-    else:
-        reason = err.strerror or str(err)
-    return host_access_error(f"cannot {verb} {path}: {reason}", err)

@@ -26,8 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from qmpdump.errors import HostAccessError
-from qmpdump.host import host_access_error
+from qmpdump.host import host_access_error, proc_error
 from qmpdump.memmap.ranges import Range
 
 __all__ = [
@@ -165,7 +164,7 @@ def read_maps(pid: int) -> list[MapsEntry]:
         with open(proc_path, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
     except OSError as err:
-        raise _proc_error(pid, proc_path, "read", err) from err
+        raise proc_error(pid, proc_path, "read", err) from err
     return parse_maps(text)
 
 
@@ -209,7 +208,7 @@ def find_mapping_file(pid: int, hva: int) -> BackingFile | None:
     try:
         names = os.listdir(fd_dir)
     except OSError as err:
-        raise _proc_error(pid, fd_dir, "list", err) from err
+        raise proc_error(pid, fd_dir, "list", err) from err
     for fd in sorted(int(name) for name in names if name.isdigit()):
         candidate = f"{fd_dir}/{fd}"
         size = _same_file_size(candidate, entry)
@@ -247,13 +246,3 @@ def _same_file_size(path: str, entry: MapsEntry) -> int | None:
         and os.minor(st.st_dev) == entry.dev_minor
     )
     return st.st_size if same else None
-
-
-def _proc_error(pid: int, proc_path: str, verb: str, err: OSError) -> HostAccessError:
-    if err.errno in (errno.ENOENT, errno.ESRCH):
-        reason = f"process {pid} is gone"
-    elif err.errno in (errno.EACCES, errno.EPERM):
-        reason = "permission denied (ptrace read access to the process is needed)"
-    else:
-        reason = err.strerror or str(err)
-    return host_access_error(f"cannot {verb} {proc_path}: {reason}", err)
