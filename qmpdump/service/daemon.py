@@ -6,7 +6,8 @@ Lifecycle (:meth:`Daemon.run`), in a fixed order:
    crash left ``running``; remove ``.partial`` files under ``dump_dir``; start one
    :class:`~qmpdump.service.supervisor.VMSupervisor` per VM; the scheduler; the API socket;
    ``READY=1``. A VM the daemon had paused (journalled before ``stop``) is resumed as soon as its
-   supervisor connects, if it is still paused.
+   supervisor connects, if it is still paused, before any job gets the connection (a dump
+   started first would find the VM paused, leave it so, and be resumed under).
 2. run: jobs start in FIFO order, one at a time per VM, at most ``max_concurrent_dumps`` at once;
    after each success the VM's retention is applied.
 3. SIGTERM/SIGINT: ``STOPPING=1``; the API stops accepting; running dumps get
@@ -25,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +44,7 @@ from qmpdump.errors import (
     UsageError,
 )
 from qmpdump.output import PARTIAL_SUFFIX, sidecar_path
+from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
 from qmpdump.service import sdnotify
 from qmpdump.service.config import Config, ResolvedVM
@@ -73,7 +75,7 @@ _EXTENSIONS = {"elf": "elf", "win-dmp": "dmp"}
 
 
 def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
 
 
 def _dump_name(vm: str, job_id: str, fmt: str, now: float) -> str:
@@ -114,7 +116,12 @@ class Daemon:
         self.resolved: list[ResolvedVM] = config.resolve_vms()
         if not self.resolved:
             raise UsageError("the configuration names no VM (no [[vm]], no socket discovered)")
-        self.supervisors = {vm.name: VMSupervisor(vm, self.settings) for vm in self.resolved}
+        self.supervisors = {
+            vm.name: VMSupervisor(
+                vm, self.settings, on_connect=self._resume_journaled_hook(vm.name)
+            )
+            for vm in self.resolved
+        }
         self.store: JobStore | None = None
         self.running: dict[str, _Running] = {}
         self.metrics_data = _Metrics()
@@ -234,7 +241,7 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _supervise(self, sup: VMSupervisor) -> None:
-        """Run a supervisor, and resume a VM the daemon left paused once it connects."""
+        """Run a supervisor, and wake the scheduler whenever it connects (queued jobs wait)."""
         watcher = asyncio.create_task(sup.run(), name=f"qmp-{sup.vm.name}")
         try:
             seen = 0
@@ -242,19 +249,25 @@ class Daemon:
                 await asyncio.sleep(0.2)
                 if sup.state is ConnectionState.CONNECTED and sup.connects != seen:
                     seen = sup.connects
-                    await self._resume_journaled(sup)
                     self._wake.set()
         finally:
             watcher.cancel()
             await asyncio.wait([watcher])
 
-    async def _resume_journaled(self, sup: VMSupervisor) -> None:
+    def _resume_journaled_hook(self, name: str) -> Callable[[QMPSession], Awaitable[None]]:
+        async def hook(session: QMPSession) -> None:
+            await self._resume_journaled(name, session)
+
+        return hook
+
+    async def _resume_journaled(self, name: str, session: QMPSession) -> None:
+        """Resume the VM if the daemon paused it and could not resume it (a crash, a lost
+        connection); called on a new session before jobs may use it."""
         assert self.store is not None
         for pause in self.store.pending_pauses():
-            if pause.vm != sup.vm.name or pause.job_id in self.running:
+            if pause.vm != name or pause.job_id in self.running:
                 continue
             try:
-                session = sup.require_session()
                 status = await session.execute("query-status")
                 if status.get("status") == "paused":
                     await session.execute("cont")

@@ -5,6 +5,10 @@ monitor socket); dump jobs borrow it. While connected it follows ``STOP``, ``RES
 ``SHUTDOWN`` and the other :data:`qmpdump.qmp.watch.VM_EVENTS` to keep the run state current.
 When QEMU goes away (or its socket is not there yet) the supervisor says why, waits, and tries
 again, doubling the delay from ``reconnect_min_s`` up to ``reconnect_max_s``.
+
+An ``on_connect`` hook runs on each new session before anyone else may use it (before
+:meth:`VMSupervisor.wait_connected` returns it): the daemon resumes a VM it left paused there,
+so that no dump ever starts on a VM that is about to be resumed under it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qmpdump.errors import QmpdumpError, Unavailable
@@ -32,9 +37,16 @@ _RUN_STATE_OF = {"STOP": "paused", "RESUME": "running", "SHUTDOWN": "shutdown"}
 class VMSupervisor:
     """Keeps one VM's QMP session up; :meth:`run` is a long-lived task."""
 
-    def __init__(self, vm: ResolvedVM, daemon: DaemonConfig) -> None:
+    def __init__(
+        self,
+        vm: ResolvedVM,
+        daemon: DaemonConfig,
+        *,
+        on_connect: Callable[[QMPSession], Awaitable[None]] | None = None,
+    ) -> None:
         self.vm = vm
         self.daemon = daemon
+        self.on_connect = on_connect
         self.state = ConnectionState.DISCONNECTED
         self.reason: str | None = "not connected yet"
         self.session: QMPSession | None = None
@@ -90,6 +102,8 @@ class VMSupervisor:
         try:
             with session.listen(*VM_EVENTS) as listener:
                 facts = await read_vm_facts(session)
+                if self.on_connect is not None:
+                    await self.on_connect(session)  # the listener follows what it changes
                 self.session = session
                 self.pid = facts.pid
                 self.qemu_version = facts.qemu_version
