@@ -15,19 +15,17 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
 
 from qmpdump.testbed.vm import (
-    DIR_PREFIX,
-    SHM_ROOT,
     VM,
     Backend,
     GiB,
     MiB,
     VirtioMemSpec,
     VMSpec,
+    leftover_dirs,
     live_vms,
     start,
 )
@@ -82,18 +80,6 @@ async def vm_factory() -> AsyncIterator[VMFactory]:
             await vm.stop()
 
 
-def _ours() -> set[Path]:
-    roots = [Path(os.environ.get("TMPDIR", "/tmp")), SHM_ROOT]
-    return {p for root in roots if root.exists() for p in root.glob(f"{DIR_PREFIX}*")}
-
-
-_BEFORE: set[Path] = set()
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _BEFORE.update(_ours())
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if any QEMU the suite started, or any of its files, is left behind."""
     problems: list[str] = []
@@ -101,8 +87,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         problems.append(f"QEMU pid {pid} ({run_dir}) was never stopped; killed now")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    for path in sorted(_ours() - _BEFORE):
-        problems.append(f"left behind: {path}")
+    # Only what this run made: another run on the same machine may have VMs of its own.
+    problems.extend(f"left behind: {path}" for path in leftover_dirs())
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = "leftover check FAILED:\n  " + "\n  ".join(problems)

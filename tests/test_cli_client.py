@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,30 +22,8 @@ import pytest
 from qmpdump.service.api import make_app, serve_unix, stop_serving
 from qmpdump.service.views import DumpRequest, JobView
 
+from .clirun import QMPDUMP, run_cli
 from .test_api import FakeCore, Served, as_core, dumped
-
-QMPDUMP = str(Path(sys.executable).parent / "qmpdump")
-
-
-async def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0
-) -> tuple[int, str, str]:
-    """Run the installed ``qmpdump`` console script; (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        QMPDUMP,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import stat
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,9 +40,9 @@ from qmpdump.service.client import ApiClient
 from qmpdump.service.views import ConnectionState, DumpRequest, JobView, VMView
 from qmpdump.testbed.vm import VM, Backend, GiB, MiB, VMSpec
 
+from .clirun import QMPDUMP, run_cli
 from .conftest import VMFactory
 
-QMPDUMP = str(Path(sys.executable).parent / "qmpdump")
 FINISHED = ("succeeded", "failed", "cancelled")
 #: where host-written data starts in a bare VM's RAM (SeaBIOS lives below, and at the top)
 DATA_START = 64 * MiB
@@ -396,21 +395,6 @@ async def curl(sock: Path, method: str, url: str, body: str | None = None) -> Cu
     assert proc.returncode == 0, err.decode()
     text, _, status = out.decode().rpartition("\n")
     return CurlAnswer(int(status), json.loads(text))
-
-
-async def run_cli(*args: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
-    """Run the installed ``qmpdump`` console script; (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        QMPDUMP, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 @dataclass

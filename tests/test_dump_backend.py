@@ -76,9 +76,9 @@ from qmpdump.qmp.session import QMPSession
 from qmpdump.testbed.guest import PATTERN_UNIT
 from qmpdump.testbed.vm import VM, Backend, GiB, MiB, VirtioMemSpec, VMSpec, start
 
+from .clirun import run_cli
 from .conftest import VMFactory
 from .test_host import gpa2hva
-from .test_map import run_cli
 
 PAGE = 4096
 #: Bytes compared per read: large enough for speed, small enough for memory.

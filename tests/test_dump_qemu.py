@@ -31,7 +31,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from bisect import bisect_right
@@ -56,9 +55,10 @@ from qmpdump.survey import Survey, survey
 from qmpdump.testbed.guest import PATTERN_UNIT, build_guest
 from qmpdump.testbed.vm import VM, GiB, MiB, VMSpec
 
+from .clirun import QMPDUMP
+from .clirun import run_cli as cli
 from .conftest import SHARED_GUEST, VMFactory
 
-QMPDUMP = str(Path(sys.executable).parent / "qmpdump")
 PAGE = 4096
 PATTERN_PAGE = PATTERN_UNIT * (PAGE // len(PATTERN_UNIT))
 #: makedumpfile's signatures (makedumpfile.h, diskdump_mod.h): flattened stream, kdump file
@@ -67,28 +67,6 @@ KDUMP_SIGNATURE = b"KDUMP   "
 
 
 # ---------------------------------------------------------------- helpers
-
-
-async def cli(
-    *args: str, timeout_s: float = 120.0, umask: int | None = None
-) -> tuple[int, str, str]:
-    """Run the installed ``qmpdump`` console script; (exit code, stdout, stderr)."""
-    old = os.umask(umask) if umask is not None else None
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            QMPDUMP, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-    finally:
-        if old is not None:
-            os.umask(old)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def dump_args(vm: VM, target: Path, *extra: str) -> list[str]:

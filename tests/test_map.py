@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import json
 import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,27 +22,8 @@ from qmpdump.qmp.watch import VirtioMemWatch
 from qmpdump.survey import survey
 from qmpdump.testbed.vm import VM, Backend, GiB, MiB, VirtioMemSpec, VMSpec
 
+from .clirun import run_cli
 from .conftest import VMFactory
-
-QMPDUMP = str(Path(sys.executable).parent / "qmpdump")
-
-
-async def run_cli(*args: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
-    """Run the installed ``qmpdump`` console script; (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        QMPDUMP,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def backing_extents(vm: VM) -> dict[str, RangeSet]:

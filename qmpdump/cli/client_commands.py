@@ -29,18 +29,9 @@ from pathlib import Path
 from typing import Any, Final, TextIO, get_args
 
 from pydantic import BaseModel
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
 
 from qmpdump.cli.map_command import format_size
+from qmpdump.cli.progress import ProgressBar
 from qmpdump.errors import DumpCancelled, DumpFailed
 from qmpdump.service.client import ApiClient
 from qmpdump.service.views import (
@@ -255,52 +246,15 @@ def job_exit_code(job: JobView) -> int:
     return code if code is not None and 0 < code < 256 else DumpFailed.exit_code
 
 
-class _Bar:
-    """A rich progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.progress: Progress | None = None
-        self.task: TaskID | None = None
-        if enabled:
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-
-    def __enter__(self) -> _Bar:
-        if self.progress is not None:
-            self.progress.start()
-            self.task = self.progress.add_task("dump", total=None)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def update(self, job: JobView) -> None:
-        if self.progress is not None and self.task is not None:
-            self.progress.update(
-                self.task,
-                description=f"{job.vm} {job.state}",
-                completed=job.progress.written,
-                total=job.progress.total or None,
-            )
-
-
 async def _wait(api: ApiClient, job: JobView) -> JobView | None:
     """Poll the job until it finishes; None when Ctrl-C stopped the waiting (not the job)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
-        with _Bar(sys.stderr.isatty()) as bar:
+        with ProgressBar("dump") as bar:
             while job.state not in _FINISHED:
-                bar.update(job)
+                bar.show(job.progress.written, job.progress.total, f"{job.vm} {job.state}")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
                 if stop.is_set():

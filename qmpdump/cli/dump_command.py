@@ -14,18 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
-
 from qmpdump.cli.map_command import format_size
+from qmpdump.cli.progress import ProgressBar
 from qmpdump.engines.backend import BackendDumpRequest
-from qmpdump.engines.qemu import Progress as DumpProgress
 from qmpdump.engines.qemu import QemuDumpRequest
 from qmpdump.engines.run import DumpOutcome, run_dump
 from qmpdump.errors import UsageError
@@ -98,37 +89,6 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
-class _Bar:
-    """A rich progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.progress: Progress | None = None
-        self.task: Any = None
-        if enabled:
-            self.progress = Progress(
-                TextColumn("[bold]dump"),
-                BarColumn(),
-                DownloadColumn(binary_units=True),
-                TransferSpeedColumn(),
-                TimeElapsedColumn(),
-                transient=True,
-            )
-
-    def __enter__(self) -> _Bar:
-        if self.progress is not None:
-            self.progress.start()
-            self.task = self.progress.add_task("dump", total=None)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def update(self, p: DumpProgress) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=p.completed, total=p.total or None)
-
-
 def _summary(outcome: DumpOutcome) -> dict[str, Any]:
     return {
         "path": str(outcome.path),
@@ -161,7 +121,7 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         loop.add_signal_handler(sig, cancel.set)
     try:
         async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
-            with _Bar(sys.stderr.isatty()) as bar:
+            with ProgressBar("dump") as bar:
                 outcome = await run_dump(
                     session,
                     args.output,
@@ -169,7 +129,7 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                     qemu=request,
                     backend=BackendDumpRequest(live=args.live),
                     overwrite=args.overwrite,
-                    progress=bar.update,
+                    progress=lambda p: bar.show(p.completed, p.total),
                     cancel=cancel,
                 )
     finally:

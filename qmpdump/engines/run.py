@@ -142,7 +142,9 @@ async def run_dump(
             "paused_s": None if paused is None else round(paused, 6),
             "map": map_summary(report),
         }
-        path = output.commit(record)
+        # fsync of a large dump can take a while: not on the event loop (the daemon's API,
+        # its watchdog and the other VMs' jobs run there).
+        path = await asyncio.to_thread(output.commit, record)
     return DumpOutcome(
         path=path,
         sidecar=sidecar_path(path),

@@ -45,6 +45,7 @@ __all__ = [
     "VMSpec",
     "VirtioMemSpec",
     "launch",
+    "leftover_dirs",
     "live_vms",
 ]
 
@@ -202,11 +203,17 @@ def qemu_argv(
 
 
 _LIVE: dict[int, Path] = {}
+_MADE: set[Path] = set()
 
 
 def live_vms() -> dict[int, Path]:
     """VMs this process launched and has not stopped yet: pid -> run folder."""
     return dict(_LIVE)
+
+
+def leftover_dirs() -> list[Path]:
+    """Folders this process made for VMs (run folders, backing files) that still exist."""
+    return sorted(p for p in _MADE if p.exists())
 
 
 def _die_with_parent() -> None:
@@ -394,6 +401,7 @@ def _make_dirs(name: str) -> tuple[Path, Path]:
     run_dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX))
     safe = re.sub(r"[^\w.-]", "_", name)
     backing_dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{safe}-", dir=SHM_ROOT))
+    _MADE.update((run_dir, backing_dir))
     return run_dir, backing_dir
 
 
