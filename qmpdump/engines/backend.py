@@ -165,10 +165,14 @@ async def dump_with_backend(
     *,
     progress: Callable[[Progress], None] | None = None,
     cancel: asyncio.Event | None = None,
+    before: Survey | None = None,
 ) -> BackendDumpResult:
-    """Write an ELF core of populated memory into ``output`` (the caller commits it)."""
+    """Write an ELF core of populated memory into ``output`` (the caller commits it).
+
+    ``before``: a survey the caller just made, to save taking another one.
+    """
     cancel = cancel or asyncio.Event()
-    before = await survey(session)
+    before = before or await survey(session)
     ok, why = readable(before)
     if not ok:
         raise DumpError(f"the sparse reader cannot dump this VM: {why}")
@@ -255,6 +259,8 @@ async def _copy(
         copy_ops_into(output.fd, ops, sources, state)
         os.ftruncate(output.fd, plan.file_size)
         state.finish(plan.file_size)
+        # Write back while the hasher catches up: the commit's fsync then has little left.
+        os.fdatasync(output.fd)
 
     copier = asyncio.create_task(asyncio.to_thread(copy_all), name="backend-copy")
     hasher = asyncio.create_task(

@@ -113,7 +113,9 @@ async def run_dump(
             }
             fmt = qemu.format
         else:
-            b = await dump_with_backend(session, output, backend, progress=progress, cancel=cancel)
+            b = await dump_with_backend(
+                session, output, backend, progress=progress, cancel=cancel, before=before
+            )
             size, digest, paused = b.size, b.sha256, b.paused_s
             report = b.survey.report()
             details = {
