@@ -126,7 +126,15 @@ def restore_holes(before: Survey) -> None:
         refill_holes(access, RangeSet.of(0, size) - populated)
 
 
-async def measure_dump(vm: VM, name: str, target: Path, engine: str, fmt: str = "elf") -> Row:
+async def measure_dump(
+    vm: VM,
+    name: str,
+    target: Path,
+    engine: str,
+    fmt: str = "elf",
+    *,
+    backend: BackendDumpRequest | None = None,
+) -> Row:
     """One dump through qmpdump's own code path, with growth measured around it."""
     async with QMPSession(str(vm.qmp_path), timeout_s=60) as qmp:
         before = await survey(qmp)
@@ -138,7 +146,7 @@ async def measure_dump(vm: VM, name: str, target: Path, engine: str, fmt: str = 
             target,
             engine=engine,
             qemu=QemuDumpRequest(format=fmt),
-            backend=BackendDumpRequest(),
+            backend=backend or BackendDumpRequest(),
         )
         wall = time.perf_counter() - t0
         after = await survey(qmp)
@@ -212,6 +220,15 @@ async def main(pattern_mib: int, out_dir: Path) -> int:
                 os.unlink(out_dir / name)
         rows: list[Row] = [median_row(floors), median_row(ours)]
         rows.append(
+            await measure_dump(
+                vm,
+                "backend --zero-pages",
+                out_dir / "z.elf",
+                "backend",
+                backend=BackendDumpRequest(zero_pages=True),
+            )
+        )
+        rows.append(
             await measure_dump(vm, "qemu kdump-zlib", out_dir / "q.kdump", "qemu", "kdump-zlib")
         )
         rows.append(await measure_dump(vm, "qemu elf", out_dir / "q.elf", "qemu", "elf"))
@@ -234,7 +251,7 @@ async def main(pattern_mib: int, out_dir: Path) -> int:
             f"{r.name:<20} {r.wall_s:7.2f} {fmt_bytes(r.size):>10} {fmt_bytes(r.allocated):>11} "
             f"{fmt_bytes(r.growth):>15} {fmt_bytes(r.shmem_growth):>16}"
         )
-    floor, mine, _, elf = rows
+    floor, mine, _, _, elf = rows
     speedup = elf.wall_s / mine.wall_s
     vs_floor = mine.wall_s / floor.wall_s
     overhead = (mine.allocated - populated) / populated

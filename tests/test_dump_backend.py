@@ -63,6 +63,7 @@ from qmpdump.elf.format import (
 from qmpdump.elf.plan import notes_payload
 from qmpdump.engines import backend as backend_engine
 from qmpdump.engines import copier
+from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.copier import CopyState, Source
 from qmpdump.engines.copyplan import CopyOp
 from qmpdump.engines.qemu import Progress
@@ -968,3 +969,41 @@ async def test_backend_refuses_kdump(running_vm: VM, dumps: Path) -> None:
     assert "Traceback" not in err
     assert leftovers(folder) == []
     await assert_running(vm)
+
+
+@pytest.mark.guest
+async def test_zero_pages_are_left_out_and_read_as_zeros(running_vm: VM, dumps: Path) -> None:
+    """``--zero-pages``: all-zero pages inside populated memory become zero-fill, the guest
+    reads the same bytes everywhere, and the file holds less."""
+    vm = running_vm
+    assert vm.qmp is not None
+    await vm.qmp.execute("stop")
+    try:
+        async with QMPSession(str(vm.qmp_path)) as session:
+            full = await run_dump(session, dumps / "full.elf", engine="backend")
+            lean = await run_dump(
+                session,
+                dumps / "lean.elf",
+                engine="backend",
+                backend=BackendDumpRequest(zero_pages=True),
+            )
+    finally:
+        await vm.qmp.execute("cont")
+    core_full = await asyncio.to_thread(read_core, full.path)
+    core_lean = await asyncio.to_thread(read_core, lean.path)
+    assert core_lean.coverage == core_full.coverage
+    assert core_lean.notes == core_full.notes
+    left_out = core_full.data - core_lean.data
+    assert left_out, "a booted guest has zero pages in its populated memory"
+    assert core_lean.data - core_full.data == RangeSet.empty()
+    assert lean.size < full.size
+    assert lean.record["request"]["zero_pages_left_out"] is True
+    with full.path.open("rb") as f_full, lean.path.open("rb") as f_lean:
+        reader_full = GpaReader(core_full, f_full.fileno())
+        reader_lean = GpaReader(core_lean, f_lean.fileno())
+        for rng in core_full.data:
+            for gpa in range(rng.start, rng.end, CHUNK):
+                size = min(CHUNK, rng.end - gpa)
+                assert reader_lean.read(gpa, size) == reader_full.read(gpa, size), hex(gpa)
+        for rng in left_out:
+            assert reader_full.read(rng.start, rng.size).count(0) == rng.size

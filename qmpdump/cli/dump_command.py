@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from qmpdump.cli.map_command import format_size
 from qmpdump.cli.progress import ProgressBar
+from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.qemu import QemuDumpRequest
 from qmpdump.engines.run import DumpOutcome, run_dump
@@ -83,6 +84,21 @@ def add_parser(commands: Any) -> None:
         help="kdump: write the standard layout that crash and makedumpfile read directly, "
         "rebuilt from QEMU's flattened stream as makedumpfile -R does (hashed at the end)",
     )
+    parser.add_argument(
+        "--zero-pages",
+        action="store_true",
+        help="backend: also leave out all-zero pages inside populated memory (described as "
+        "zero-fill; costs one more read of the data)",
+    )
+    parser.add_argument(
+        "--max-program-headers",
+        type=int,
+        default=DEFAULT_MAX_PHDRS,
+        metavar="N",
+        help=f"backend: cap on ELF program headers (default {DEFAULT_MAX_PHDRS}, which readers "
+        "without PN_XNUM such as volatility3 need; neighbours are joined to fit). Above 65534 "
+        "the core uses PN_XNUM",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="QMP timeout")
@@ -107,6 +123,8 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """Dump, reporting progress; cancel on SIGINT/SIGTERM."""
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
+    if not 2 <= args.max_program_headers <= 0xFFFFFFFF:
+        raise UsageError("--max-program-headers must be between 2 and 4294967295")
     request = QemuDumpRequest(
         format=args.format,
         paging=args.paging,
@@ -127,7 +145,11 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                     args.output,
                     engine=args.engine,
                     qemu=request,
-                    backend=BackendDumpRequest(live=args.live),
+                    backend=BackendDumpRequest(
+                        live=args.live,
+                        zero_pages=args.zero_pages,
+                        max_phdrs=args.max_program_headers,
+                    ),
                     overwrite=args.overwrite,
                     progress=lambda p: bar.show(p.completed, p.total),
                     cancel=cancel,

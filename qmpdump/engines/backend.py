@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,11 +34,13 @@ from qmpdump.engines.copier import (
     Source,
     Stopped,
     copy_ops_into,
+    find_zero_pages,
     hash_output,
 )
-from qmpdump.engines.copyplan import CopyOp, copy_ops
+from qmpdump.engines.copyplan import CopyOp, copy_ops, region_runs
 from qmpdump.engines.qemu import Progress
 from qmpdump.errors import DumpCancelled, DumpError, HostAccessError, QMPCommandError
+from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpFile, write_error
 from qmpdump.qmp.plugged import dump_loads
 from qmpdump.qmp.session import QMPSession
@@ -54,6 +57,8 @@ class BackendDumpRequest:
 
     live: bool = False
     max_phdrs: int = DEFAULT_MAX_PHDRS
+    #: also leave out all-zero pages inside populated memory (zero-fill; costs one more read)
+    zero_pages: bool = False
     #: called before ``stop`` (the daemon journals its intent here) and after ``cont``
     on_pause: Callable[[], None] | None = None
     on_resume: Callable[[], None] | None = None
@@ -183,6 +188,8 @@ async def dump_with_backend(
         coverage = dump_loads(prefix)
         wanted = result.population.populated | result.population.unknown
         data = wanted & coverage
+        if request.zero_pages:
+            data = data - await _zero_pages(result, data, cancel)
         plan = plan_core(
             notes_payload(prefix),
             data,
@@ -213,6 +220,24 @@ async def dump_with_backend(
         progress(Progress(plan.file_size, copied, total))
     paused_s = guard.paused_s if guard.pause else probe_paused_s
     return BackendDumpResult(plan.file_size, digest, paused_s, plan, copied, result)
+
+
+async def _zero_pages(result: Survey, data: RangeSet, cancel: asyncio.Event) -> RangeSet:
+    """The all-zero pages of ``data`` (guest-physical), read from the host once."""
+    runs = region_runs(result.layout, data)
+    stop = threading.Event()
+    with _open_sources(result) as sources:
+        scan = asyncio.create_task(asyncio.to_thread(find_zero_pages, runs, sources, stop))
+        try:
+            while not (await asyncio.wait([scan], timeout=POLL_S))[0]:
+                if cancel.is_set():
+                    raise DumpCancelled("the dump was cancelled")
+            return scan.result()
+        except Stopped as err:
+            raise DumpCancelled("the dump was cancelled") from err
+        finally:
+            stop.set()
+            await asyncio.wait([scan])
 
 
 async def _probe(

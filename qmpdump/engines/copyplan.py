@@ -17,7 +17,7 @@ from qmpdump.errors import LayoutError
 from qmpdump.memmap.layout import Layout
 from qmpdump.memmap.ranges import Range, RangeSet
 
-__all__ = ["CopyOp", "copy_ops"]
+__all__ = ["CopyOp", "RegionRun", "copy_ops", "region_runs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,26 +30,44 @@ class CopyOp:
     region_offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class RegionRun:
+    """``size`` guest-physical bytes at ``gpa`` are region ``region`` at ``region_offset``."""
+
+    gpa: int
+    size: int
+    region: str
+    region_offset: int
+
+
+def region_runs(layout: Layout, gpas: RangeSet) -> list[RegionRun]:
+    """Split guest-physical ranges where the RAM piece (and so the region) changes."""
+    runs: list[RegionRun] = []
+    for part in gpas:
+        gpa = part.start
+        while gpa < part.end:
+            piece = layout.piece_at(gpa)
+            if piece is None:
+                raise LayoutError(f"{gpa:#x} is to be read but is no RAM of the layout")
+            end = min(part.end, piece.gpa.end)
+            runs.append(RegionRun(gpa, end - gpa, piece.region, piece.region_offset_of(gpa)))
+            gpa = end
+    return runs
+
+
 def copy_ops(plan: CorePlan, layout: Layout, wanted: RangeSet) -> list[CopyOp]:
     """The copy operations for a core plan, in file order."""
     ops: list[CopyOp] = []
     for seg in plan.segments:
         if seg.file_offset is None or seg.filesz == 0:
             continue
-        for part in wanted.clip(Range(seg.gpa, seg.filesz)):
-            gpa = part.start
-            while gpa < part.end:
-                piece = layout.piece_at(gpa)
-                if piece is None:
-                    raise LayoutError(f"{gpa:#x} is to be copied but is no RAM of the layout")
-                end = min(part.end, piece.gpa.end)
-                ops.append(
-                    CopyOp(
-                        file_offset=seg.file_offset + (gpa - seg.gpa),
-                        size=end - gpa,
-                        region=piece.region,
-                        region_offset=piece.region_offset_of(gpa),
-                    )
+        for run in region_runs(layout, wanted.clip(Range(seg.gpa, seg.filesz))):
+            ops.append(
+                CopyOp(
+                    file_offset=seg.file_offset + (run.gpa - seg.gpa),
+                    size=run.size,
+                    region=run.region,
+                    region_offset=run.region_offset,
                 )
-                gpa = end
+            )
     return ops

@@ -121,6 +121,7 @@ async def run_dump(
             details = {
                 "format": "elf",
                 "mode": "live" if backend.live else "consistent",
+                "zero_pages_left_out": backend.zero_pages,
                 "program_headers": b.plan.phnum,
                 "pn_xnum": b.plan.uses_pn_xnum,
                 "data_bytes": b.plan.data.total,
