@@ -315,7 +315,7 @@ class Daemon:
             store.clear_pause(vm.name)
 
         try:
-            session = await self.supervisors[vm.name].wait_connected(self.settings.qmp_timeout_s)
+            session = await self._session_for(vm.name, running.cancel)
             target = vm.dump_dir / _dump_name(vm.name, job.id, job.format, time.time())
             outcome = await run_dump(
                 session,
@@ -362,6 +362,22 @@ class Daemon:
         finally:
             self.running.pop(job.id, None)
             self._wake.set()
+
+    async def _session_for(self, name: str, cancel: asyncio.Event) -> QMPSession:
+        """The VM's session once connected (up to qmp_timeout_s); a cancel ends the wait."""
+        connected = asyncio.create_task(
+            self.supervisors[name].wait_connected(self.settings.qmp_timeout_s)
+        )
+        cancelled = asyncio.create_task(cancel.wait())
+        try:
+            await asyncio.wait({connected, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (connected, cancelled):
+                task.cancel()
+            await asyncio.wait({connected, cancelled})
+        if connected.cancelled():
+            raise DumpCancelled(f"cancelled while waiting for VM {name} to connect")
+        return connected.result()
 
     def _apply_retention(self, vm: ResolvedVM) -> None:
         assert self.store is not None

@@ -13,7 +13,8 @@ Jobs (``queued -> running -> succeeded | failed | cancelled``; a queued job may 
 ``failed`` or ``cancelled`` without running):
 
 * Ids are 32 hex digits: the creation time in milliseconds (12 digits), then 80 random bits, so
-  ids sort by creation. FIFO order itself comes from an insertion counter, not the id.
+  ids sort by creation to the millisecond (two ids of one millisecond may not). FIFO order
+  comes from an insertion counter, never from the id.
 * After a crash (:meth:`JobStore.recover_after_crash`) a ``running`` job becomes ``failed`` with
   "daemon restarted during the dump": its output was a ``.partial`` file the daemon removes at
   start. ``queued`` jobs stay queued and run when the daemon is back, in their original order:
