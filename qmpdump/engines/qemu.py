@@ -41,6 +41,7 @@ from qmpdump.errors import (
 )
 from qmpdump.output import DumpFile, write_error
 from qmpdump.qmp.models import DumpCapability, DumpQueryResult, StatusInfo, parse_reply
+from qmpdump.qmp.plugged import dump_busy, wait_out_save_vm
 from qmpdump.qmp.session import QMPSession
 
 __all__ = ["Progress", "QemuDumpRequest", "QemuDumpResult", "dump_with_qemu", "qemu_formats"]
@@ -198,7 +199,7 @@ async def dump_with_qemu(
             # Still listening: QEMU sends RESUME after DUMP_COMPLETED, and before the
             # query-status reply that shows the VM running again.
             if run.started:
-                await _restore_run_state(session, status.running)
+                await wait_out_save_vm(session, status.running)
             pump.cancel()
             await asyncio.wait([pump])
             for event in listener.clear():
@@ -257,8 +258,7 @@ class _QemuDump:
             await self.session.execute("dump-guest-memory", self.request.arguments(fdname))
         except QMPCommandError as err:
             await _closefd(self.session, fdname)
-            # QEMU 7.2: "There is a dump in process, please wait."
-            if any(s in err.description for s in ("in process", "in progress", "already")):
+            if dump_busy(err):
                 raise DumpBusy(f"QEMU is already dumping: {err.description}") from err
             raise DumpFailed(f"QEMU refused the dump: {err.description}") from err
         except QMPDisconnected as err:
@@ -355,19 +355,3 @@ class _QemuDump:
             done = self.total or size
             self.progress(Progress(size, done, done))
         return size, digest
-
-
-async def _restore_run_state(session: QMPSession, was_running: bool) -> None:
-    """Return only once QEMU has left ``save-vm`` (it resumes a VM it paused for a dump).
-
-    No ``cont`` here: QEMU restores the run state itself (``dump_cleanup``), and a VM that is
-    paused afterwards was paused by someone else, whose decision this is.
-    """
-    if not was_running or not session.connected:
-        return
-    with contextlib.suppress(QMPDisconnected, QMPTimeout, QMPCommandError):
-        for _ in range(200):
-            raw = await session.execute("query-status")
-            if parse_reply(StatusInfo, raw, "query-status").status != "save-vm":
-                return
-            await asyncio.sleep(0.025)

@@ -23,14 +23,43 @@ import os
 import secrets
 
 from qmpdump.elf.format import PT_LOAD, parse_program_headers, prefix_needed
-from qmpdump.errors import DumpBusy, ElfFormatError, QMPCommandError, QMPTimeout
+from qmpdump.errors import DumpBusy, ElfFormatError, QMPCommandError, QMPDisconnected, QMPTimeout
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.qmp.session import QMPSession
 
-__all__ = ["dump_loads", "probe_dump_loads", "read_dump_prefix"]
+__all__ = [
+    "dump_busy",
+    "dump_loads",
+    "probe_dump_loads",
+    "read_dump_prefix",
+    "wait_out_save_vm",
+]
 
 F_SETPIPE_SZ = 1031  # fcntl.h; Python exposes it only as fcntl.F_SETPIPE_SZ on 3.10+ Linux
 _PIPE_SIZE = 4096
+
+
+def dump_busy(err: QMPCommandError) -> bool:
+    """Whether QEMU refused a dump because one is running (7.2: "There is a dump in process,
+    please wait.")."""
+    return any(s in err.description for s in ("in process", "in progress", "already"))
+
+
+async def wait_out_save_vm(session: QMPSession, was_running: bool) -> None:
+    """Return once QEMU has left ``save-vm`` after a dump (it resumes the VM it paused).
+
+    No ``cont``: QEMU restores the run state itself (``dump_cleanup``), and a VM that is paused
+    afterwards was paused by someone else, whose decision that is. DUMP_COMPLETED comes before
+    the RESUME, so without this wait a caller could see the VM still paused.
+    """
+    if not was_running or not session.connected:
+        return
+    with contextlib.suppress(QMPDisconnected, QMPTimeout, QMPCommandError):
+        for _ in range(200):
+            status = await session.execute("query-status")
+            if status.get("status") != "save-vm":
+                return
+            await asyncio.sleep(0.025)
 
 
 async def _read_prefix(fd: int, timeout_s: float) -> bytes:
@@ -83,7 +112,7 @@ async def read_dump_prefix(session: QMPSession, *, timeout_s: float = 10.0) -> b
             except QMPCommandError as err:
                 with contextlib.suppress(QMPCommandError):
                     await session.execute("closefd", {"fdname": fdname})
-                if "in progress" in err.description or "already" in err.description:
+                if dump_busy(err):
                     raise DumpBusy(f"QEMU is already dumping: {err.description}") from err
                 raise
             handed_over = True
@@ -106,10 +135,7 @@ async def read_dump_prefix(session: QMPSession, *, timeout_s: float = 10.0) -> b
         if not handed_over:
             with contextlib.suppress(QMPCommandError):
                 await session.execute("closefd", {"fdname": fdname})
-    now = await session.execute("query-status")
-    if was["running"] and not now["running"]:
-        # QEMU resumes a VM it paused for a failed dump; make sure of it: never leave it paused.
-        await session.execute("cont")
+    await wait_out_save_vm(session, bool(was["running"]))
     return data
 
 
