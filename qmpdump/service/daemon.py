@@ -186,7 +186,7 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as group:
                 sup_tasks = [
-                    group.create_task(self._supervise(s), name=f"vm-{s.vm.name}")
+                    group.create_task(s.run(), name=f"vm-{s.vm.name}")
                     for s in self.supervisors.values()
                 ]
                 scheduler = group.create_task(self._schedule(), name="scheduler")
@@ -240,23 +240,10 @@ class Daemon:
             sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _supervise(self, sup: VMSupervisor) -> None:
-        """Run a supervisor, and wake the scheduler whenever it connects (queued jobs wait)."""
-        watcher = asyncio.create_task(sup.run(), name=f"qmp-{sup.vm.name}")
-        try:
-            seen = 0
-            while True:
-                await asyncio.sleep(0.2)
-                if sup.state is ConnectionState.CONNECTED and sup.connects != seen:
-                    seen = sup.connects
-                    self._wake.set()
-        finally:
-            watcher.cancel()
-            await asyncio.wait([watcher])
-
     def _resume_journaled_hook(self, name: str) -> Callable[[QMPSession], Awaitable[None]]:
         async def hook(session: QMPSession) -> None:
             await self._resume_journaled(name, session)
+            self._wake.set()  # jobs queued while the VM was away may start
 
         return hook
 
