@@ -53,6 +53,8 @@ class _Running:
     task: asyncio.Task[None] | None = None
     dump: DumpTask | None = None
     cancelled: bool = False
+    #: the engine's last report (every one, not only those stored)
+    last: Progress | None = None
 
 
 class JobRunner:
@@ -153,7 +155,7 @@ class JobRunner:
             log.exception("job %s failed unexpectedly", job.id)
             await self._end(job, JobState.FAILED, err, "failed")
         else:
-            await self._succeeded(job, vm, outcome)
+            await self._succeeded(job, vm, outcome, running.last)
         finally:
             self.running.pop(job.id, None)
             self._wake.set()
@@ -162,8 +164,10 @@ class JobRunner:
         await self.db(self.store.finish, job.id, state, error=JobError.from_exception(err))
         self.metrics.ended(job.vm, result)
 
-    async def _succeeded(self, job: Job, vm: ResolvedVM, outcome: DumpOutcome) -> None:
-        total = outcome.record.request.model_dump().get("qemu_total") or outcome.size
+    async def _succeeded(
+        self, job: Job, vm: ResolvedVM, outcome: DumpOutcome, last: Progress | None
+    ) -> None:
+        total = last.total if last is not None and last.total else outcome.size
 
         def record() -> None:
             self.store.update_progress(job.id, outcome.size, total, total)
@@ -201,6 +205,9 @@ class JobRunner:
 
         def progress(p: Progress) -> None:
             nonlocal last
+            running = self.running.get(job.id)
+            if running is not None:
+                running.last = p
             now = time.monotonic()
             if now - last >= _PROGRESS_EVERY_S:
                 last = now
