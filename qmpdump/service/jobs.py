@@ -98,7 +98,7 @@ class JobRunner:
             try:
                 await self._schedule(jobs)
             finally:
-                self.cancel_all("the daemon stopped")
+                self.cancel_all("the dump was cancelled: the daemon is stopping")
 
     async def _schedule(self, jobs: asyncio.TaskGroup) -> None:
         while True:
@@ -136,7 +136,7 @@ class JobRunner:
             return
         log.info("waiting up to %g s for %d running dump(s)", grace_s, len(tasks))
         await asyncio.wait(tasks, timeout=grace_s)
-        self.cancel_all("the daemon stopped")
+        self.cancel_all("the dump was cancelled: the daemon is stopping")
         await asyncio.wait(tasks)
 
     async def _run_job(self, job: Job) -> None:
@@ -170,7 +170,18 @@ class JobRunner:
         total = last.total if last is not None and last.total else outcome.size
 
         def record() -> None:
+            # The dump is catalogued and retention applied before the job shows succeeded:
+            # whoever sees it succeeded sees the dump folder as retention leaves it.
             self.store.update_progress(job.id, outcome.size, total, total)
+            self.store.record_dump(
+                vm.name,
+                outcome.path,
+                outcome.size,
+                time.time(),
+                sha256=outcome.sha256,
+                job_id=job.id,
+            )
+            self._apply_retention(vm)
             self.store.finish(
                 job.id,
                 JobState.SUCCEEDED,
@@ -182,19 +193,10 @@ class JobRunner:
                     outcome.paused_s,
                 ),
             )
-            self.store.record_dump(
-                vm.name,
-                outcome.path,
-                outcome.size,
-                time.time(),
-                sha256=outcome.sha256,
-                job_id=job.id,
-            )
 
         await self.db(record)
         self.metrics.ended(vm.name, "succeeded")
         self.metrics.dumped(vm.name, outcome.size, outcome.duration_s, outcome.paused_s)
-        await self.db(self._apply_retention, vm)
 
     async def _dump(self, job: Job, vm: ResolvedVM) -> DumpOutcome:
         """The dump itself: wait for the VM's session, then run it (cancellable as a whole)."""
