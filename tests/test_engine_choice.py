@@ -58,7 +58,7 @@ async def test_live_auto_refuses_rather_than_fall_back_to_a_pausing_engine(
             choose_engine(DumpSpec(mode=Mode.LIVE), blind, session)
         assert "cannot be read from the host" in str(refused.value)
         # Asked for by name, the backend engine refuses with its reason: no file is made.
-        with pytest.raises(DumpError, match="the backend engine cannot dump this VM: .* host"):
+        with pytest.raises(DumpError, match=r"the backend engine cannot dump this VM: .* host"):
             choose_engine(DumpSpec(engine=EngineName.BACKEND, mode=Mode.LIVE), blind, session)
         # The whole path: refused before any pause, nothing written.
         monkeypatch.setattr(run_module, "survey", lambda _session: _returns(blind))
