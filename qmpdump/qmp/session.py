@@ -44,6 +44,7 @@ from qmpdump.errors import (
     SocketPermission,
 )
 from qmpdump.qmp.events import Event
+from qmpdump.sizes import format_size
 
 __all__ = ["EventQueue", "QMPAddress", "QMPSession", "parse_address"]
 
@@ -53,6 +54,17 @@ log = logging.getLogger(__name__)
 QMPAddress = str | tuple[str, int]
 
 DEFAULT_TIMEOUT_S = 10.0
+
+
+def _line_too_long(err: BaseException | None) -> bool:
+    """Whether ``err`` is asyncio's readline limit (the library's 10 MiB line bound): a
+    ``ValueError`` (``LimitOverrunError`` turned into one by ``StreamReader.readline``)."""
+    return isinstance(err, ValueError) and "limit" in str(err)
+
+
+def _too_long_message() -> str:
+    limit = format_size(QMPClient._readbuflen)  # the library's bound
+    return f"the peer sent a QMP message longer than {limit} (the QMP line limit)"
 
 
 def parse_address(text: str) -> QMPAddress:
@@ -156,6 +168,8 @@ class QMPSession:
         self._client.events.event_filter = _never
         self._pid: int | None = None
         self._connected = False
+        #: why the session closed, when the peer's misbehaviour closed it
+        self.closed_because: str | None = None
 
     @property
     def where(self) -> str:
@@ -214,6 +228,8 @@ class QMPSession:
             ) from err
         except ConnectError as err:
             sock.close()
+            if _line_too_long(err.exc):
+                raise NotQEMU(self.where, _too_long_message(), err) from err
             raise NotQEMU(
                 self.where, f"the peer did not complete a QMP handshake ({err.exc!r})", err
             ) from err
@@ -237,7 +253,10 @@ class QMPSession:
         except ExecuteError as err:
             raise QMPCommandError(command, err.error_class, str(err)) from err
         except ExecInterruptedError as err:
-            raise QMPDisconnected(f"{self.where}: connection lost during {command!r}") from err
+            why = await self._reader_failure()
+            raise QMPDisconnected(
+                f"{self.where}: {why or 'connection lost'} during {command!r}"
+            ) from err
         except LibQMPError as err:
             raise QMPDisconnected(f"{self.where}: {command!r} failed: {err}") from err
 
@@ -255,9 +274,28 @@ class QMPSession:
         with self._client.listen(listener):
             yield EventQueue(listener)
 
-    async def _quiet_disconnect(self) -> None:
-        with contextlib.suppress(LibQMPError, OSError, EOFError):
+    async def _reader_failure(self) -> str | None:
+        """Close the session after the library's reader stopped; what stopped it, if it was the
+        peer's fault in a way worth naming (a line over the library's limit)."""
+        self._connected = False
+        return await self._quiet_disconnect()
+
+    async def _quiet_disconnect(self) -> str | None:
+        """Disconnect; never raises (but CancelledError). The library re-raises here whatever
+        stopped its reader task, including asyncio's ``ValueError`` for a line over its limit:
+        that is the peer's doing, returned as a sentence, and must not escape the error tree."""
+        try:
             await self._client.disconnect()
+        except (LibQMPError, OSError, EOFError):
+            return None
+        except Exception as err:
+            if _line_too_long(err):
+                self.closed_because = _too_long_message()
+                log.debug("%s: %s", self.where, self.closed_because)
+                return self.closed_because
+            log.warning("%s: the QMP connection ended with %r", self.where, err)
+            return f"the QMP connection ended with {err}"
+        return None
 
     async def disconnect(self) -> None:
         """Close the session. Safe to call more than once and after the peer went away."""

@@ -83,6 +83,11 @@ class VMSupervisor:
             except QmpdumpError as err:
                 self.reason = str(err)
                 log.info("VM %s: %s", self.vm.name, err)
+            except Exception as err:
+                # A peer must never take the daemon down: whatever escaped the error tree is
+                # a bug to log, and this VM's connection is tried again like any other failure.
+                self.reason = f"unexpected failure: {err!r}"
+                log.error("VM %s: its QMP session failed unexpectedly", self.vm.name, exc_info=err)
             finally:
                 self._down()
             await asyncio.sleep(delay)
@@ -128,6 +133,8 @@ class VMSupervisor:
         finally:
             self.session = None
             await session.disconnect()
+            if session.closed_because is not None:
+                self.reason = session.closed_because
 
     def _take(self, event: Event) -> None:
         if event.event in _RUN_STATE_OF:
