@@ -15,17 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from qmpdump.engines.spec import EngineName
+from qmpdump.engines.spec import EngineName, Mode
 from qmpdump.service.views import DumpRequest
-from qmpdump.testbed.vm import MiB
+from qmpdump.testbed.vm import Backend, GiB, MiB
 
 from .clirun import run_cli
 from .conftest import VMFactory
 from .test_daemon import (
     Daemons,
     bare_vm,
+    curl,
     daemons,  # noqa: F401  (the fixture)
     eventually,
+    files_in,
+    run_state,
     wait_job,
     write_config,
 )
@@ -160,3 +163,116 @@ async def test_a_huge_qmp_line_never_takes_the_daemon_down(
     done = await wait_job(svc.api, job.id)
     assert done.state == "succeeded", done
     assert (await svc.api.health()).status == "ok"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+async def test_format_is_validated_once_before_anything_touches_the_disk(
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Items 2 and 16: ``format`` never reaches a path, and is refused at once for every engine
+    (auto included), naming the allowed values; no job, no file, no failed dump counted."""
+    setup = write_config(tmp_path, {"v": tmp_path / "absent.qmp"})
+    svc = await daemons.start(setup)
+    escape = tmp_path / "somewhere"
+    climb = "x/" + "../" * 12 + str(escape).lstrip("/") + "/pwn"
+    for engine in (None, "auto", "qemu", "backend"):
+        for fmt in (climb, "elf\u0000", "x/../../../../etc/passwd", "ELF", "kdump-zstd", ""):
+            body: dict[str, object] = {"format": fmt}
+            if engine is not None:
+                body["engine"] = engine
+            answer = await curl(setup.api_socket, "POST", "/v1/vms/v/dumps", json.dumps(body))
+            assert answer.status == 400, (body, answer)
+            error = answer.body["error"]
+            assert [f["field"] for f in error["fields"]] == ["format"], error
+            assert "passwd" not in json.dumps(error) or "exists" not in json.dumps(error)
+    assert not escape.exists()
+    assert await svc.api.jobs() == []
+    assert files_in(setup.vm_dir("v")) == []
+    doc = (await curl(setup.api_socket, "GET", "/v1/openapi.json")).body
+    request = doc["components"]["schemas"]["DumpRequest"]
+    refs = [r["$ref"] for r in request["properties"]["format"]["anyOf"] if "$ref" in r]
+    assert refs == ["#/components/schemas/DumpFormat"], request
+    assert {"elf", "kdump-zlib"} <= set(doc["components"]["schemas"]["DumpFormat"]["enum"])
+    metrics = await svc.api.metrics()
+    assert 'result="failed"' not in metrics
+
+
+# ----------------------------------------------------------------------------- crash recovery
+
+
+@pytest.mark.bare
+async def test_a_second_daemon_on_the_same_dump_dir_leaves_the_first_ones_partial_alone(
+    vm_factory: VMFactory,
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 3: start-up removes only the partial files its own store says a crash left."""
+    vm = await bare_vm(vm_factory, "shared-dir", 2 * GiB, backend=Backend.FILE, data=1536 * MiB)
+    first_dir = tmp_path / "first"
+    first_dir.mkdir()
+    setup = write_config(first_dir, {"k": vm.qmp_path})
+    svc = await daemons.start(setup, connected=1)
+    job = await svc.api.request("k", DumpRequest(engine=EngineName.QEMU))
+
+    async def partial_exists() -> list[str] | None:
+        found = [n for n in files_in(setup.vm_dir("k")) if n.endswith(".partial")]
+        return found or None
+
+    partials = await eventually(partial_exists, "the first daemon's partial file", timeout_s=30)
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    other = write_config(second_dir, {"k": tmp_path / "absent.qmp"})
+    other.config.write_text(
+        other.config.read_text().replace(str(other.dump_dir), str(setup.dump_dir))
+    )
+    second = await daemons.start(other)
+    assert "left by a crash" not in second.log_text()
+    assert set(partials) <= set(files_in(setup.vm_dir("k"))) | {
+        p.removesuffix(".partial") for p in files_in(setup.vm_dir("k"))
+    }
+    done = await wait_job(svc.api, job.id, timeout_s=120)
+    assert done.state == "succeeded", done
+
+
+@pytest.mark.bare
+async def test_a_restart_resumes_only_the_qemu_it_paused(
+    vm_factory: VMFactory,
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 5: the pause journal names the QEMU process (pid and start time); after a crash, a
+    new QEMU on the same socket that its operator paused is left paused."""
+    first = await bare_vm(vm_factory, "paused-a", 2 * GiB, backend=Backend.FILE, data=1536 * MiB)
+    link = tmp_path / "vm.qmp"
+    link.symlink_to(first.qmp_path)
+    setup = write_config(tmp_path, {"k": link})
+    svc = await daemons.start(setup, connected=1)
+    job = await svc.api.request("k", DumpRequest(engine=EngineName.BACKEND, mode=Mode.CONSISTENT))
+
+    async def paused() -> str | None:
+        return "paused" if await run_state(first) == "paused" else None
+
+    await eventually(paused, "the dump pausing the VM", interval_s=0.01)
+    await daemons.kill(svc)
+    await first.stop()
+    second = await bare_vm(vm_factory, "paused-b", 128 * MiB)
+    assert second.qmp is not None
+    await second.qmp.execute("stop")  # the operator's own pause
+    fresh = tmp_path / "vm.qmp.new"
+    fresh.symlink_to(second.qmp_path)
+    fresh.replace(link)
+    again = await daemons.start(setup, connected=1)
+    await asyncio.sleep(1.0)
+    assert await run_state(second) == "paused"
+    assert "is gone; this one is left as it is" in again.log_text()
+    failed = await again.api.job(job.id)
+    assert failed.error is not None
+    assert (failed.state, failed.error.error_class, failed.error.exit_code) == (
+        "failed",
+        "DumpError",
+        44,
+    )
+    assert [n for n in files_in(setup.vm_dir("k")) if n.endswith(".partial")] == []

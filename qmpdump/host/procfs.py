@@ -37,6 +37,7 @@ __all__ = [
     "mapping_at",
     "parse_maps",
     "parse_maps_line",
+    "process_start_ticks",
     "read_maps",
 ]
 
@@ -246,3 +247,17 @@ def _same_file_size(path: str, entry: MapsEntry) -> int | None:
         and os.minor(st.st_dev) == entry.dev_minor
     )
     return st.st_size if same else None
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (``/proc/PID/stat`` field 22, clock ticks since boot), or
+    None if it is gone: with the pid, it names one process across pid reuse (proc(5))."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces and ')': split after
+    # the last ')'. The fields after it start at field 3, so field 22 is index 19.
+    fields = text[text.rfind(b")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None

@@ -41,7 +41,8 @@ from qmpdump.errors import (
     Unavailable,
     UsageError,
 )
-from qmpdump.output import PARTIAL_SUFFIX
+from qmpdump.host.procfs import process_start_ticks
+from qmpdump.output import PARTIAL_SUFFIX, sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
 from qmpdump.service import sdnotify
@@ -112,7 +113,12 @@ class Daemon:
             raise UsageError("the configuration names no VM (no [[vm]], no socket discovered)")
         self.by_name = {vm.name: vm for vm in self.resolved}
         self.supervisors = {
-            vm.name: VMSupervisor(vm, self.settings, on_connect=self._on_connect_hook(vm.name))
+            vm.name: VMSupervisor(
+                vm,
+                self.settings,
+                on_connect=self._on_connect_hook(vm.name),
+                on_resume=self._on_resume_hook(vm.name),
+            )
             for vm in self.resolved
         }
         self.metrics_data = DaemonMetrics(
@@ -161,24 +167,31 @@ class Daemon:
     def _open_store(self) -> JobStore:
         store = JobStore.in_state_dir(self.settings.state_dir)
         try:
-            for job in store.recover_after_crash():
+            recovered = store.recover_after_crash()
+            for job in recovered:
                 log.warning(
                     "job %s of VM %s failed: the daemon restarted during it", job.id, job.vm
                 )
                 self.metrics_data.ended(job.vm, "failed")
-            for partial in self._remove_partials():
+            for partial in self._remove_partials(recovered):
                 log.warning("removed %s, left by a crash", partial)
         except BaseException:
             store.close()
             raise
         return store
 
-    def _remove_partials(self) -> list[Path]:
+    def _remove_partials(self, recovered: list[Job]) -> list[Path]:
+        """Remove the partial files of the jobs a crash interrupted: only those this daemon's
+        own store names (another daemon may share ``dump_dir``; its files are not ours)."""
         removed = []
-        for vm in self.resolved:
-            for partial in vm.dump_dir.glob(f"*{PARTIAL_SUFFIX}"):
-                partial.unlink(missing_ok=True)
-                removed.append(partial)
+        for job in recovered:
+            if job.target is None:
+                continue
+            for final in (job.target, sidecar_path(job.target)):
+                partial = final.with_name(final.name + PARTIAL_SUFFIX)
+                if partial.is_file():
+                    partial.unlink(missing_ok=True)
+                    removed.append(partial)
         return removed
 
     def request_stop(self) -> None:
@@ -253,6 +266,20 @@ class Daemon:
 
         return hook
 
+    def _on_resume_hook(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def hook() -> None:
+            # A RESUME while none of our jobs runs on the VM is someone else's ``cont``: a
+            # pause the journal still holds (a ``cont`` of ours that timed out) is over, and
+            # a later pause is not ours to undo after a restart.
+            runner = self._runner
+            if runner is None or any(r.job.vm == name for r in runner.running.values()):
+                return
+            if any(p.vm == name for p in await runner.db(self.store.pending_pauses)):
+                await runner.db(self.store.clear_pause, name)
+                log.info("VM %s: resumed by someone else; its pause journal is cleared", name)
+
+        return hook
+
     async def _resume_journaled(self, name: str, session: QMPSession) -> None:
         """Resume the VM if the daemon paused it and could not resume it (a crash, a lost
         connection); called on a new session before jobs may use it."""
@@ -261,6 +288,19 @@ class Daemon:
             if pause.vm != name or pause.job_id in runner.running:
                 continue
             try:
+                if pause.qemu_pid is not None and (
+                    session.pid != pause.qemu_pid
+                    or await asyncio.to_thread(process_start_ticks, pause.qemu_pid)
+                    != pause.qemu_start
+                ):
+                    log.warning(
+                        "VM %s: the QEMU the daemon paused (pid %s) is gone; "
+                        "this one is left as it is",
+                        pause.vm,
+                        pause.qemu_pid,
+                    )
+                    await runner.db(self.store.clear_pause, pause.vm)
+                    continue
                 status = await session.execute("query-status")
                 if status.get("status") == "paused":
                     await session.execute("cont")

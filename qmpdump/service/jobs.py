@@ -25,6 +25,7 @@ from qmpdump.engines.base import PauseHooks, Progress
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec
 from qmpdump.errors import DumpCancelled, QmpdumpError
+from qmpdump.host.procfs import process_start_ticks
 from qmpdump.output import sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.config import DaemonConfig, ResolvedVM
@@ -220,13 +221,21 @@ class JobRunner:
                 pending.add(done)
                 done.add_done_callback(pending.discard)
 
+        pid = session.pid
+
+        def journal() -> None:
+            start = None if pid is None else process_start_ticks(pid)
+            self.store.journal_pause(vm.name, vm.qmp, job.id, qemu_pid=pid, qemu_start=start)
+
         async def before_pause() -> None:
-            await self.db(self.store.journal_pause, vm.name, vm.qmp, job.id)
+            await self.db(journal)
 
         async def after_resume() -> None:
             await self.db(self.store.clear_pause, vm.name)
 
         target = vm.dump_dir / dump_name(vm.name, job.id, spec.format, time.time())
+        # Journalled before the file exists: a crash's clean-up removes only what it names.
+        await self.db(self.store.set_target, job.id, target)
         try:
             return await run_dump(
                 session,

@@ -112,8 +112,11 @@ class JobError:
         )
 
 
-#: The error a ``running`` job gets when the daemon finds it after a restart.
-DAEMON_RESTARTED = JobError(message="daemon restarted during the dump")
+#: The error a ``running`` job gets when the daemon finds it after a restart: a dump that did
+#: not complete, in the CLI's terms (:class:`qmpdump.errors.DumpError`, exit 44).
+DAEMON_RESTARTED = JobError(
+    message="daemon restarted during the dump", error_class="DumpError", exit_code=44
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,8 @@ class Job:
     result: JobResult | None
     error: JobError | None
     completed: int = 0
+    #: the dump file this job writes (its ``.partial`` while it runs), once chosen
+    target: Path | None = None
 
     @property
     def finished(self) -> bool:
@@ -154,6 +159,10 @@ class PauseRecord:
     qmp_address: str
     job_id: str | None
     paused_at: float
+    #: the QEMU process paused: its pid and its start time (``/proc/PID/stat`` field 22, clock
+    #: ticks since boot), so that a restart resumes only the QEMU the daemon paused
+    qemu_pid: int | None = None
+    qemu_start: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +231,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: guest bytes done, beside bytes written: the one Progress of every engine
     ("ALTER TABLE jobs ADD COLUMN completed INTEGER NOT NULL DEFAULT 0",),
+    # 3: what a crash can leave behind, so that start-up removes only this daemon's own
+    # partial files and resumes only the QEMU process it paused
+    (
+        "ALTER TABLE jobs ADD COLUMN target TEXT",
+        "ALTER TABLE pauses ADD COLUMN qemu_pid INTEGER",
+        "ALTER TABLE pauses ADD COLUMN qemu_start INTEGER",
+    ),
 )
 
 #: The schema version this code writes.
@@ -288,6 +304,7 @@ def _job(row: sqlite3.Row) -> Job:
         result=result,
         error=error,
         completed=row["completed"],
+        target=None if row["target"] is None else Path(row["target"]),
     )
 
 
@@ -297,6 +314,8 @@ def _pause(row: sqlite3.Row) -> PauseRecord:
         qmp_address=row["qmp_address"],
         job_id=row["job_id"],
         paused_at=row["paused_at"],
+        qemu_pid=row["qemu_pid"],
+        qemu_start=row["qemu_start"],
     )
 
 
@@ -452,6 +471,11 @@ class JobStore:
             raise ValueError(f"job {job_id} is {job.state}, not queued")
         return job
 
+    def set_target(self, job_id: str, target: Path) -> None:
+        """Record, durably, the file a running job is about to write (before it creates it)."""
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET target = ? WHERE id = ?", (str(target), job_id))
+
     def update_progress(
         self, job_id: str, written: int, total: int | None, completed: int | None = None
     ) -> bool:
@@ -575,17 +599,40 @@ class JobStore:
 
     # --- the pause journal ---
 
-    def journal_pause(self, vm: str, qmp_address: str, job_id: str | None = None) -> PauseRecord:
+    def journal_pause(
+        self,
+        vm: str,
+        qmp_address: str,
+        job_id: str | None = None,
+        *,
+        qemu_pid: int | None = None,
+        qemu_start: int | None = None,
+    ) -> PauseRecord:
         """Record, durably, that the daemon is about to ``stop`` the VM. Call it before ``stop``.
 
         Replaces an earlier record of the same VM (one the daemon could not clear).
         """
-        record = PauseRecord(vm=vm, qmp_address=qmp_address, job_id=job_id, paused_at=self._clock())
+        record = PauseRecord(
+            vm=vm,
+            qmp_address=qmp_address,
+            job_id=job_id,
+            paused_at=self._clock(),
+            qemu_pid=qemu_pid,
+            qemu_start=qemu_start,
+        )
         with self._tx() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO pauses (vm, qmp_address, job_id, paused_at) "
-                "VALUES (?, ?, ?, ?)",
-                (record.vm, record.qmp_address, record.job_id, record.paused_at),
+                "INSERT OR REPLACE INTO pauses "
+                "(vm, qmp_address, job_id, paused_at, qemu_pid, qemu_start) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.vm,
+                    record.qmp_address,
+                    record.job_id,
+                    record.paused_at,
+                    record.qemu_pid,
+                    record.qemu_start,
+                ),
             )
         return record
 

@@ -44,10 +44,12 @@ class VMSupervisor:
         daemon: DaemonConfig,
         *,
         on_connect: Callable[[QMPSession], Awaitable[None]] | None = None,
+        on_resume: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.vm = vm
         self.daemon = daemon
         self.on_connect = on_connect
+        self.on_resume = on_resume
         self.state = ConnectionState.DISCONNECTED
         self.reason: str | None = "not connected yet"
         self.session: QMPSession | None = None
@@ -128,7 +130,7 @@ class VMSupervisor:
                 while session.connected:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(1.0):
-                            self._take(await listener.get())
+                            await self._take(await listener.get())
                 self.reason = "QEMU closed the QMP connection"
         finally:
             self.session = None
@@ -136,6 +138,8 @@ class VMSupervisor:
             if session.closed_because is not None:
                 self.reason = session.closed_because
 
-    def _take(self, event: Event) -> None:
+    async def _take(self, event: Event) -> None:
         if event.event in _RUN_STATE_OF:
             self.run_state = _RUN_STATE_OF[event.event]
+        if event.event == "RESUME" and self.on_resume is not None:
+            await self.on_resume()
