@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -276,3 +278,71 @@ async def test_a_restart_resumes_only_the_qemu_it_paused(
         44,
     )
     assert [n for n in files_in(setup.vm_dir("k")) if n.endswith(".partial")] == []
+
+
+# ----------------------------------------------------------------------------- a full store
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs (the test runs as root, as CI does), unmounted at the end: a filesystem
+    that fills up for real, without filling the machine's."""
+    mount = tmp_path / "small-fs"
+    mount.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True
+    )
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_up(folder: Path) -> Path:
+    """Fill ``folder``'s filesystem to the last byte; the file that does it."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        for size in (65536, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\xff" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.bare
+async def test_a_full_state_dir_never_leaves_a_job_running(
+    small_fs: Path,
+    vm_factory: VMFactory,
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 6: the store's filesystem fills during a dump: the job ends once space is back,
+    health says what is wrong meanwhile (503 "degraded"), and a new request is a 503, not a
+    500."""
+    vm = await bare_vm(vm_factory, "fullstore", 1 * GiB)
+    setup = write_config(tmp_path, {"f": vm.qmp_path}, state_dir=small_fs / "state")
+    svc = await daemons.start(setup, connected=1)
+    job = await svc.api.request("f", DumpRequest(engine=EngineName.QEMU))
+    await wait_job(svc.api, job.id, states=("running",))
+    filler = fill_up(small_fs)
+
+    async def degraded() -> dict[str, object] | None:
+        health = await curl(setup.api_socket, "GET", "/healthz")
+        return health.body if health.status == 503 else None
+
+    health = await eventually(degraded, "health saying the store is full", timeout_s=60)
+    assert health["status"] == "degraded", health
+    assert "job store cannot be written" in str(health["problem"]), health
+    answer = await curl(setup.api_socket, "POST", "/v1/vms/f/dumps", "{}")
+    assert answer.status == 503, answer
+    assert "job store cannot be written" in answer.body["error"]["message"]
+    assert svc.proc.returncode is None
+
+    filler.unlink()
+    done = await wait_job(svc.api, job.id, timeout_s=30)
+    assert done.state == "succeeded", done
+    health = (await curl(setup.api_socket, "GET", "/healthz")).body
+    assert (health["status"], health["running_jobs"]) == ("ok", 0), health

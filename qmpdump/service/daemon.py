@@ -448,8 +448,10 @@ class Daemon:
 
     def health(self) -> HealthView:
         sups = self.supervisors.values()
+        problem = self.jobs_runner.store_problem
         return HealthView(
-            status="stopping" if self.stopping else "ok",
+            status="stopping" if self.stopping else "degraded" if problem else "ok",
+            problem=problem,
             version=__version__,
             vms=len(self.supervisors),
             connected=sum(s.state is ConnectionState.CONNECTED for s in sups),

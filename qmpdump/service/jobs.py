@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from typing import TypeVar
 from qmpdump.engines.base import PauseHooks, Progress
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec
-from qmpdump.errors import DumpCancelled, QmpdumpError
+from qmpdump.errors import DumpCancelled, QmpdumpError, Unavailable
 from qmpdump.host.procfs import process_start_ticks
 from qmpdump.output import sidecar_path
 from qmpdump.qmp.session import QMPSession
@@ -40,12 +41,26 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _PROGRESS_EVERY_S = 1.0
+#: the longest wait between two tries to record a job's end in a store that cannot be written
+_PERSIST_RETRY_MAX_S = 5.0
 
 
 def dump_name(vm: str, job_id: str, fmt: DumpFormat, now: float) -> str:
     """The file name the service gives a dump: ``VM-TIMESTAMP-JOB.EXT``."""
     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{vm}-{stamp}-{job_id[-8:]}.{fmt.extension}"
+
+
+def _settled(pending: set[asyncio.Future[bool]]) -> Callable[[asyncio.Future[bool]], None]:
+    """A done-callback for a progress write: forget it, and take its error (a progress
+    write that failed is only a stale progress figure; :meth:`JobRunner.db` logged it)."""
+
+    def done(future: asyncio.Future[bool]) -> None:
+        pending.discard(future)
+        if not future.cancelled():
+            future.exception()
+
+    return done
 
 
 @dataclass
@@ -75,14 +90,39 @@ class JobRunner:
         self.supervisors = supervisors
         self.metrics = metrics
         self.running: dict[str, _Running] = {}
+        #: why the job store cannot be written, while it cannot
+        self.store_problem: str | None = None
         self.accepting = True
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpdump-store")
 
     async def db(self, fn: Callable[..., _T], *args: object, **kwargs: object) -> _T:
-        """Run a blocking store (or file) call in the store's worker thread."""
+        """Run a blocking store (or file) call in the store's worker thread.
+
+        A store that cannot be written (its filesystem full, an I/O error) raises
+        :class:`~qmpdump.errors.Unavailable` (503), and :attr:`store_problem` says so until a
+        later call succeeds.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+        try:
+            result = await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+        except sqlite3.Error as err:
+            self.store_problem = f"the job store cannot be written: {err}"
+            log.error("%s", self.store_problem)
+            raise Unavailable(self.store_problem) from err
+        self.store_problem = None
+        return result
+
+    async def persist(self, fn: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+        """:meth:`db`, retried every few seconds until the store takes it: a job's end is never
+        lost to a full disk (the job stays running here, and health says why, meanwhile)."""
+        delay = 0.5
+        while True:
+            try:
+                return await self.db(fn, *args, **kwargs)
+            except Unavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _PERSIST_RETRY_MAX_S)
 
     def close(self) -> None:
         """Stop the worker thread (after every job has ended)."""
@@ -110,7 +150,12 @@ class JobRunner:
                 job = self.store.next_queued(busy=busy)
                 if job is None:
                     break
-                job = await self.db(self.store.mark_running, job.id)
+                try:
+                    job = await self.db(self.store.mark_running, job.id)
+                except Unavailable:
+                    # The store cannot be written: the job stays queued; look again soon.
+                    asyncio.get_running_loop().call_later(_PERSIST_RETRY_MAX_S, self.wake)
+                    break
                 running = self.running[job.id] = _Running(job)
                 running.task = jobs.create_task(self._run_job(job), name=f"job-{job.id}")
 
@@ -162,7 +207,7 @@ class JobRunner:
             self._wake.set()
 
     async def _end(self, job: Job, state: JobState, err: BaseException, result: str) -> None:
-        await self.db(self.store.finish, job.id, state, error=JobError.from_exception(err))
+        await self.persist(self.store.finish, job.id, state, error=JobError.from_exception(err))
         self.metrics.ended(job.vm, result)
 
     async def _succeeded(
@@ -195,7 +240,7 @@ class JobRunner:
                 ),
             )
 
-        await self.db(record)
+        await self.persist(record)
         self.metrics.ended(vm.name, "succeeded")
         self.metrics.dumped(vm.name, outcome.size, outcome.duration_s, outcome.paused_s)
 
@@ -219,7 +264,7 @@ class JobRunner:
                     self.db(update, job.id, p.written, p.total or None, p.completed)
                 )
                 pending.add(done)
-                done.add_done_callback(pending.discard)
+                done.add_done_callback(_settled(pending))
 
         pid = session.pid
 

@@ -28,6 +28,7 @@ may call methods directly or through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -409,10 +410,14 @@ class JobStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (SQLITE_FULL) may or may not have rolled back already: make
+                # sure no transaction stays open, and keep the first error.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> builtins.list[sqlite3.Row]:
         with self._lock:

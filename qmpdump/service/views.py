@@ -138,12 +138,16 @@ class DumpView(_Strict):
 class HealthView(_Strict):
     """``GET /healthz``."""
 
-    status: Literal["ok", "stopping"]
+    #: ``degraded`` while the job store cannot be written (see ``problem``); both that and
+    #: ``stopping`` answer 503
+    status: Literal["ok", "degraded", "stopping"]
     version: str
     vms: int
     connected: int
     running_jobs: int
     queued_jobs: int
+    #: what keeps the daemon from being ``ok``, in one sentence
+    problem: str | None = None
 
 
 class ServiceCore(Protocol):

@@ -193,8 +193,8 @@ ROUTES: Final[tuple[_Route, ...]] = (
         ok_description="the daemon is up",
         ok_model=HealthView,
         stopping_model=HealthView,
-        description="While the daemon stops, the answer is 503 with the same body "
-        '(status "stopping").',
+        description="While the daemon stops, or while its job store cannot be written, the "
+        'answer is 503 with the same body (status "stopping" or "degraded", and the problem).',
     ),
     _Route(
         method="GET",
