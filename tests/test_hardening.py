@@ -346,3 +346,29 @@ async def test_a_full_state_dir_never_leaves_a_job_running(
     assert done.state == "succeeded", done
     health = (await curl(setup.api_socket, "GET", "/healthz")).body
     assert (health["status"], health["running_jobs"]) == ("ok", 0), health
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+async def test_api_socket_problems_at_start_up_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Item 13: a missing folder, a regular file at the path, an unknown group, a path over
+    the 108 bytes of ``sun_path``: one line naming the problem, exit 2, no traceback."""
+    (tmp_path / "regular").write_text("not a socket")
+    cases = [
+        (tmp_path / "missing" / "api.sock", None, "No such file or directory"),
+        (tmp_path / "regular", None, "exists and is not a socket"),
+        (tmp_path / ("a" * 120), None, "path too long"),
+        (tmp_path / "api.sock", "no-such-group-qmpdump", "unknown group"),
+    ]
+    for socket_path, group, words in cases:
+        extra: dict[str, object] = {"api_socket_group": group} if group else {}
+        setup = write_config(tmp_path, {"v": tmp_path / "absent.qmp"}, **extra)
+        text = setup.config.read_text().replace(str(setup.api_socket), str(socket_path))
+        setup.config.write_text(text)
+        code, out, err = await run_cli("daemon", "--config", str(setup.config), timeout_s=30)
+        assert (code, out) == (2, ""), (socket_path, code, out, err)
+        assert err.count("\n") == 1, err
+        assert err.startswith("qmpdump: error: "), err
+        assert words in err, err
+    assert (tmp_path / "regular").read_text() == "not a socket"

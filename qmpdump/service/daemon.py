@@ -199,7 +199,24 @@ class Daemon:
         self._stop.set()
 
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT; return the exit code (1 if a shutdown step failed)."""
+        """Run until SIGTERM/SIGINT; return the exit code (1 if a shutdown step failed).
+
+        A start-up problem (the API socket cannot be made, ...) raises the one
+        :class:`~qmpdump.errors.QmpdumpError` that says so, not the task group's
+        ``ExceptionGroup`` around it: the CLI prints it as one line with its exit code.
+        """
+        try:
+            return await self._run()
+        except BaseExceptionGroup as group:
+            leaves = _leaves(group)
+            first = next((e for e in leaves if isinstance(e, QmpdumpError)), None)
+            if first is not None and all(
+                isinstance(e, QmpdumpError | asyncio.CancelledError) for e in leaves
+            ):
+                raise first from None
+            raise
+
+    async def _run(self) -> int:
         from qmpdump.service.api import make_app, serve_unix, stop_serving  # noqa: PLC0415
 
         undo = _Undo()
@@ -461,6 +478,14 @@ class Daemon:
 
     def metrics(self) -> str:
         return self.metrics_data.text()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in a (nested) exception group."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def partial_remove(loop: asyncio.AbstractEventLoop, sig: int) -> Callable[[], object]:
