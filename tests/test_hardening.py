@@ -362,8 +362,13 @@ async def test_api_socket_problems_at_start_up_are_one_line_and_exit_2(tmp_path:
         (tmp_path / "api.sock", "no-such-group-qmpdump", "unknown group"),
     ]
     for socket_path, group, words in cases:
-        extra: dict[str, object] = {"api_socket_group": group} if group else {}
-        setup = write_config(tmp_path, {"v": tmp_path / "absent.qmp"}, **extra)
+        setup = write_config(tmp_path, {"v": tmp_path / "absent.qmp"})
+        if group:
+            setup.config.write_text(
+                setup.config.read_text().replace(
+                    "[daemon]", f'[daemon]\napi_socket_group = "{group}"'
+                )
+            )
         text = setup.config.read_text().replace(str(setup.api_socket), str(socket_path))
         setup.config.write_text(text)
         code, out, err = await run_cli("daemon", "--config", str(setup.config), timeout_s=30)
