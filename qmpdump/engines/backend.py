@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -44,7 +45,7 @@ from qmpdump.engines.copier import (
 from qmpdump.engines.copyplan import CopyOp, copy_ops, region_runs
 from qmpdump.engines.spec import ENGINE_TRAITS, EngineName, EngineTraits, Mode
 from qmpdump.engines.threads import run_threads
-from qmpdump.errors import DumpError, HostAccessError, QMPCommandError
+from qmpdump.errors import DumpError, HostAccessError, QMPCommandError, QMPTimeout
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpTarget, write_error
 from qmpdump.qmp.events import paused_seconds
@@ -52,7 +53,13 @@ from qmpdump.qmp.plugged import dump_loads
 from qmpdump.qmp.session import QMPSession
 from qmpdump.survey import RegionAccess, Survey, probe_prefix_without_growth, survey
 
-__all__ = ["ENGINE", "BackendDetails", "BackendEngine", "readable"]
+__all__ = ["ENGINE", "RESUME_GIVE_UP_S", "BackendDetails", "BackendEngine", "readable"]
+
+log = logging.getLogger(__name__)
+
+#: how long a ``cont`` that QEMU does not answer is sent again before qmpdump gives up (and
+#: says that it left the VM paused)
+RESUME_GIVE_UP_S = 300.0
 
 POLL_S = 0.1
 
@@ -140,8 +147,27 @@ class _PauseGuard:
         await asyncio.shield(self._resume())
 
     async def _resume(self) -> None:
+        """``cont``, sent again each time it times out (a stopped or overloaded QEMU) until it
+        lands, QEMU is gone, or :data:`RESUME_GIVE_UP_S` passed: then say plainly that the VM
+        was left paused."""
+        deadline = time.monotonic() + RESUME_GIVE_UP_S
         try:
-            await self.session.execute("cont")
+            while True:
+                try:
+                    await self.session.execute("cont")
+                    break
+                except QMPTimeout as err:
+                    if time.monotonic() >= deadline:
+                        raise DumpError(
+                            f"QEMU did not answer 'cont' for {RESUME_GIVE_UP_S:g} s: qmpdump "
+                            "gave up and LEFT THE VM PAUSED; resume it (QMP 'cont') once QEMU "
+                            "answers again"
+                        ) from err
+                    log.warning(
+                        "%s: QEMU did not answer 'cont'; sending it again "
+                        "(the VM stays paused until it lands)",
+                        self.session.where,
+                    )
         except QMPCommandError as err:
             raise DumpError(f"could not resume the VM after the dump: {err}") from err
         finally:
