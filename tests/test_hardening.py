@@ -33,6 +33,7 @@ from .test_daemon import (
     eventually,
     files_in,
     run_state,
+    settled_state,
     wait_job,
     write_config,
 )
@@ -428,3 +429,69 @@ async def test_a_cont_that_times_out_is_sent_again_until_it_lands(
     if code:
         assert err.count("qmpdump: error: ") == 1, err
         assert files_in(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- a hung QEMU
+
+
+@pytest.mark.bare
+async def test_a_hung_qemu_map_is_504_a_stalled_dump_fails_and_cancel_is_prompt(
+    vm_factory: VMFactory,
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 10: QEMU stopped (SIGSTOP) during QEMU's engine: the map answers 504 with a
+    reason; the dump fails after STALL_S without progress; a cancel ends a stalled dump within
+    about 2 s; the VM runs again once QEMU does."""
+    from qmpdump.engines.qemu import STALL_S  # noqa: PLC0415
+
+    vm = await bare_vm(vm_factory, "hung", 2 * GiB)
+    setup = write_config(tmp_path, {"h": vm.qmp_path}, qmp_timeout_s=2.0)
+    svc = await daemons.start(setup, connected=1)
+    stopped = False
+
+    async def hang_during(job_id: str) -> None:
+        nonlocal stopped
+        await wait_job(svc.api, job_id, states=("running",))
+
+        async def writing() -> int | None:
+            job = await svc.api.job(job_id)
+            return job.progress.written or None
+
+        await eventually(writing, "QEMU writing the dump", interval_s=0.01)
+        os.kill(vm.pid, signal.SIGSTOP)
+        stopped = True
+
+    try:
+        first = await svc.api.request("h", DumpRequest(engine=EngineName.QEMU))
+        await hang_during(first.id)
+        t0 = time.monotonic()
+        answer = await curl(setup.api_socket, "GET", "/v1/vms/h/map")
+        print(f"map on a hung QEMU: {answer.status} after {time.monotonic() - t0:.1f} s")
+        assert answer.status == 504, answer
+        assert "did not answer" in answer.body["error"]["message"]
+        failed = await wait_job(svc.api, first.id, timeout_s=STALL_S + 30)
+        took = time.monotonic() - t0
+        print(f"stalled dump ended {took:.1f} s after the hang: {failed.error}")
+        assert failed.state == "failed", failed
+        assert failed.error is not None
+        assert "no progress" in failed.error.message
+        os.kill(vm.pid, signal.SIGCONT)
+        stopped = False
+        assert await settled_state(vm) == "running"
+
+        second = await svc.api.request("h", DumpRequest(engine=EngineName.QEMU))
+        await hang_during(second.id)
+        t0 = time.monotonic()
+        await svc.api.cancel(second.id)
+        cancelled = await wait_job(svc.api, second.id, timeout_s=30)
+        took = time.monotonic() - t0
+        print(f"cancel of a stalled dump: {cancelled.state} after {took:.2f} s")
+        assert cancelled.state == "cancelled", cancelled
+        assert took < 2.5, took
+    finally:
+        if stopped:
+            os.kill(vm.pid, signal.SIGCONT)
+    assert await settled_state(vm) == "running"
+    assert [n for n in files_in(setup.vm_dir("h")) if n.endswith(".partial")] == []
+    assert svc.proc.returncode is None

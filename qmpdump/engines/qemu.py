@@ -38,6 +38,10 @@ from qmpdump.survey import Survey
 __all__ = ["ENGINE", "QemuDetails", "QemuEngine", "qemu_formats"]
 
 POLL_S = 0.25
+#: no progress (bytes from QEMU, QEMU's own ``completed``) for this long ends the dump: QEMU is
+#: hung (SIGSTOP, a stuck host) and would otherwise hold the VM in ``save-vm`` until
+#: ``dump_timeout_s``
+STALL_S = 30.0
 
 
 class QemuDetails(EngineDetails):
@@ -95,16 +99,26 @@ class QemuEngine:
             format=spec.format.value, paging=spec.paging, begin=spec.begin, length=spec.length
         )
         total = 0
+        loop = asyncio.get_running_loop()
         async with guest_dump(job.session, args) as dump:
             state = RelayState()
+            seen = (-1, -1)
+            moved_at = loop.time()
 
             async def tick() -> None:
-                nonlocal total
+                nonlocal total, seen, moved_at
                 dump.check_alive()
                 query = await dump.query()
                 if query is not None:
                     total = query.total
                     job.report(Progress(state.written, query.completed, query.total))
+                now = (state.written, -1 if query is None else query.completed)
+                if now != seen:
+                    seen, moved_at = now, loop.time()
+                elif loop.time() - moved_at > STALL_S:
+                    raise DumpFailed(
+                        f"QEMU's dump made no progress for {STALL_S:g} s (is QEMU hung?)"
+                    )
 
             try:
                 await run_threads(

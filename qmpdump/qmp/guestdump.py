@@ -45,8 +45,11 @@ __all__ = ["DumpArguments", "GuestDump", "dump_busy", "guest_dump", "wait_out_sa
 F_SETPIPE_SZ = 1031  # fcntl.h; Python exposes it only as fcntl.F_SETPIPE_SZ on 3.10+ Linux
 #: /proc/sys/fs/pipe-max-size's default: fewer wake-ups per MiB
 DEFAULT_PIPE_SIZE = 1 << 20
-#: how long exit waits for DUMP_COMPLETED after closing the pipe early
-_ABORT_WAIT_S = 10.0
+#: how long exit waits for DUMP_COMPLETED after closing the pipe early (QEMU answers in about
+#: 2 ms when it runs; a hung one must not hold up a cancel or Ctrl-C: issue 11, item 10)
+_ABORT_WAIT_S = 1.5
+#: and then for the run state to leave ``save-vm``
+_ABORT_SETTLE_S = 0.4
 _EVENTS = ("DUMP_COMPLETED", "STOP", "RESUME")
 
 
@@ -79,13 +82,19 @@ def dump_busy(err: QMPCommandError) -> bool:
     return any(s in err.description for s in ("in process", "in progress", "already"))
 
 
-async def wait_out_save_vm(session: QMPSession, was_running: bool) -> None:
-    """Return once QEMU has left ``save-vm`` after a dump (it resumes the VM it paused)."""
+async def wait_out_save_vm(
+    session: QMPSession, was_running: bool, *, deadline_s: float = 5.0
+) -> None:
+    """Return once QEMU has left ``save-vm`` after a dump (it resumes the VM it paused), or
+    after ``deadline_s``: a hung QEMU must not hold up a cancel (QEMU restores the run state
+    itself once it finishes the failed dump)."""
     if not was_running or not session.connected:
         return
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
     with contextlib.suppress(QMPDisconnected, QMPTimeout, QMPCommandError):
-        for _ in range(200):
-            status = await session.execute("query-status")
+        while (left := end - loop.time()) > 0:
+            status = await session.execute("query-status", timeout_s=left)
             if status.get("status") != "save-vm":
                 return
             await asyncio.sleep(0.025)
@@ -225,11 +234,15 @@ async def guest_dump(
                 yield dump
             finally:
                 dump.close_pipe()
-                if dump.completed is None:
+                # Cut short after a cancel or a failure (QEMU may be hung): within about 2 s.
+                early = dump.completed is None
+                if early:
                     with contextlib.suppress(DumpError, QMPTimeout):
                         await dump.finished(_ABORT_WAIT_S)
                 # Still listening: the RESUME comes after DUMP_COMPLETED.
-                await wait_out_save_vm(session, was_running)
+                await wait_out_save_vm(
+                    session, was_running, deadline_s=_ABORT_SETTLE_S if early else 5.0
+                )
         finally:
             dump.close_pipe()
             pump.cancel()

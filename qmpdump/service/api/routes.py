@@ -113,7 +113,7 @@ ROUTES: Final[tuple[_Route, ...]] = (
         ok_description="the map",
         ok_model=MapReport,
         params=(_VM,),
-        errors=(404,),
+        errors=(404, 502, 504),
     ),
     _Route(
         method="POST",
@@ -226,7 +226,9 @@ _ERROR_RESPONSES: Final = {
     409: ("Conflict", "the request conflicts with the state: a busy VM, a finished job"),
     413: ("PayloadTooLarge", f"the body is larger than {MAX_BODY_SIZE} bytes"),
     500: ("InternalError", "a bug in the daemon; the message is generic, the log has details"),
+    502: ("BadGateway", "QEMU answered with something qmpdump cannot use (the message says what)"),
     503: ("Unavailable", "the VM is not connected, or the daemon is stopping"),
+    504: ("GatewayTimeout", "QEMU did not answer in time (hung or overloaded)"),
 }
 
 _MODELS: Final[tuple[type[BaseModel], ...]] = (
