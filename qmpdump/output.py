@@ -14,17 +14,29 @@ import errno
 import json
 import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from qmpdump.errors import DiskFull, DumpError, UsageError
 
-__all__ = ["PARTIAL_SUFFIX", "DumpFile", "sidecar_path", "write_error"]
+__all__ = ["PARTIAL_SUFFIX", "DumpFile", "dump_name", "sidecar_path", "write_error"]
 
 PARTIAL_SUFFIX = ".partial"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+
+
+_EXTENSIONS = {"elf": "elf", "win-dmp": "dmp"}
+
+
+def dump_name(vm: str, job_id: str, fmt: str, now: float) -> str:
+    """The name qmpdump gives a dump: ``VM-YYYYMMDDTHHMMSSZ-JOB.EXT`` (UTC; the last 8 hex
+    digits of the job id). ``vm`` must already be a validated VM name."""
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
+    ext = _EXTENSIONS.get(fmt, "kdump" if fmt.startswith("kdump") else fmt)
+    return f"{vm}-{stamp}-{job_id[-8:]}.{ext}"
 
 
 def sidecar_path(dump: Path) -> Path:

