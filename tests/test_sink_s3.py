@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import socket
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from qmpdump.engines.run import DumpOutcome, run_dump
 from qmpdump.errors import DumpCancelled, SinkUnreachable, UsageError
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.client import ApiClient
+from qmpdump.service.config import parse_config
 from qmpdump.service.views import DumpRequest, JobView
 from qmpdump.sinks.deliver import dump_to_s3
 from qmpdump.sinks.s3 import S3Location, S3Settings, UploadProgress
@@ -83,6 +85,79 @@ def test_part_size_grows_to_stay_within_s3_limits() -> None:
     assert -(-big // s.part_size_for(big)) <= 10_000
     with pytest.raises(UsageError):
         S3Settings(part_size=1 << 20)
+
+
+def _config(extra: str) -> str:
+    return (
+        '[daemon]\napi_socket = "/run/q.sock"\ndump_dir = "/d"\nstate_dir = "/s"\n'
+        '[[vm]]\nname = "a"\nqmp = "/run/a.qmp"\n' + extra
+    )
+
+
+def test_config_sinks_resolve_per_vm_and_by_default() -> None:
+    text = _config(
+        'sink = "evidence"\n'
+        '[[vm]]\nname = "b"\nqmp = "/run/b.qmp"\n'
+        '[[vm]]\nname = "c"\nqmp = "/run/c.qmp"\nsink = "local"\n'
+        '[[sink]]\nname = "evidence"\nbucket = "dumps"\nprefix = "hv1"\n'
+        'endpoint = "http://127.0.0.1:8333"\npart_size = "8MiB"\nmax_in_flight = 2\n'
+    )
+    config = parse_config(tomllib.loads(text))
+    vms = {v.name: v.sink for v in config.static_vms()}
+    assert vms == {"a": "evidence", "b": None, "c": None}
+    sink = config.sink_named("evidence")
+    assert sink is not None
+    assert sink.location() == S3Location("dumps", "hv1/")
+    assert sink.settings().part_size == 8 << 20
+    assert sink.settings().endpoint_url == "http://127.0.0.1:8333"
+    assert config.sink_named("local") is None
+    with pytest.raises(UsageError, match="no sink named 'x' \\(known: local, evidence\\)"):
+        config.sink_named("x")
+    default = parse_config(
+        tomllib.loads(
+            text.replace('state_dir = "/s"\n', 'state_dir = "/s"\ndefault_sink = "evidence"\n')
+        )
+    )
+    assert {v.name: v.sink for v in default.static_vms()} == {
+        "a": "evidence",
+        "b": "evidence",
+        "c": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ('sink = "nowhere"\n', "vm[0].sink: no [[sink]] named 'nowhere' (known: local)"),
+        (
+            '[[sink]]\nname = "s"\nbucket = "dumps"\naws_secret_access_key = "x"\n',
+            "sink[0].aws_secret_access_key: unknown key",
+        ),
+        ('[[sink]]\nname = "s"\nbucket = "Bad_Bucket"\n', "sink[0].bucket: 'Bad_Bucket' is not"),
+        ('[[sink]]\nname = "s"\nbucket = "dumps"\nprefix = "../x"\n', "sink[0].prefix: "),
+        ('[[sink]]\nname = "local"\nbucket = "dumps"\n', "sink[0].name: 'local' is reserved"),
+        (
+            '[[sink]]\nname = "s"\nbucket = "dumps"\nendpoint = "ftp://x"\n',
+            "sink[0].endpoint: 'ftp://x' is not an http:// or https:// URL",
+        ),
+        (
+            '[[sink]]\nname = "s"\nbucket = "dumps"\npart_size = "1MiB"\n',
+            "sink[0].part_size: must be from 5MiB to 5GiB",
+        ),
+        (
+            '[[sink]]\nname = "s"\nbucket = "dumps"\n[[sink]]\nname = "s"\nbucket = "b2b"\n',
+            "sink[1].name: 's' is already sink[0]'s name",
+        ),
+        (
+            '[sink]\nname = "s"\nbucket = "dumps"\n',
+            "sink: must be an array of tables: write [[sink]], not [sink]",
+        ),
+    ],
+)
+def test_config_sink_problems_name_the_key(extra: str, problem: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_config(tomllib.loads(_config(extra)), "q.toml")
+    assert f"q.toml: {problem}" in str(caught.value)
 
 
 # ================================================================ the server and helpers

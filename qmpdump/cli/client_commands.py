@@ -103,6 +103,11 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("vm", metavar="VM")
     p.add_argument("--engine", choices=get_args(EngineName), help="default: the VM's")
     p.add_argument("--format", help="elf, kdump-zlib, ...; default: the VM's")
+    p.add_argument(
+        "--sink",
+        help="a [[sink]] of the daemon's configuration (an S3 bucket), or 'local' for the dump "
+        "folder; default: the VM's",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--live", dest="mode", action="store_const", const="live", help="do not stop the VM"
@@ -178,6 +183,9 @@ def _when(iso: str | None, *, utc: bool = False) -> str:
 
 
 def _progress(p: ProgressView) -> str:
+    if p.uploaded is not None and p.total:
+        done = f"{format_size(p.uploaded)} of {format_size(p.total)}"
+        return f"{done} uploaded ({100 * p.uploaded / p.total:.0f}%)"
     if p.total:
         return (
             f"{format_size(p.written)} of {format_size(p.total)} ({100 * p.written / p.total:.0f}%)"
@@ -188,7 +196,7 @@ def _progress(p: ProgressView) -> str:
 def _job_detail(job: JobView) -> str:
     """What the jobs table says about a job in one cell."""
     if job.state == "succeeded" and job.result is not None:
-        return job.result.file
+        return job.result.url or job.result.file
     if job.state == "running":
         return _progress(job.progress)
     if job.error is not None:
@@ -204,6 +212,7 @@ def _job_text(job: JobView) -> str:
         ("engine", job.engine),
         ("format", job.format),
         ("mode", job.mode),
+        ("sink", job.sink or "local"),
         ("created", _when(job.created, utc=True)),
         ("started", _when(job.started, utc=True)),
         ("ended", _when(job.ended, utc=True)),
@@ -213,6 +222,7 @@ def _job_text(job: JobView) -> str:
         r = job.result
         lines += [
             ("file", r.file),
+            *([("object", r.url)] if r.url else []),
             ("size", f"{format_size(r.size)} ({r.size} bytes)"),
             ("sha256", r.sha256),
             ("engine used", r.engine),
@@ -327,7 +337,7 @@ async def _run_vms(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 async def _run_request(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    request = DumpRequest(engine=args.engine, format=args.format, mode=args.mode)
+    request = DumpRequest(engine=args.engine, format=args.format, mode=args.mode, sink=args.sink)
     async with ApiClient(args.socket) as api:
         job = await api.request(args.vm, request)
         if args.wait:
