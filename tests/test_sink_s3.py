@@ -21,13 +21,19 @@ from typing import Any
 import pytest
 
 from qmpdump.engines.run import DumpOutcome, run_dump
-from qmpdump.errors import DumpCancelled, SinkUnreachable, UsageError
+from qmpdump.errors import DumpCancelled, SinkCredentials, SinkUnreachable, UsageError
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.client import ApiClient
 from qmpdump.service.config import parse_config
 from qmpdump.service.views import DumpRequest, JobView
 from qmpdump.sinks.deliver import dump_to_s3
-from qmpdump.sinks.s3 import S3Location, S3Settings, UploadProgress
+from qmpdump.sinks.s3 import (
+    S3Location,
+    S3Settings,
+    UploadProgress,
+    check_bucket,
+    open_client,
+)
 from qmpdump.testbed.s3server import S3Server, weed_binary
 from qmpdump.testbed.vm import VM, Backend, GiB, MiB
 from tests.clirun import run_cli
@@ -212,6 +218,33 @@ async def stopped(shared_guest: VM) -> AsyncIterator[VM]:
 
 def folder_empty(folder: Path) -> bool:
     return not any(folder.iterdir())
+
+
+async def test_credentials_from_the_shared_file_and_none_at_all(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard AWS chain: a profile in a shared credentials file works; no credentials
+    anywhere is a clear SinkCredentials (exit 61), not a traceback or a hang."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata to ask
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    shared = tmp_path / "credentials"
+    shared.write_text(
+        f"[dumper]\naws_access_key_id = {s3.access_key}\naws_secret_access_key = {s3.secret_key}\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
+    monkeypatch.setenv("AWS_PROFILE", "dumper")
+    async with open_client(S3Settings()) as client:
+        await check_bucket(client, S3Location("dumps"))
+
+    monkeypatch.delenv("AWS_PROFILE")
+    with pytest.raises(SinkCredentials, match="no S3 credentials") as caught:
+        async with open_client(S3Settings()) as client:
+            await check_bucket(client, S3Location("dumps"))
+    assert caught.value.exit_code == 61
 
 
 # ================================================================ real QEMU, real S3
