@@ -32,7 +32,7 @@ import botocore.session
 
 from qmpdump.errors import LaunchError
 
-__all__ = ["S3Server", "weed_binary"]
+__all__ = ["S3Server", "leftover_servers", "weed_binary"]
 
 ACCESS_KEY = "qmpdump-test"
 SECRET_KEY = "qmpdump-test-secret"  # noqa: S105 -- a throwaway test server's own identity
@@ -50,6 +50,21 @@ _PORT_FLAGS = (
     "admin.port",
     "admin.port.grpc",
 )
+
+
+#: every server this process started: (its process, its folder)
+_STARTED: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+
+def leftover_servers() -> list[str]:
+    """Servers this process started that still run, or whose folder still exists."""
+    found = []
+    for proc, folder in _STARTED:
+        if proc.poll() is None:
+            found.append(f"weed mini pid {proc.pid} still runs")
+        if folder.exists():
+            found.append(f"left behind: {folder}")
+    return found
 
 
 def weed_binary() -> str | None:
@@ -133,6 +148,7 @@ class S3Server:
         self.proc = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.folder
         )
+        _STARTED.append((self.proc, self.folder))
         try:
             self._wait_ready(argv)
         except BaseException:
