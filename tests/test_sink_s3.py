@@ -494,8 +494,12 @@ async def test_daemon_dumps_to_its_sink_and_locally_on_request(
         vm_factory, "sink-a", 1 * GiB, backend=Backend.FILE, data=96 * MiB, running=False
     )
     setup = sink_config(s3, tmp_path, vm)
+    crashed = setup.dump_dir / ".spool" / "qmpdump-spool-left"  # as a crash mid-upload leaves
+    crashed.mkdir(parents=True)
+    (crashed / "a-20260101T000000Z-0badcafe.elf").write_bytes(b"guest memory")
     svc = await services.start(setup, connected=1)
     api = svc.api
+    assert files_in(setup.dump_dir / ".spool") == []  # cleared at start
     assert (await api.vm("a")).default_sink == "bucket"
 
     with pytest.raises(UsageError, match="no sink named 'elsewhere'"):
@@ -519,7 +523,7 @@ async def test_daemon_dumps_to_its_sink_and_locally_on_request(
     assert keys(s3, "daemon/") == [f"daemon/{name}", f"daemon/{name}.json"]
     assert pending_uploads(s3) == []
     assert files_in(setup.vm_dir("a")) == [local.result.file, f"{local.result.file}.json"]
-    assert files_in(setup.state_dir / "spool") == []
+    assert files_in(setup.dump_dir / ".spool") == []
     assert [d.file for d in await api.dumps("a")] == [local.result.file]
     body, metadata = await asyncio.to_thread(get, s3, f"daemon/{name}")
     expected = await asyncio.to_thread((setup.vm_dir("a") / local.result.file).read_bytes)
@@ -563,7 +567,7 @@ async def test_daemon_cancel_and_server_killed_mid_upload(
         assert job.state == "cancelled", job
         assert keys(server, "daemon/") == []
         assert pending_uploads(server) == []
-        assert files_in(setup.state_dir / "spool") == []
+        assert files_in(setup.dump_dir / ".spool") == []
 
         job = await api.request("a", DumpRequest(engine="backend"))
         await wait_uploading(api, job.id)
@@ -574,6 +578,6 @@ async def test_daemon_cancel_and_server_killed_mid_upload(
         assert job.error.error_class == "SinkUnreachable"
         assert job.error.exit_code == 63
         assert "did not answer" in job.error.message
-        assert files_in(setup.state_dir / "spool") == []
+        assert files_in(setup.dump_dir / ".spool") == []
         assert files_in(setup.vm_dir("a")) == []
     assert await run_state(vm) == "running"

@@ -4,7 +4,7 @@ Lifecycle (:meth:`Daemon.run`), in a fixed order:
 
 1. start: take the single-instance lock on ``state_dir``; open the job store; fail the jobs a
    crash left ``running``; remove ``.partial`` files under ``dump_dir`` and spooled dumps
-   under ``state_dir/spool`` (a dump for a ``[[sink]]`` is written there, uploaded, and
+   under ``dump_dir/.spool`` (a dump for a ``[[sink]]`` is written there, uploaded, and
    removed; a crash mid-upload leaves no visible object: S3 shows nothing of a multipart
    upload until it completes); start one
    :class:`~qmpdump.service.supervisor.VMSupervisor` per VM; the scheduler; the API socket;
@@ -154,8 +154,9 @@ class Daemon:
 
     @property
     def spool_dir(self) -> Path:
-        """Where dumps bound for a ``[[sink]]`` are written before the upload (0700)."""
-        return self.settings.state_dir / "spool"
+        """Where dumps bound for a ``[[sink]]`` are written before the upload (0700): on the
+        filesystem sized for dumps; no VM's folder (a VM name never starts with a dot)."""
+        return self.settings.dump_dir / ".spool"
 
     def _remove_partials(self) -> list[Path]:
         removed = []
