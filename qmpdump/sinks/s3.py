@@ -208,10 +208,10 @@ def open_client(settings: S3Settings) -> Any:
         max_pool_connections=settings.max_in_flight + 2,
         # path-style URLs work on every S3-compatible server (an IP endpoint has no subdomains)
         s3={"addressing_style": "path"},
-        # the parts carry SigV4's payload hash; a CRC32 trailer on top is one more pass, and
-        # not every S3-compatible server knows the flexible-checksum headers
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
+        # request checksums (a CRC32 per part, checked by the server: integrity over HTTPS,
+        # where SigV4 does not hash the payload) follow the AWS chain too: an older
+        # S3-compatible server without flexible checksums needs
+        # AWS_REQUEST_CHECKSUM_CALCULATION=when_required
     )
     return get_session().create_client(
         "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config
