@@ -166,6 +166,24 @@ def test_config_sink_problems_name_the_key(extra: str, problem: str) -> None:
     assert f"q.toml: {problem}" in str(caught.value)
 
 
+async def test_cli_refuses_a_bad_url_and_both_destinations(tmp_path: Path) -> None:
+    code, out, err = await run_cli("dump", "--qmp", str(tmp_path / "q"), "--to", "http://x/")
+    assert code == 2, err
+    assert "not an s3://BUCKET/PREFIX/ URL" in err
+    assert out == ""
+    code, _out, err = await run_cli(
+        "dump", "--qmp", str(tmp_path / "q"), "--to", "s3://dumps/", "-o", str(tmp_path / "x")
+    )
+    assert code == 2, err
+    assert "not allowed with argument" in err
+    code, _out, err = await run_cli(
+        "dump", "--qmp", str(tmp_path / "q"), "--to", "s3://dumps/", "--name", "../x"
+    )
+    assert code == 2, err
+    assert "not a valid VM name" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ================================================================ the server and helpers
 
 
