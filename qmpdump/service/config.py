@@ -808,15 +808,15 @@ keep_bytes = "unlimited"
 # Dumps may go to an S3 bucket instead of dump_dir: a VM says sink = "NAME" (or set
 # default_sink under [daemon]); a request may name a sink too, or "local". Credentials come
 # only from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the unit's
-# environment, or AWS_PROFILE and the shared credentials file), never from this file;
-# endpoint and region default to AWS_ENDPOINT_URL and AWS_REGION.
+# environment, /etc/qmpdump/aws.env, or AWS_PROFILE and the shared credentials file), never
+# from this file; endpoint and region default to AWS_ENDPOINT_URL and AWS_REGION.
 # [[sink]]
 # name = "evidence"
 # bucket = "incident-dumps"
 # prefix = "hv01/"                  # objects are PREFIX/VM-TIMESTAMP-JOB.EXT (+ .json)
 # endpoint = "https://s3.example.net"
 # region = "eu-west-1"
-# part_size = "16MiB"               # memory used: part_size x max_in_flight
+# part_size = "16MiB"               # memory: about 3 x part_size x max_in_flight
 # max_in_flight = 4
 
 # Every socket matching the glob is a VM; its name is the file name without its suffix
