@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engines import REFERENCE  # the reference VM of bench/engines.py
 
 from qmpdump.engines.run import DumpOutcome, run_dump
+from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.qmp.session import QMPSession
 from qmpdump.sinks.deliver import dump_to_s3
 from qmpdump.sinks.s3 import S3Location, S3Settings, open_client
@@ -99,7 +100,7 @@ async def main(pattern_mib: int, repeat: int, part_mib: int, in_flight: int) -> 
             async with QMPSession(str(vm.qmp_path)) as session:
 
                 async def write(target: Path) -> DumpOutcome:
-                    return await run_dump(session, target, engine="backend")
+                    return await run_dump(session, target, DumpSpec(engine=EngineName.BACKEND))
 
                 reference = await write(work / "reference.elf")
                 size = reference.size

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from qmpdump.engines.run import DumpOutcome, run_dump
+from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
+from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.errors import DumpCancelled, SinkCredentials, SinkUnreachable, UsageError
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.client import ApiClient
@@ -327,13 +328,13 @@ async def test_dump_to_bucket_equals_the_local_dump(
 
 async def _dump_to_bucket(
     vm: VM, prefix: str, spool: Path, settings: S3Settings, **kwargs: Any
-) -> None:
+) -> DumpOutcome:
     async with QMPSession(str(vm.qmp_path)) as session:
 
         async def write(target: Path) -> DumpOutcome:
-            return await run_dump(session, target, engine="backend")
+            return await run_dump(session, target, DumpSpec(engine=EngineName.BACKEND))
 
-        await dump_to_s3(
+        done = await dump_to_s3(
             write,
             location=S3Location("dumps", prefix),
             name="guest1-20260101T000000Z-0badcafe.elf",
@@ -341,24 +342,27 @@ async def _dump_to_bucket(
             spool_root=spool,
             **kwargs,
         )
+    return done.dump
 
 
 @pytest.mark.guest
 async def test_cancel_mid_upload_leaves_no_object_and_no_upload(
     stopped: VM, s3: S3Server, aws_env: dict[str, str], tmp_path: Path
 ) -> None:
-    cancel = asyncio.Event()
+    """A cancel is Task.cancel() of the dump's task (as Ctrl-C and the daemon do it)."""
     seen: list[UploadProgress] = []
+    tasks: list[DumpTask] = []
 
     def progress(p: UploadProgress) -> None:
         seen.append(p)
-        cancel.set()  # after the first part: the rest is still to go
+        tasks[0].cancel("cancelled mid-upload")  # after the first part: the rest is to go
 
     settings = S3Settings(part_size=5 << 20, max_in_flight=1)
-    with pytest.raises(DumpCancelled):
-        await _dump_to_bucket(
-            stopped, "cancel/", tmp_path, settings, progress=progress, cancel=cancel
-        )
+    tasks.append(
+        DumpTask(_dump_to_bucket(stopped, "cancel/", tmp_path, settings, progress=progress))
+    )
+    with pytest.raises(DumpCancelled, match="cancelled mid-upload"):
+        await tasks[0].result()
     assert seen
     assert 0 < seen[0].uploaded < seen[0].total
     assert keys(s3, "cancel/") == []
@@ -523,9 +527,11 @@ async def test_daemon_dumps_to_its_sink_and_locally_on_request(
     with pytest.raises(UsageError, match="no sink named 'elsewhere'"):
         await api.request("a", DumpRequest(sink="elsewhere"))
 
-    stored = await wait_job(api, (await api.request("a", DumpRequest(engine="backend"))).id)
+    stored = await wait_job(
+        api, (await api.request("a", DumpRequest(engine=EngineName.BACKEND))).id
+    )
     local = await wait_job(
-        api, (await api.request("a", DumpRequest(engine="backend", sink="local"))).id
+        api, (await api.request("a", DumpRequest(engine=EngineName.BACKEND, sink="local"))).id
     )
     assert (stored.state, local.state) == ("succeeded", "succeeded"), (stored, local)
     assert stored.sink == "bucket"
@@ -578,7 +584,7 @@ async def test_daemon_cancel_and_server_killed_mid_upload(
         svc = await services.start(setup, connected=1)
         api = svc.api
 
-        job = await api.request("a", DumpRequest(engine="backend"))
+        job = await api.request("a", DumpRequest(engine=EngineName.BACKEND))
         await wait_uploading(api, job.id)
         await api.cancel(job.id)
         job = await wait_job(api, job.id)
@@ -587,7 +593,7 @@ async def test_daemon_cancel_and_server_killed_mid_upload(
         assert pending_uploads(server) == []
         assert files_in(setup.dump_dir / ".spool") == []
 
-        job = await api.request("a", DumpRequest(engine="backend"))
+        job = await api.request("a", DumpRequest(engine=EngineName.BACKEND))
         await wait_uploading(api, job.id)
         server.kill()
         job = await wait_job(api, job.id, timeout_s=120.0)

@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from qmpdump.cli.map_command import format_size
 from qmpdump.cli.progress import ProgressBar
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
-from qmpdump.engines.backend import BackendDumpRequest
-from qmpdump.engines.qemu import QemuDumpRequest
-from qmpdump.engines.run import DumpOutcome, run_dump
+from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
+from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, Mode
 from qmpdump.errors import UsageError
 from qmpdump.output import dump_name
 from qmpdump.qmp.session import QMPSession, parse_address
@@ -29,22 +27,17 @@ from qmpdump.service.config import VM_NAME_PATTERN
 from qmpdump.service.store import new_job_id
 from qmpdump.sinks.deliver import SinkOutcome, dump_to_s3
 from qmpdump.sinks.s3 import S3Location
+from qmpdump.sizes import format_size, parse_size
 
 __all__ = ["add_parser", "run"]
 
 
 def _size(text: str) -> int:
-    """An integer byte count, decimal or 0x-hex, optionally with K/M/G/T (binary) suffix."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = 1
-    if t and t[-1] in units:
-        scale = units[t[-1]]
-        t = t[:-1]
+    """A byte count as :func:`qmpdump.sizes.parse_size` reads it (the configuration's too)."""
     try:
-        return int(t, 0) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_parser(commands: Any) -> None:
@@ -77,8 +70,8 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--engine",
-        choices=["auto", "backend", "qemu"],
-        default="auto",
+        choices=[e.value for e in EngineName],
+        default=EngineName.AUTO.value,
         help="backend: qmpdump's sparse reader (ELF of populated memory only); qemu: QEMU's "
         "dump-guest-memory; auto (default): backend when it can read every RAM region and the "
         "format is elf, else qemu",
@@ -86,18 +79,20 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--live",
         action="store_true",
-        help="backend: do not stop the VM while copying (a fuzzy dump; QEMU's header probe "
-        "still pauses it for a few milliseconds)",
+        help="never stop the VM while copying (a fuzzy dump; QEMU's header probe still pauses "
+        "it for a few milliseconds): the backend engine only; auto refuses if it cannot use it",
     )
     parser.add_argument(
         "--format",
         default="elf",
-        help="elf (default), kdump-zlib, kdump-lzo, kdump-snappy, "
-        "win-dmp: whatever this QEMU offers",
+        help=f"{', '.join(f.value for f in DumpFormat)} (default elf); the qemu engine "
+        "writes whatever this QEMU offers",
     )
     parser.add_argument("--paging", action="store_true", help="ELF: guest-virtual mappings")
-    parser.add_argument("--begin", type=_size, help="ELF: first guest-physical byte")
-    parser.add_argument("--length", type=_size, help="ELF: bytes from --begin")
+    parser.add_argument(
+        "--begin", type=_size, help="ELF: first guest-physical byte (0x1000, 1MiB, 1MB = 10^6)"
+    )
+    parser.add_argument("--length", type=_size, help="ELF: bytes from --begin (same units)")
     parser.add_argument(
         "--no-elf-fix",
         action="store_true",
@@ -134,14 +129,44 @@ def _summary(outcome: DumpOutcome) -> dict[str, Any]:
     return {
         "path": str(outcome.path),
         "sidecar": str(outcome.sidecar),
-        "engine": outcome.engine,
-        "engine_reason": outcome.record["engine_reason"],
-        "format": outcome.format,
+        "engine": outcome.engine.value,
+        "engine_reason": outcome.record.engine_reason,
+        "format": outcome.format.value,
         "bytes": outcome.size,
         "sha256": outcome.sha256,
         "duration_s": round(outcome.duration_s, 3),
         "paused_s": None if outcome.paused_s is None else round(outcome.paused_s, 3),
     }
+
+
+def spec_of(args: argparse.Namespace) -> DumpSpec:
+    """The dump specification the options describe (UsageError if no engine can make it)."""
+    if not 2 <= args.max_program_headers <= 0xFFFFFFFF:
+        raise UsageError("--max-program-headers must be between 2 and 4294967295")
+    return DumpSpec.checked(
+        engine=args.engine,
+        format=args.format,
+        mode=Mode.LIVE if args.live else Mode.CONSISTENT,
+        paging=args.paging,
+        begin=args.begin,
+        length=args.length,
+        fix_elf_header=not args.no_elf_fix,
+        seekable=args.seekable,
+        zero_pages=args.zero_pages,
+        max_program_headers=args.max_program_headers,
+    )
+
+
+async def _dump(args: argparse.Namespace, spec: DumpSpec) -> DumpOutcome:
+    async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
+        with ProgressBar("dump") as bar:
+            return await run_dump(
+                session,
+                args.output,
+                spec,
+                overwrite=args.overwrite,
+                progress=lambda p: bar.show(p.completed, p.total),
+            )
 
 
 def _vm_name(args: argparse.Namespace) -> str:
@@ -157,6 +182,33 @@ def _vm_name(args: argparse.Namespace) -> str:
     return str(name)
 
 
+async def _dump_to_bucket(
+    args: argparse.Namespace,
+    spec: DumpSpec,
+    location: S3Location,
+    name: str,
+    stored: list[SinkOutcome],
+) -> DumpOutcome:
+    """Dump into a spool and upload (``stored`` receives where it went)."""
+    async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
+        with ProgressBar("dump") as bar:
+
+            async def write(target: Path) -> DumpOutcome:
+                return await run_dump(
+                    session, target, spec, progress=lambda p: bar.show(p.completed, p.total)
+                )
+
+            done = await dump_to_s3(
+                write,
+                location=location,
+                name=name,
+                spool_root=args.spool_dir,
+                progress=lambda u: bar.show(u.uploaded, u.total, "upload"),
+            )
+    stored.append(done)
+    return done.dump
+
+
 def _stored_summary(done: SinkOutcome) -> dict[str, Any]:
     summary = _summary(done.dump)
     summary.pop("path")
@@ -170,76 +222,6 @@ def _stored_summary(done: SinkOutcome) -> dict[str, Any]:
     }
 
 
-async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Dump, reporting progress; cancel on SIGINT/SIGTERM."""
-    location = S3Location.parse(args.to) if args.to else None
-    vm_name = _vm_name(args) if location else ""
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
-    if not 2 <= args.max_program_headers <= 0xFFFFFFFF:
-        raise UsageError("--max-program-headers must be between 2 and 4294967295")
-    request = QemuDumpRequest(
-        format=args.format,
-        paging=args.paging,
-        begin=args.begin,
-        length=args.length,
-        fix_elf_header=not args.no_elf_fix,
-        seekable=args.seekable,
-    )
-    cancel = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, cancel.set)
-    try:
-        async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
-            with ProgressBar("dump") as bar:
-
-                async def write(target: Path) -> DumpOutcome:
-                    return await run_dump(
-                        session,
-                        target,
-                        engine=args.engine,
-                        qemu=request,
-                        backend=BackendDumpRequest(
-                            live=args.live,
-                            zero_pages=args.zero_pages,
-                            max_phdrs=args.max_program_headers,
-                        ),
-                        overwrite=args.overwrite,
-                        progress=lambda p: bar.show(p.completed, p.total),
-                        cancel=cancel,
-                    )
-
-                if location is None:
-                    outcome = await write(args.output)
-                else:
-                    name = dump_name(vm_name, new_job_id(time.time()), args.format, time.time())
-                    stored = await dump_to_s3(
-                        write,
-                        location=location,
-                        name=name,
-                        spool_root=args.spool_dir,
-                        progress=lambda u: bar.show(u.uploaded, u.total, "upload"),
-                        cancel=cancel,
-                    )
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    if location is not None:
-        return _report_stored(stored, args.json, out)
-    if args.json:
-        out.write(json.dumps(_summary(outcome), indent=2) + "\n")
-    else:
-        paused = "" if outcome.paused_s is None else f", VM paused {outcome.paused_s:.2f} s"
-        out.write(
-            f"{outcome.path}: {format_size(outcome.size)} ({outcome.format}, engine "
-            f"{outcome.engine}) in {outcome.duration_s:.2f} s{paused}\n"
-            f"engine: {outcome.engine} ({outcome.record['engine_reason']})\n"
-            f"sha256 {outcome.sha256}\nsidecar {outcome.sidecar}\n"
-        )
-    return 0
-
-
 def _report_stored(done: SinkOutcome, as_json: bool, out: TextIO) -> int:
     if as_json:
         out.write(json.dumps(_stored_summary(done), indent=2) + "\n")
@@ -250,7 +232,43 @@ def _report_stored(done: SinkOutcome, as_json: bool, out: TextIO) -> int:
         f"{done.stored.url}: {format_size(d.size)} ({d.format}, engine {d.engine}) dumped in "
         f"{d.duration_s:.2f} s{paused}, uploaded in {done.upload_s:.2f} s "
         f"({done.stored.parts} parts)\n"
-        f"engine: {d.engine} ({d.record['engine_reason']})\n"
+        f"engine: {d.engine} ({d.record.engine_reason})\n"
         f"sha256 {d.sha256}\nsidecar s3://{done.stored.bucket}/{done.stored.sidecar_key}\n"
     )
+    return 0
+
+
+async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Dump, reporting progress; SIGINT/SIGTERM cancel it."""
+    location = S3Location.parse(args.to) if args.to else None
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    spec = spec_of(args)
+    stored: list[SinkOutcome] = []
+    if location is None:
+        dump = DumpTask(_dump(args, spec))
+    else:
+        now = time.time()
+        name = dump_name(_vm_name(args), new_job_id(now), spec.format.extension, now)
+        dump = DumpTask(_dump_to_bucket(args, spec, location, name, stored))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, dump.cancel)
+    try:
+        outcome = await dump.result()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if stored:
+        return _report_stored(stored[0], args.json, out)
+    if args.json:
+        out.write(json.dumps(_summary(outcome), indent=2) + "\n")
+    else:
+        paused = "" if outcome.paused_s is None else f", VM paused {outcome.paused_s:.2f} s"
+        out.write(
+            f"{outcome.path}: {format_size(outcome.size)} ({outcome.format}, engine "
+            f"{outcome.engine}) in {outcome.duration_s:.2f} s{paused}\n"
+            f"engine: {outcome.engine} ({outcome.record.engine_reason})\n"
+            f"sha256 {outcome.sha256}\nsidecar {outcome.sidecar}\n"
+        )
     return 0

@@ -133,11 +133,13 @@ class Job:
     created: float
     started: float | None
     ended: float | None
-    #: bytes written so far, and the expected total when known
+    #: bytes written to the dump so far
     written: int
+    #: guest bytes to dump (when known), and those done (see :class:`qmpdump.engines.base.Progress`)
     total: int | None
     result: JobResult | None
     error: JobError | None
+    completed: int = 0
     #: the ``[[sink]]`` the dump goes to; None: the VM's dump folder
     sink: str | None = None
     #: bytes of the dump the sink has stored so far (None before the upload starts)
@@ -224,8 +226,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX dumps_by_vm ON dumps (vm, created)",
     ),
+    # 2: guest bytes done, beside bytes written: the one Progress of every engine
+    ("ALTER TABLE jobs ADD COLUMN completed INTEGER NOT NULL DEFAULT 0",),
+    # 3: the [[sink]] a job's dump goes to (NULL: the dump folder), where it went, and how
+    # much of it the sink has stored
     (
-        # the [[sink]] a job's dump goes to (NULL: the dump folder), and where it went
         "ALTER TABLE jobs ADD COLUMN sink TEXT",
         "ALTER TABLE jobs ADD COLUMN result_url TEXT",
         "ALTER TABLE jobs ADD COLUMN uploaded INTEGER",
@@ -296,6 +301,7 @@ def _job(row: sqlite3.Row) -> Job:
         total=row["total"],
         result=result,
         error=error,
+        completed=row["completed"],
         sink=row["sink"],
         uploaded=row["uploaded"],
     )
@@ -463,7 +469,12 @@ class JobStore:
         return job
 
     def update_progress(
-        self, job_id: str, written: int, total: int | None, uploaded: int | None = None
+        self,
+        job_id: str,
+        written: int,
+        total: int | None,
+        completed: int | None = None,
+        uploaded: int | None = None,
     ) -> bool:
         """Record a running job's progress; False if it is not running (any more).
 
@@ -475,9 +486,9 @@ class JobStore:
             try:
                 with self._tx() as tx:
                     changed = tx.execute(
-                        "UPDATE jobs SET written = ?, total = ?, uploaded = ? "
+                        "UPDATE jobs SET written = ?, total = ?, completed = ?, uploaded = ? "
                         "WHERE id = ? AND state = ?",
-                        (written, total, uploaded, job_id, JobState.RUNNING.value),
+                        (written, total, completed or 0, uploaded, job_id, JobState.RUNNING.value),
                     ).rowcount
             finally:
                 conn.execute("PRAGMA synchronous = FULL")

@@ -48,9 +48,11 @@ async def dump_to_s3(
     settings: S3Settings | None = None,
     spool_root: Path | None = None,
     progress: Callable[[UploadProgress], None] | None = None,
-    cancel: asyncio.Event | None = None,
 ) -> SinkOutcome:
-    """Check the bucket, let ``write`` dump into the spool as ``name``, upload, clean up."""
+    """Check the bucket, let ``write`` dump into the spool as ``name``, upload, clean up.
+
+    A cancel is ``Task.cancel()`` of the task running this (as for :func:`run_dump`): the
+    engine stops, or the multipart upload is aborted, and the spool is removed."""
     settings = settings or S3Settings()
     loop = asyncio.get_running_loop()
     async with open_client(settings) as client:
@@ -65,11 +67,10 @@ async def dump_to_s3(
                 name,
                 outcome.path,
                 sha256=outcome.sha256,
-                sidecar=outcome.record,
+                sidecar=outcome.record.to_json(),
                 settings=settings,
-                metadata={"engine": outcome.engine, "format": outcome.format},
+                metadata={"engine": outcome.engine.value, "format": outcome.format.value},
                 progress=progress,
-                cancel=cancel,
             )
             upload_s = loop.time() - t0
         finally:

@@ -61,7 +61,6 @@ from botocore.exceptions import (
 )
 
 from qmpdump.errors import (
-    DumpCancelled,
     SinkBucketMissing,
     SinkCredentials,
     SinkError,
@@ -266,13 +265,6 @@ async def check_bucket(client: S3Client, location: S3Location) -> None:
     await _call(f"s3://{location.bucket}", client.head_bucket(Bucket=location.bucket))
 
 
-async def _until_cancelled(cancel: asyncio.Event | None) -> None:
-    if cancel is None:
-        await asyncio.Event().wait()
-    else:
-        await cancel.wait()
-
-
 async def upload_dump(
     client: S3Client,
     location: S3Location,
@@ -284,30 +276,16 @@ async def upload_dump(
     settings: S3Settings,
     metadata: Mapping[str, str] | None = None,
     progress: Callable[[UploadProgress], None] | None = None,
-    cancel: asyncio.Event | None = None,
 ) -> StoredObject:
     """Upload the file ``dump`` as ``name`` under ``location``, then its sidecar beside it.
 
-    ``sha256`` (the engine's, over this file) goes into the object's metadata. On failure or
-    cancel (the ``cancel`` event, or a cancel of this task) the multipart upload is aborted and
-    :class:`SinkError` or :class:`DumpCancelled` raised.
+    ``sha256`` (the engine's, over this file) goes into the object's metadata. On failure the
+    multipart upload is aborted and :class:`SinkError` raised; on a cancel (``Task.cancel()``,
+    which :class:`qmpdump.engines.run.DumpTask` turns into DumpCancelled) it is aborted too and
+    the cancel goes on.
     """
     job = _Upload(client, location, name, settings, progress)
-    uploader = asyncio.ensure_future(job.run(dump, sha256, sidecar, metadata or {}))
-    stopper = asyncio.ensure_future(_until_cancelled(cancel))
-    try:
-        await asyncio.wait({uploader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not uploader.done():
-            uploader.cancel()  # its own cleanup aborts the multipart upload
-            with contextlib.suppress(asyncio.CancelledError):
-                await uploader
-        stopper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stopper
-    if uploader.cancelled():
-        raise DumpCancelled(f"cancelled while uploading to {location.url(name)}")
-    return uploader.result()
+    return await job.run(dump, sha256, sidecar, metadata or {})
 
 
 @dataclass
