@@ -1,9 +1,12 @@
 """A dump into a sink: spool it locally with any engine, then store it in the bucket.
 
 The seam to the engines is one callable, ``write(path) -> DumpOutcome``: "write the dump, with
-its sidecar, at this local path" (today :func:`qmpdump.engines.run.run_dump`; the engine
-protocol's output later). The spool is a fresh 0700 folder (``mkdtemp``) holding only this
-dump; it is removed whatever happens, so a dump sent to a bucket leaves nothing on the host.
+its sidecar, at this local path" (:func:`qmpdump.engines.run.run_dump`). Not a
+:class:`qmpdump.output.DumpTarget`: its ``commit`` is synchronous and runs in a worker thread,
+where an upload would need an event loop of its own; wrapping ``run_dump`` keeps the upload on
+the caller's loop, cancellable as a whole by ``Task.cancel()``. The spool is a fresh 0700
+folder (``mkdtemp``) holding only this dump; it is removed whatever happens, so a dump sent to
+a bucket leaves nothing on the host.
 The bucket and the credentials are checked before the engine starts, so a wrong bucket or a
 refused key never pauses a VM.
 """
