@@ -58,7 +58,6 @@ from qmpdump.service.views import (
     DumpView,
     HealthView,
     JobErrorView,
-    JobResultView,
     JobView,
     ProgressView,
     VMView,
@@ -367,14 +366,14 @@ class Daemon:
                 ),
                 "result": None
                 if job.result is None
-                else JobResultView(
-                    file=job.result.path.name,
-                    size=job.result.size,
-                    sha256=job.result.sha256,
-                    engine=job.result.engine,
-                    paused_s=job.result.paused_s,
-                    url=job.result.url,
-                ),
+                else {
+                    "file": job.result.path.name,
+                    "size": job.result.size,
+                    "sha256": job.result.sha256,
+                    "engine": job.result.engine,
+                    "paused_s": job.result.paused_s,
+                    "url": job.result.url,
+                },
                 "error": None
                 if job.error is None
                 else JobErrorView(

@@ -102,7 +102,8 @@ class JobResultView(_Strict):
     file: str
     size: int
     sha256: str
-    engine: str
+    #: the engine that ran (``auto`` resolved)
+    engine: EngineName
     paused_s: float | None
     url: str | None = None
 
