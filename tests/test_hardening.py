@@ -495,3 +495,43 @@ async def test_a_hung_qemu_map_is_504_a_stalled_dump_fails_and_cancel_is_prompt(
     assert await settled_state(vm) == "running"
     assert [n for n in files_in(setup.vm_dir("h")) if n.endswith(".partial")] == []
     assert svc.proc.returncode is None
+
+
+async def _raw_http(sock: Path, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 exchange (what curl will not send): status, headers, body."""
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    try:
+        writer.write(request)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+async def test_aiohttps_own_400s_are_the_json_error(
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 13: requests aiohttp's HTTP parser rejects answer the documented JSON error, and
+    the daemon logs no traceback for them (the fixture checks the log)."""
+    setup = write_config(tmp_path, {"v": tmp_path / "absent.qmp"})
+    svc = await daemons.start(setup)
+    cases = [
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",
+        b"GET /v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    ]
+    for request in cases:
+        status, headers, body = await _raw_http(setup.api_socket, request)
+        assert status == 400, (request[:40], status, body)
+        assert headers["content-type"].startswith("application/json"), headers
+        error = json.loads(body)["error"]
+        assert error["status"] == 400
+        assert error["message"].startswith("malformed HTTP request: "), error
+    assert (await svc.api.health()).status == "ok"

@@ -35,6 +35,7 @@ __all__ = [
     "FieldErrorView",
     "InvalidInput",
     "error_middleware",
+    "error_response",
     "json_response",
 ]
 
@@ -95,6 +96,12 @@ def _error_response(
 ) -> web.Response:
     body = ErrorView(error=ErrorDetail(status=status, message=message, fields=list(fields)))
     return json_response(body.model_dump(mode="json"), status=status, headers=headers)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """An error answer in the wire format, for errors met outside a handler (aiohttp's own
+    HTTP parser: a NUL in a header, a request line over 8190 bytes)."""
+    return _error_response(status, message)
 
 
 def _http_error_message(request: web.Request, err: web.HTTPException) -> str:

@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Final
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
 
 from qmpdump.errors import UsageError
+from qmpdump.service.api.errors import error_response
 
 __all__ = ["DEFAULT_SHUTDOWN_TIMEOUT_S", "serve_unix", "stop_serving"]
 
@@ -25,6 +29,43 @@ log = logging.getLogger("qmpdump.service.api")
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0
 #: how long probing an existing socket for a live daemon may take
 _PROBE_TIMEOUT_S: Final = 2.0
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering the requests its HTTP parser rejects (a NUL in
+    a header, a request line over 8190 bytes: 400; too large: 413) in the API's JSON error
+    format, logged in one line without a traceback. A 500 (a bug) keeps aiohttp's handling."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        reason = message or (str(exc) if exc is not None else "malformed request")
+        reason = reason.splitlines()[0] if reason else "malformed request"
+        log.info("rejected a malformed HTTP request (%d): %s", status, reason)
+        response = error_response(status, f"malformed HTTP request: {reason}")
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(Server):
+    """aiohttp's :class:`~aiohttp.web_server.Server` that makes :class:`_JsonErrorHandler`
+    connection handlers (aiohttp has no public hook for that)."""
+
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # same state, one method more specific
+        return server
 
 
 def _group_id(group: str | None) -> int | None:
@@ -128,7 +169,7 @@ async def serve_unix(
     gid = _group_id(group)
     await _clear_stale(path)
     sock = _bind(path, mode, gid)
-    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s)
+    runner = _Runner(app, shutdown_timeout=shutdown_timeout_s)
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()
