@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,6 +107,52 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: the longest name the dump folder's filesystem takes when it cannot be asked
+_NAME_MAX = 255
+
+
+def _name_max(folder: Path) -> int:
+    """NAME_MAX of the first existing folder at or above ``folder``."""
+    for candidate in (folder, *folder.parents):
+        try:
+            return os.pathconf(candidate, "PC_NAME_MAX")
+        except OSError:
+            continue
+    return _NAME_MAX
+
+
+def _check_target(final: Path, *, overwrite: bool) -> None:
+    """Refuse, before anything is dumped, a target that could not take the dump: a name too
+    long for its ``.json.partial``, anything but a regular file in its place (a folder, a FIFO,
+    a device, a socket, a symbolic link: never replaced, ``--overwrite`` or not), and a
+    sidecar name already taken, unless overwriting (and then only a regular file)."""
+    longest = sidecar_path(final).name + PARTIAL_SUFFIX
+    limit = _name_max(final.parent)
+    if len(os.fsencode(longest)) > limit:
+        room = limit - len(os.fsencode(longest)) + len(os.fsencode(final.name))
+        raise UsageError(
+            f"{final.name[:40]}...: the name is too long ({len(os.fsencode(final.name))} bytes; "
+            f"at most {room}, so that its {longest[len(final.name) :]} fits in {limit})"
+        )
+    for path, what in ((final, "the dump"), (sidecar_path(final), "the dump's sidecar")):
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise UsageError(f"cannot check {path}: {err.strerror}") from err
+        if not stat.S_ISREG(mode):
+            raise UsageError(
+                f"{path} exists and is not a regular file: {what} never replaces it "
+                "(choose another name)"
+            )
+        if not overwrite:
+            raise UsageError(
+                f"{path} exists already and would be replaced by {what} "
+                "(choose another name, or overwrite)"
+            )
+
+
 class DumpFile:
     """One dump being written. Use as a context manager: it is discarded unless committed."""
 
@@ -124,8 +171,7 @@ class DumpFile:
         folder = final.parent
         if final.name.endswith(PARTIAL_SUFFIX):
             raise UsageError(f"{final}: a dump's name may not end in {PARTIAL_SUFFIX}")
-        if final.exists() and not overwrite:
-            raise UsageError(f"{final} exists already (choose another name, or overwrite)")
+        _check_target(final, overwrite=overwrite)
         try:
             created = _make_folders(folder)
         except OSError as err:

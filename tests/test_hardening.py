@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -535,3 +536,48 @@ async def test_aiohttps_own_400s_are_the_json_error(
         assert error["status"] == 400
         assert error["message"].startswith("malformed HTTP request: "), error
     assert (await svc.api.health()).status == "ok"
+
+
+# ----------------------------------------------------------------------------- -o edge cases
+
+
+@pytest.mark.bare
+async def test_the_output_target_is_checked_before_dumping(
+    vm_factory: VMFactory, tmp_path: Path
+) -> None:
+    """Item 14: a name too long, a folder, a FIFO or a device node at the path (``--overwrite``
+    or not), an unrelated ``FILE.json``: one line, exit 2, before any dump; nothing changed."""
+    vm = await bare_vm(vm_factory, "target", 128 * MiB)
+    out = tmp_path / "out"
+    out.mkdir()
+    folder = out / "a-folder.elf"
+    folder.mkdir()
+    fifo = out / "a-fifo.elf"
+    os.mkfifo(fifo)
+    device = out / "a-device.elf"
+    os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null
+    taken = out / "taken.elf"
+    (out / "taken.elf.json").write_text("someone else's notes\n")
+    cases = [
+        (out / ("n" * 250 + ".elf"), [], "name is too long"),
+        (folder, ["--overwrite"], "not a regular file"),
+        (fifo, ["--overwrite"], "not a regular file"),
+        (device, ["--overwrite"], "not a regular file"),
+        (folder, [], "not a regular file"),
+        (taken, [], "taken.elf.json exists already"),
+    ]
+    before = sorted(os.listdir(out))
+    for target, extra, words in cases:
+        code, stdout, err = await run_cli(
+            "dump", "--qmp", str(vm.qmp_path), "--engine", "qemu", "-o", str(target), *extra
+        )
+        assert (code, stdout) == (2, ""), (target.name[:20], code, stdout, err)
+        assert err.count("\n") == 1, err
+        assert words in err, err
+    assert sorted(os.listdir(out)) == before
+    assert folder.is_dir()
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert stat.S_ISCHR(device.lstat().st_mode)
+    assert (out / "taken.elf.json").read_text() == "someone else's notes\n"
+    assert os.listdir(folder) == []
+    assert await settled_state(vm) == "running"
