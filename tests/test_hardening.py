@@ -24,7 +24,7 @@ from qmpdump.engines.spec import EngineName, Mode
 from qmpdump.service.views import DumpRequest
 from qmpdump.testbed.vm import Backend, GiB, MiB
 
-from .clirun import run_cli
+from .clirun import QMPDUMP, run_cli
 from .conftest import VMFactory
 from .test_daemon import (
     Daemons,
@@ -581,3 +581,45 @@ async def test_the_output_target_is_checked_before_dumping(
     assert (out / "taken.elf.json").read_text() == "someone else's notes\n"
     assert os.listdir(folder) == []
     assert await settled_state(vm) == "running"
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+async def test_ctrl_c_at_any_moment_of_start_up_is_no_traceback(tmp_path: Path) -> None:
+    """Item 15: SIGINT in the first fraction of a second (while Python imports qmpdump) ends
+    with "interrupted" and exit 130, never a traceback from qmpdump's code. The peer is a socket that never greets,
+    so the command would otherwise wait."""
+    path = tmp_path / "silent.qmp"
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_unix_server(silent, path=str(path))
+    try:
+        for delay_s in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0):
+            proc = await asyncio.create_subprocess_exec(
+                QMPDUMP,
+                "map",
+                "--qmp",
+                str(path),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            await asyncio.sleep(delay_s)
+            proc.send_signal(signal.SIGINT)
+            _out, err = await asyncio.wait_for(proc.communicate(), 30)
+            text = err.decode()
+            print(f"SIGINT after {delay_s} s: exit {proc.returncode}, {text.strip()!r}")
+            if text.startswith("Fatal Python error: init_import_site"):
+                # Python's own start-up (site, .pth files), before any qmpdump code runs:
+                # the interpreter's doing, outside what a program can handle.
+                continue
+            assert "Traceback" not in text, text
+            assert proc.returncode in (130, -signal.SIGINT), (delay_s, proc.returncode, text)
+            if proc.returncode == 130:
+                assert text == "qmpdump: interrupted\n", text
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -1,7 +1,9 @@
 """The ``qmpdump`` command: argument parsing and the one mapping of errors to exit codes.
 
 Every failure qmpdump expects ends as one line on stderr and the exit code of its error class
-(:mod:`qmpdump.errors`); a traceback means a bug.
+(:mod:`qmpdump.errors`); a traceback means a bug. The commands (and the libraries they pull in,
+most of the start-up time) are imported inside :func:`main`, so that a Ctrl-C that lands while
+they load is an interrupt like any other, not a traceback.
 """
 
 from __future__ import annotations
@@ -9,12 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 from qmpdump import __version__
-from qmpdump.cli import client_commands, daemon_command, demo, dump_command, map_command
-from qmpdump.errors import QmpdumpError
 
 __all__ = ["main"]
 
@@ -23,6 +24,14 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one sub-parser per command."""
+    from qmpdump.cli import (  # noqa: PLC0415  (see the module doc)
+        client_commands,
+        daemon_command,
+        demo,
+        dump_command,
+        map_command,
+    )
+
     parser = argparse.ArgumentParser(
         prog="qmpdump", description="Memory dumps of live QEMU VMs, copying only populated memory."
     )
@@ -39,6 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code."""
+    try:
+        from qmpdump.cli import (  # noqa: PLC0415  (see the module doc)
+            client_commands,  # noqa: F401
+            daemon_command,  # noqa: F401
+            demo,  # noqa: F401
+            dump_command,  # noqa: F401
+            map_command,  # noqa: F401
+        )
+    except SystemExit as done:  # Ctrl-C while loading (qmpdump.cli's handler said so)
+        return int(done.code or EXIT_INTERRUPTED)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("qmpdump: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from qmpdump.errors import QmpdumpError  # noqa: PLC0415  (see the module doc)
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -53,9 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QmpdumpError as err:
         print(f"qmpdump: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("qmpdump: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
