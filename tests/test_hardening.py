@@ -588,8 +588,8 @@ async def test_the_output_target_is_checked_before_dumping(
 
 async def test_ctrl_c_at_any_moment_of_start_up_is_no_traceback(tmp_path: Path) -> None:
     """Item 15: SIGINT in the first fraction of a second (while Python imports qmpdump) ends
-    with "interrupted" and exit 130, never a traceback from qmpdump's code. The peer is a socket that never greets,
-    so the command would otherwise wait."""
+    with "interrupted" and exit 130, never a traceback from qmpdump's code. The peer is a
+    socket that never greets, so the command would otherwise wait."""
     path = tmp_path / "silent.qmp"
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -623,3 +623,41 @@ async def test_ctrl_c_at_any_moment_of_start_up_is_no_traceback(tmp_path: Path) 
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.bare
+async def test_qemu_killed_mid_backend_dump_is_qemu_gone_at_once(
+    vm_factory: VMFactory, tmp_path: Path
+) -> None:
+    """Item 15: QEMU SIGKILLed while the backend engine copies: exit 42 ("QEMU gone") within
+    about a second, no output left."""
+    vm = await bare_vm(vm_factory, "killed", 2 * GiB, backend=Backend.FILE, data=1536 * MiB)
+    out = tmp_path / "out"
+    out.mkdir()
+    cli = asyncio.create_task(
+        run_cli(
+            "dump",
+            "--qmp",
+            str(vm.qmp_path),
+            "--engine",
+            "backend",
+            "-o",
+            str(out / "d.elf"),
+            timeout_s=120,
+        )
+    )
+
+    async def paused() -> str | None:
+        assert not cli.done(), cli.result()
+        return "paused" if await run_state(vm) == "paused" else None
+
+    await eventually(paused, "the dump pausing the VM", interval_s=0.005)
+    t0 = time.monotonic()
+    os.kill(vm.pid, signal.SIGKILL)
+    code, _out, err = await cli
+    took = time.monotonic() - t0
+    print(f"exit {code} {took:.2f} s after SIGKILL: {err.strip()}")
+    assert code == 42, err
+    assert err.count("\n") == 1, err
+    assert "QEMU went away" in err
+    assert os.listdir(out) == []

@@ -45,7 +45,14 @@ from qmpdump.engines.copier import (
 from qmpdump.engines.copyplan import CopyOp, copy_ops, region_runs
 from qmpdump.engines.spec import ENGINE_TRAITS, EngineName, EngineTraits, Mode
 from qmpdump.engines.threads import run_threads
-from qmpdump.errors import DumpError, HostAccessError, QMPCommandError, QMPTimeout
+from qmpdump.errors import (
+    DumpError,
+    HostAccessError,
+    QEMUGone,
+    QMPCommandError,
+    QMPDisconnected,
+    QMPTimeout,
+)
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpTarget, write_error
 from qmpdump.qmp.events import paused_seconds
@@ -151,6 +158,9 @@ class _PauseGuard:
         lands, QEMU is gone, or :data:`RESUME_GIVE_UP_S` passed: then say plainly that the VM
         was left paused."""
         deadline = time.monotonic() + RESUME_GIVE_UP_S
+        if not self.session.connected:
+            self.resumed_at = time.monotonic()
+            return  # QEMU is gone: no VM is left paused, and its QEMUGone says why
         try:
             while True:
                 try:
@@ -170,6 +180,8 @@ class _PauseGuard:
                     )
         except QMPCommandError as err:
             raise DumpError(f"could not resume the VM after the dump: {err}") from err
+        except QMPDisconnected as err:
+            raise QEMUGone(f"QEMU went away before the VM could be resumed: {err}") from err
         finally:
             self.resumed_at = time.monotonic()
         if self.hooks.after_resume is not None:
@@ -293,6 +305,9 @@ async def _copy(
             state.changed.notify_all()
 
     async def tick() -> None:
+        if not job.session.connected:
+            # QEMU is gone (killed, crashed): what is left to copy is no VM's memory any more
+            raise QEMUGone("QEMU went away during the dump (QMP connection closed)")
         job.report(Progress(state.final_upto, state.copied, total))
 
     state.advance(0, len(plan.header))

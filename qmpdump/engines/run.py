@@ -35,6 +35,8 @@ from qmpdump.errors import (
     DumpError,
     DumpFailed,
     FdPassingUnavailable,
+    QEMUGone,
+    QMPDisconnected,
     UsageError,
 )
 from qmpdump.output import DumpFile, sidecar_path
@@ -131,6 +133,10 @@ async def run_dump(
             if limit.expired():
                 raise DumpFailed(f"the dump did not finish within {timeout_s:g} s") from err
             raise
+        except QMPDisconnected as err:
+            # Once a dump has begun, a lost QMP connection means QEMU went away (exit 42),
+            # whichever engine step noticed it first.
+            raise QEMUGone(f"QEMU went away during the dump: {err}") from err
         duration = time.monotonic() - t0
         record = Sidecar(
             qmpdump_version=__version__,
