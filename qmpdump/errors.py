@@ -42,6 +42,8 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
           +-- NotFound           no such VM, job or dump (404)
           +-- Conflict           the request conflicts with the state (409)
           +-- Unavailable        the VM is not connected, or the daemon is stopping (503)
+          +-- BadGateway         QEMU answered with something qmpdump cannot use (502)
+          +-- GatewayTimeout     QEMU did not answer in time: hung or overloaded (504)
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "BadGateway",
     "Conflict",
     "DiskFull",
     "DumpBusy",
@@ -57,6 +60,7 @@ __all__ = [
     "DumpFailed",
     "ElfFormatError",
     "FdPassingUnavailable",
+    "GatewayTimeout",
     "GuestBuildError",
     "GuestTimeout",
     "HostAccessError",
@@ -333,3 +337,18 @@ class Unavailable(ServiceError):
 
     exit_code = 53
     http_status = 503
+
+
+class BadGateway(ServiceError):
+    """Raised by the daemon when a request asked QEMU something and its answer could not be
+    used (a layout qmpdump cannot read, a refused command)."""
+
+    http_status = 502
+
+
+class GatewayTimeout(ServiceError):
+    """Raised by the daemon when a request asked QEMU something and QEMU did not answer in
+    time (hung: SIGSTOP, an overloaded host)."""
+
+    exit_code = 24
+    http_status = 504

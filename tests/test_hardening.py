@@ -35,6 +35,7 @@ from .test_daemon import (
     files_in,
     run_state,
     settled_state,
+    sidecar,
     wait_job,
     write_config,
 )
@@ -661,3 +662,36 @@ async def test_qemu_killed_mid_backend_dump_is_qemu_gone_at_once(
     assert err.count("\n") == 1, err
     assert "QEMU went away" in err
     assert os.listdir(out) == []
+
+
+# ----------------------------------------------------------------------------- reconnects
+
+
+@pytest.mark.bare
+async def test_a_queued_job_waits_for_the_reconnect_after_qemu_restarts(
+    vm_factory: VMFactory,
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 9: QEMU restarts on the same socket path while a dump runs and another waits: the
+    running one fails (QEMU gone), the queued one waits for the reconnect and succeeds on the
+    new QEMU."""
+    first = await bare_vm(vm_factory, "restart-1", 2 * GiB)
+    second = await bare_vm(vm_factory, "restart-2", 128 * MiB)
+    link = tmp_path / "vm.qmp"
+    link.symlink_to(first.qmp_path)
+    setup = write_config(tmp_path, {"r": link}, default_engine=EngineName.QEMU)
+    svc = await daemons.start(setup, connected=1)
+    running = await svc.api.request("r")
+    queued = await svc.api.request("r")
+    await wait_job(svc.api, running.id, states=("running",))
+    fresh = tmp_path / "vm.qmp.new"
+    fresh.symlink_to(second.qmp_path)
+    await first.stop()
+    fresh.replace(link)
+    gone = await wait_job(svc.api, running.id)
+    assert gone.state == "failed", gone
+    done = await wait_job(svc.api, queued.id)
+    assert done.state == "succeeded", done
+    assert done.result is not None
+    assert sidecar(setup.vm_dir("r") / done.result.file)["vm"]["pid"] == second.pid

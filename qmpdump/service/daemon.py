@@ -37,9 +37,15 @@ from pathlib import Path
 from qmpdump import __version__
 from qmpdump.engines.spec import DumpSpec
 from qmpdump.errors import (
+    BadGateway,
     Conflict,
+    GatewayTimeout,
     NotFound,
+    QMPConnectError,
+    QMPDisconnected,
     QmpdumpError,
+    QMPTimeout,
+    ServiceError,
     Unavailable,
     UsageError,
 )
@@ -380,7 +386,18 @@ class Daemon:
 
     async def vm_map(self, name: str) -> MapReport:
         session = self._supervisor(name).require_session()
-        return (await survey(session)).report()
+        try:
+            return (await survey(session)).report()
+        except QMPTimeout as err:
+            raise GatewayTimeout(
+                f"VM {name}: QEMU did not answer in time (is it hung?): {err}"
+            ) from err
+        except (QMPDisconnected, QMPConnectError) as err:
+            raise Unavailable(f"VM {name}: the QMP connection failed: {err}") from err
+        except (UsageError, ServiceError):
+            raise
+        except QmpdumpError as err:
+            raise BadGateway(f"VM {name}: QEMU's answers could not be used: {err}") from err
 
     async def submit(self, name: str, request: DumpRequest) -> JobView:
         if self.stopping:

@@ -31,6 +31,8 @@ __all__ = ["VMSupervisor"]
 log = logging.getLogger(__name__)
 
 _RUN_STATE_OF = {"STOP": "paused", "RESUME": "running", "SHUTDOWN": "shutdown"}
+#: how often a wait for the connection looks again at a session that is going down
+_RECHECK_S = 0.05
 #: The events a supervisor follows.
 VM_EVENTS = tuple(_RUN_STATE_OF)
 
@@ -68,11 +70,25 @@ class VMSupervisor:
         return session
 
     async def wait_connected(self, timeout_s: float) -> QMPSession:
-        """Wait up to ``timeout_s`` for a connection; Unavailable after that."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._up.wait()
-        return self.require_session()
+        """Wait up to ``timeout_s`` for a live connection; Unavailable after that.
+
+        A session that just went down (QEMU restarting) may still look up for a moment, until
+        the supervisor notices: that one is waited out too, not handed out or failed at once.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while True:
+            session = self.session
+            if session is not None and session.connected:
+                return session
+            left = end - loop.time()
+            if left <= 0:
+                return self.require_session()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, _RECHECK_S)):
+                    await self._up.wait()
+            if self._up.is_set():  # up by the flag, not by the session: look again shortly
+                await asyncio.sleep(min(_RECHECK_S, max(end - loop.time(), 0)))
 
     async def run(self) -> None:
         """Connect, follow, reconnect: until cancelled."""

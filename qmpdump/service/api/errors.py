@@ -3,8 +3,6 @@
 Every 4xx and 5xx answers ``{"error": {"status": N, "message": "...", "fields": [...]}}``:
 invalid input (body, query) 400; :class:`~qmpdump.errors.ServiceError` its ``http_status``
 (NotFound 404, Conflict 409, Unavailable 503); :class:`~qmpdump.errors.UsageError` 400;
-what QEMU did (a route that asks QEMU): QMPTimeout 504, a lost connection 503, any other
-qmpdump error 502, each with its sentence;
 aiohttp's own HTTP errors keep their status (unknown route 404, 405 with ``Allow``, body too
 large 413); anything else is a bug: 500 with a generic message, the traceback only in the log.
 """
@@ -20,14 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field
 
-from qmpdump.errors import (
-    QMPConnectError,
-    QMPDisconnected,
-    QmpdumpError,
-    QMPTimeout,
-    ServiceError,
-    UsageError,
-)
+from qmpdump.errors import ServiceError, UsageError
 
 __all__ = [
     "ErrorDetail",
@@ -114,20 +105,8 @@ def _http_error_message(request: web.Request, err: web.HTTPException) -> str:
     return err.text if err.text and err.text != default else err.reason
 
 
-def _qemu_failure(err: QmpdumpError) -> tuple[int, str]:
-    """The answer to what QEMU did to a request that asked it something: it hung (504), its
-    connection failed (503), or it answered with something qmpdump cannot use (502)."""
-    if isinstance(err, QMPTimeout):
-        return 504, f"QEMU did not answer in time (is it hung?): {err}"
-    if isinstance(err, QMPDisconnected | QMPConnectError):
-        return 503, f"the VM's QMP connection failed: {err}"
-    return 502, f"QEMU's answer could not be used: {err}"
-
-
 @web.middleware
-async def error_middleware(  # noqa: PLR0911  (one answer per kind of error, in one place)
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one mapping of errors to HTTP answers."""
     try:
         return await handler(request)
@@ -140,10 +119,6 @@ async def error_middleware(  # noqa: PLR0911  (one answer per kind of error, in 
         level = logging.WARNING if err.http_status == 500 else logging.DEBUG
         log.log(level, "%s %s: %s", request.method, request.path, err)
         return _error_response(err.http_status, str(err))
-    except QmpdumpError as err:
-        status, message = _qemu_failure(err)
-        log.warning("%s %s: %s", request.method, request.path, err)
-        return _error_response(status, message)
     except web.HTTPException as err:
         if err.status < 400:
             raise
