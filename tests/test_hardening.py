@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import time
@@ -695,3 +696,70 @@ async def test_a_queued_job_waits_for_the_reconnect_after_qemu_restarts(
     assert done.state == "succeeded", done
     assert done.result is not None
     assert sidecar(setup.vm_dir("r") / done.result.file)["vm"]["pid"] == second.pid
+
+
+# ----------------------------------------------------------------------------- many jobs
+
+
+def _seed_jobs(state_dir: Path, vms: list[str], finished: int, old: int) -> None:
+    """Write ``finished`` finished jobs spread over ``vms`` into a fresh job store, ``old`` of
+    them ended 40 days ago (as a long-running daemon's store would hold them)."""
+    from qmpdump.service.store import STORE_FILE, JobError, JobState, JobStore  # noqa: PLC0415
+
+    state_dir.mkdir(mode=0o700, parents=True)
+    now = time.time()
+    JobStore.in_state_dir(state_dir).close()  # created and migrated
+    conn = sqlite3.connect(state_dir / STORE_FILE)
+    err = JobError("x", "DumpFailed", 44)
+    rows = [
+        (
+            f"{i:032x}",
+            vms[i % len(vms)],
+            "qemu",
+            "elf",
+            "consistent",
+            JobState.FAILED.value,
+            now - (40 * 86400 if i < old else 60),
+            now - (40 * 86400 if i < old else 60),
+            err.message,
+            err.error_class,
+            err.exit_code,
+        )
+        for i in range(finished)
+    ]
+    with conn:
+        conn.executemany(
+            "INSERT INTO jobs (id, vm, engine, format, mode, state, created, ended, "
+            "error_message, error_class, error_exit_code) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+    conn.close()
+
+
+async def test_many_jobs_are_counted_not_listed_and_pruned_by_age_and_count(
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 7: 40 VMs and 100,000 finished jobs: the old ones are pruned at start-up (by age,
+    then down to JOB_KEEP_COUNT), and ``GET /v1/vms`` counts queued jobs on an index (its time
+    is printed, not asserted: speed belongs in bench/)."""
+    from qmpdump.service.jobs import JOB_KEEP_COUNT  # noqa: PLC0415
+
+    vms = [f"vm{i:02d}" for i in range(40)]
+    setup = write_config(tmp_path, {v: tmp_path / f"{v}.qmp" for v in vms})
+    await asyncio.to_thread(_seed_jobs, setup.state_dir, vms, 100_000, 30_000)
+    svc = await daemons.start(setup)
+
+    async def pruned() -> int | None:
+        n = len(await svc.api.jobs(limit=1000))
+        return n if "pruned" in svc.log_text() else None
+
+    await eventually(pruned, "the start-up prune", timeout_s=60)
+    assert f"pruned {100_000 - JOB_KEEP_COUNT} finished job(s)" in svc.log_text()
+    t0 = time.monotonic()
+    for _ in range(10):
+        assert len(await svc.api.vms()) == 40
+    took_ms = (time.monotonic() - t0) / 10 * 1000
+    print(f"GET /v1/vms, 40 VMs, {JOB_KEEP_COUNT} jobs kept: {took_ms:.1f} ms")
+    health = await svc.api.health()
+    assert health.queued_jobs == 0

@@ -263,6 +263,7 @@ class Daemon:
             ]
             tasks.append(group.create_task(self._watchdog(), name="watchdog"))
             tasks.append(group.create_task(runner.run(), name="jobs"))
+            tasks.append(group.create_task(runner.prune_forever(), name="prune"))
             # Undone before the group exits: tasks cancelled once the jobs have drained.
             stack.callback(undo.sync("cancelling tasks", lambda: [t.cancel() for t in tasks]))
             stack.push_async_callback(
@@ -371,7 +372,7 @@ class Daemon:
             qemu_version=sup.qemu_version,
             pid=sup.pid,
             running_job=job_id,
-            queued_jobs=len(self.store.list(vm=vm.name, state=JobState.QUEUED, limit=1000)),
+            queued_jobs=self.store.count(vm=vm.name, state=JobState.QUEUED),
             default_engine=vm.engine,
             default_format=vm.format,
             default_mode=vm.mode,
@@ -411,7 +412,7 @@ class Daemon:
             format=request.format or vm.format,
             mode=request.mode or vm.mode,
         )
-        if len(self.store.list(vm=name, state=JobState.QUEUED, limit=1000)) >= MAX_QUEUED_PER_VM:
+        if self.store.count(vm=name, state=JobState.QUEUED) >= MAX_QUEUED_PER_VM:
             raise Conflict(f"VM {name} is busy: {MAX_QUEUED_PER_VM} dumps are already waiting")
         runner = self.jobs_runner
         job = await runner.db(
@@ -514,7 +515,7 @@ class Daemon:
             vms=len(self.supervisors),
             connected=sum(s.state is ConnectionState.CONNECTED for s in sups),
             running_jobs=len(self.jobs_runner.running),
-            queued_jobs=len(self.store.list(state=JobState.QUEUED, limit=100000)),
+            queued_jobs=self.store.count(state=JobState.QUEUED),
         )
 
     def metrics(self) -> str:

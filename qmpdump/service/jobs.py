@@ -45,6 +45,11 @@ _T = TypeVar("_T")
 _PROGRESS_EVERY_S = 1.0
 #: the longest wait between two tries to record a job's end in a store that cannot be written
 _PERSIST_RETRY_MAX_S = 5.0
+#: finished jobs are kept this long, and at most this many (the newest): the store stays small
+JOB_KEEP_S = 30 * 24 * 3600.0
+JOB_KEEP_COUNT = 10_000
+#: how often finished jobs are pruned (and once at start-up)
+PRUNE_EVERY_S = 3600.0
 
 
 def spool_dir(settings: DaemonConfig) -> Path:
@@ -135,6 +140,19 @@ class JobRunner:
     def close(self) -> None:
         """Stop the worker thread (after every job has ended)."""
         self._executor.shutdown(wait=True)
+
+    async def prune_forever(self) -> None:
+        """Prune finished jobs (by age and count) at start-up and every hour, off the loop."""
+        while True:
+            try:
+                gone = await self.db(
+                    self.store.prune_finished, time.time() - JOB_KEEP_S, JOB_KEEP_COUNT
+                )
+            except Unavailable:
+                gone = 0  # a full store: next time
+            if gone:
+                log.info("pruned %d finished job(s) from the job store", gone)
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     def wake(self) -> None:
         """Look for a job to start (a job was queued, a VM connected, a job ended)."""

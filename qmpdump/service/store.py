@@ -251,6 +251,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE jobs ADD COLUMN target TEXT",
         "ALTER TABLE pauses ADD COLUMN qemu_pid INTEGER",
         "ALTER TABLE pauses ADD COLUMN qemu_start INTEGER",
+        # pruning by age: finished jobs by the time they ended
+        "CREATE INDEX jobs_by_end ON jobs (ended) WHERE ended IS NOT NULL",
     ),
 )
 
@@ -284,6 +286,14 @@ def migrate(conn: sqlite3.Connection, source: str = "the job store") -> int:
 
 
 # --- the store ---
+
+#: :meth:`JobStore.count`'s query by (a state is given, a VM is given)
+_COUNT_SQL: dict[tuple[bool, bool], str] = {
+    (False, False): "SELECT COUNT(*) FROM jobs",
+    (True, False): "SELECT COUNT(*) FROM jobs WHERE state = ?",
+    (False, True): "SELECT COUNT(*) FROM jobs WHERE vm = ?",
+    (True, True): "SELECT COUNT(*) FROM jobs WHERE state = ? AND vm = ?",
+}
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -617,13 +627,32 @@ class JobStore:
             )
         return [self._must_get(job_id) for job_id in ids]
 
-    def prune_finished(self, older_than: float) -> int:
-        """Delete finished jobs that ended before ``older_than``; return how many."""
+    def prune_finished(self, older_than: float, keep: int | None = None) -> int:
+        """Delete finished jobs that ended before ``older_than``, and beyond the newest
+        ``keep`` finished ones; return how many. Queued and running jobs are never touched."""
+        finals = sorted(s.value for s in FINAL_STATES)
         with self._tx() as conn:
-            return conn.execute(
+            gone = conn.execute(
                 "DELETE FROM jobs WHERE state IN (?, ?, ?) AND ended < ?",
-                (*sorted(s.value for s in FINAL_STATES), older_than),
+                (*finals, older_than),
             ).rowcount
+            if keep is not None:
+                gone += conn.execute(
+                    "DELETE FROM jobs WHERE state IN (?1, ?2, ?3) AND seq <= ("
+                    "SELECT seq FROM jobs WHERE state IN (?1, ?2, ?3) "
+                    "ORDER BY seq DESC LIMIT 1 OFFSET ?4)",
+                    (*finals, keep),
+                ).rowcount
+        return gone
+
+    def count(self, vm: str | None = None, state: JobState | None = None) -> int:
+        """How many jobs (of ``vm``, in ``state``): an index count, not a listing."""
+        # Only the conditions given, so that SQLite counts on an index (jobs_by_state,
+        # jobs_by_vm) rather than scanning the table for "?1 IS NULL OR ...".
+        args = tuple(
+            a for a in (None if state is None else JobState(state).value, vm) if a is not None
+        )
+        return int(self._query(_COUNT_SQL[state is not None, vm is not None], args)[0][0])
 
     # --- the pause journal ---
 
