@@ -21,6 +21,7 @@ from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.qemu import QemuDumpRequest
 from qmpdump.engines.run import DumpOutcome, run_dump
 from qmpdump.errors import UsageError
+from qmpdump.kdump.plan import ZeroPages
 from qmpdump.qmp.session import QMPSession, parse_address
 
 __all__ = ["add_parser", "run"]
@@ -67,8 +68,16 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--format",
         default="elf",
-        help="elf (default), kdump-zlib, kdump-lzo, kdump-snappy, "
-        "win-dmp: whatever this QEMU offers",
+        help="elf (default); kdump-zlib, kdump-lzo, kdump-snappy, kdump-zstd (backend: "
+        "qmpdump's own kdump-compressed writer; kdump: the codec every reader here opens); "
+        "qemu engine: whatever this QEMU offers (elf, kdump-zlib, win-dmp, ...)",
+    )
+    parser.add_argument(
+        "--kdump-zero-pages",
+        choices=[z.value for z in ZeroPages],
+        default=ZeroPages.EXCLUDE.value,
+        help="backend kdump: leave zero pages out (default; readers say 'page excluded', as "
+        "makedumpfile -d 1) or point them all at one shared zero page (24 bytes per RAM page)",
     )
     parser.add_argument("--paging", action="store_true", help="ELF: guest-virtual mappings")
     parser.add_argument("--begin", type=_size, help="ELF: first guest-physical byte")
@@ -149,6 +158,8 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                         live=args.live,
                         zero_pages=args.zero_pages,
                         max_phdrs=args.max_program_headers,
+                        format=args.format,
+                        kdump_zero_pages=ZeroPages(args.kdump_zero_pages),
                     ),
                     overwrite=args.overwrite,
                     progress=lambda p: bar.show(p.completed, p.total),

@@ -9,6 +9,7 @@ VM was paused, and the memory map's summary at the start of the dump.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from qmpdump import __version__
 from qmpdump.engines.backend import BackendDumpRequest, dump_with_backend, readable
 from qmpdump.engines.qemu import Progress, QemuDumpRequest, dump_with_qemu
 from qmpdump.errors import UsageError
+from qmpdump.kdump.codecs import is_kdump_format
 from qmpdump.output import DumpFile, sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
@@ -64,15 +66,19 @@ def choose_engine(engine: str, before: Survey, fmt: str) -> tuple[str, str]:
     if engine == "qemu":
         return "qemu", "asked for"
     if engine == "backend":
-        if fmt != "elf":
-            raise UsageError(f"the backend engine writes ELF only, not {fmt!r}")
+        if fmt != "elf" and not is_kdump_format(fmt):
+            raise UsageError(f"the backend engine writes ELF and kdump-compressed, not {fmt!r}")
         return "backend", "asked for"
     if engine != "auto":
         raise UsageError(f"unknown engine {engine!r} (qemu, backend or auto)")
-    if fmt != "elf":
-        return "qemu", f"the backend engine writes ELF only, and {fmt} was asked for"
+    if fmt != "elf" and not is_kdump_format(fmt):
+        return "qemu", f"the backend engine does not write {fmt}"
     ok, why = readable(before)
-    return ("backend", why) if ok else ("qemu", why)
+    if ok:
+        return "backend", why
+    if fmt in ("kdump", "kdump-zstd"):
+        raise UsageError(f"only the backend engine writes {fmt}, and it cannot here: {why}")
+    return "qemu", why
 
 
 async def run_dump(
@@ -91,7 +97,10 @@ async def run_dump(
     qemu = qemu or QemuDumpRequest()
     backend = backend or BackendDumpRequest()
     before = await survey(session)
-    chosen, reason = choose_engine(engine, before, qemu.format)
+    fmt = backend.format if is_kdump_format(backend.format) else qemu.format
+    chosen, reason = choose_engine(engine, before, fmt)
+    if chosen == "qemu" and fmt != qemu.format:
+        qemu = dataclasses.replace(qemu, format=fmt)
     report = before.report()
     with DumpFile.create(target, overwrite=overwrite) as output:
         started = time.time()
@@ -118,17 +127,33 @@ async def run_dump(
             )
             size, digest, paused = b.size, b.sha256, b.paused_s
             report = b.survey.report()
-            details = {
-                "format": "elf",
-                "mode": "live" if backend.live else "consistent",
-                "zero_pages_left_out": backend.zero_pages,
-                "program_headers": b.plan.phnum,
-                "pn_xnum": b.plan.uses_pn_xnum,
-                "data_bytes": b.plan.data.total,
-                "zero_fill_bytes": b.plan.zero_fill.total,
-                "copied_bytes": b.copied,
-            }
-            fmt = "elf"
+            if b.kdump is not None:
+                details = {
+                    "format": fmt,
+                    "codec": b.kdump.codec,
+                    "mode": "live" if backend.live else "consistent",
+                    "zero_pages": str(backend.kdump_zero_pages),
+                    "ram_pages": b.kdump.plan.ram_pages,
+                    "read_pages": b.kdump.written.read_pages,
+                    "zero_read_pages": b.kdump.written.zero_read_pages,
+                    "dumped_pages": b.kdump.written.dumped_pages,
+                    "page_data_bytes": b.kdump.written.data_bytes,
+                    "copied_bytes": b.copied,
+                }
+                fmt = f"kdump-{b.kdump.codec}"
+            else:
+                assert b.plan is not None
+                fmt = "elf"
+                details = {
+                    "format": "elf",
+                    "mode": "live" if backend.live else "consistent",
+                    "zero_pages_left_out": backend.zero_pages,
+                    "program_headers": b.plan.phnum,
+                    "pn_xnum": b.plan.uses_pn_xnum,
+                    "data_bytes": b.plan.data.total,
+                    "zero_fill_bytes": b.plan.zero_fill.total,
+                    "copied_bytes": b.copied,
+                }
         duration = time.monotonic() - t0
         record: dict[str, Any] = {
             "qmpdump_version": __version__,
