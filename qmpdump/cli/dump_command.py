@@ -75,9 +75,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--kdump-zero-pages",
         choices=[z.value for z in ZeroPages],
-        default=ZeroPages.EXCLUDE.value,
-        help="backend kdump: leave zero pages out (default; readers say 'page excluded', as "
-        "makedumpfile -d 1) or point them all at one shared zero page (24 bytes per RAM page)",
+        default=ZeroPages.EXCLUDE_HOLES.value,
+        help="backend kdump: exclude-holes (default): RAM the host never populated is left "
+        "out (readers say 'page excluded'), all-zero pages read point at one shared zero page; "
+        "exclude: every zero page left out (smallest, as makedumpfile -d 1; makedumpfile then "
+        "cannot read kernel structures that span one); shared: every RAM page dumped, zero "
+        "pages shared (24 bytes per RAM page)",
     )
     parser.add_argument("--paging", action="store_true", help="ELF: guest-virtual mappings")
     parser.add_argument("--begin", type=_size, help="ELF: first guest-physical byte")

@@ -68,7 +68,7 @@ class BackendDumpRequest:
     #: ``elf``, or a kdump-compressed format (``kdump``: the codec every reader here opens)
     format: str = "elf"
     #: kdump: zero pages left out of the dump (makedumpfile's level 1) or shared
-    kdump_zero_pages: ZeroPages = ZeroPages.EXCLUDE
+    kdump_zero_pages: ZeroPages = ZeroPages.EXCLUDE_HOLES
     #: kdump: compression threads (default: one per CPU)
     threads: int | None = None
 

@@ -30,7 +30,7 @@ from qmpdump.engines.copier import FileSource, Source, Stopped
 from qmpdump.host.procmem import read_process_memory
 from qmpdump.kdump.codecs import Codec
 from qmpdump.kdump.format import PAGE_DESC
-from qmpdump.kdump.plan import Batch, KdumpPlan, ZeroPages, ZeroSpan, set_bits
+from qmpdump.kdump.plan import Batch, KdumpPlan, ZeroSpan, set_bits
 
 __all__ = ["KdumpWriteResult", "write_kdump"]
 
@@ -155,8 +155,9 @@ class _Writer:
     def __init__(self, plan: KdumpPlan, out_fd: int) -> None:
         self.plan = plan
         self.fd = out_fd
-        self.shared = plan.zero_pages is ZeroPages.SHARED
-        self.bitmap2 = bytearray(plan.bitmap1) if self.shared else bytearray(plan.bitmap_size)
+        self.shared = plan.zero_pages.shares_read_zeros
+        self.share_holes = plan.zero_pages.shares_holes
+        self.bitmap2 = bytearray(plan.bitmap1 if self.share_holes else plan.bitmap_size)
         self.descs = _Descriptors(out_fd, plan.desc_offset)
         self.zero_desc = plan.zero_desc
         self.cursor = plan.first_page_offset
@@ -171,7 +172,7 @@ class _Writer:
             _pwrite_all(self.fd, bytes(self.plan.block_size), self.plan.data_offset)
 
     def zero_span(self, span: ZeroSpan) -> None:
-        if not self.shared:
+        if not self.share_holes:
             return  # excluded: in the 1st bitmap only
         left = span.pages
         while left:
@@ -187,12 +188,13 @@ class _Writer:
                 packed.append(PAGE_DESC.pack(self.cursor, size, flags, 0))
                 self.cursor += size
                 self.data_bytes += size
-                if not self.shared:
-                    set_bits(self.bitmap2, batch.pfn + index, 1)
             else:
                 self.zero_read += 1
-                if self.shared:
-                    packed.append(self.zero_desc)
+                if not self.shared:
+                    continue  # excluded
+                packed.append(self.zero_desc)
+            if not self.share_holes:
+                set_bits(self.bitmap2, batch.pfn + index, 1)
         self.descs.add(b"".join(packed), len(packed))
         self.read_bytes += batch.pages * self.plan.block_size
 

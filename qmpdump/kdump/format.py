@@ -164,7 +164,7 @@ def pack_sub_header(k: KdumpSubHeader) -> bytes:
     64-bit values clamped, as makedumpfile does for split dumps (both 0 otherwise)."""
     clamp = 0xFFFF_FFFF
     return SUB_HEADER.pack(
-        k.phys_base,
+        k.phys_base & 0xFFFF_FFFF_FFFF_FFFF,  # unsigned long; VMCOREINFO prints it signed
         k.dump_level,
         k.split,
         min(k.start_pfn, clamp),

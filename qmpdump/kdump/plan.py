@@ -91,6 +91,17 @@ class ZeroPages(enum.StrEnum):
 
     EXCLUDE = "exclude"
     SHARED = "shared"
+    EXCLUDE_HOLES = "exclude-holes"
+
+    @property
+    def shares_read_zeros(self) -> bool:
+        """Whether all-zero pages read from the host point at the shared zero page."""
+        return self is not ZeroPages.EXCLUDE
+
+    @property
+    def shares_holes(self) -> bool:
+        """Whether RAM pages the host does not hold point at the shared zero page."""
+        return self is ZeroPages.SHARED
 
 
 class LocatedRun(Protocol):
@@ -161,7 +172,7 @@ class KdumpPlan:
     @property
     def first_page_offset(self) -> int:
         """Where the first data page goes (after the shared zero page, if any)."""
-        shared = self.zero_pages is ZeroPages.SHARED
+        shared = self.zero_pages.shares_read_zeros
         return self.data_offset + (self.block_size if shared else 0)
 
     def batches(self) -> Iterator[Batch]:
@@ -237,7 +248,7 @@ def plan_kdump(
     runs: Sequence[LocatedRun],
     *,
     codec_flag: int,
-    zero_pages: ZeroPages = ZeroPages.EXCLUDE,
+    zero_pages: ZeroPages = ZeroPages.EXCLUDE_HOLES,
     machine: int = EM_X86_64,
     utsname: Utsname | None = None,
     timestamp_s: int = 0,
@@ -282,7 +293,7 @@ def plan_kdump(
     # Descriptors for every page that may be dumped: exact when zero pages are shared; an upper
     # bound when they are excluded (which pages are zero is known only once read): the space
     # left over stays a hole in the file.
-    max_dumped = ram_pages if zero_pages is ZeroPages.SHARED else read_pages
+    max_dumped = ram_pages if zero_pages.shares_holes else read_pages
     data_offset = _blocks(desc_offset + PAGE_DESC.size * max_dumped, page) * page
 
     vmcoreinfo = find_note(notes, b"VMCOREINFO")
