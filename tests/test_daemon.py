@@ -739,8 +739,10 @@ async def test_bad_requests_are_4xx_and_never_break_the_daemon(
         await api.job(unknown_job)
     with pytest.raises(NotFound, match="no job"):
         await api.cancel(unknown_job)
-    with pytest.raises(UsageError, match="ELF only"):
-        await api.request("v", DumpRequest(engine="backend", format="kdump-zlib"))
+    with pytest.raises(UsageError, match="ELF and kdump-compressed, not 'win-dmp'"):
+        await api.request("v", DumpRequest(engine="backend", format="win-dmp"))
+    with pytest.raises(UsageError, match="only the backend engine writes kdump-zstd"):
+        await api.request("v", DumpRequest(engine="qemu", format="kdump-zstd"))
     with pytest.raises(UsageError, match="live mode"):
         await api.request("v", DumpRequest(engine="qemu", mode="live"))
 
@@ -773,7 +775,7 @@ async def test_bad_requests_are_4xx_and_never_break_the_daemon(
     for argv, want_code, words in [
         (["request", "nope"], 51, "no VM named 'nope'"),
         (["request", "v", "--engine", "qemu", "--live"], 2, "live mode"),
-        (["request", "v", "--engine", "backend", "--format", "kdump-zlib"], 2, "ELF only"),
+        (["request", "v", "--engine", "backend", "--format", "win-dmp"], 2, "ELF and kdump"),
         (["job", unknown_job], 51, "no job"),
         (["cancel", unknown_job], 51, "no job"),
         (["dumps", "--vm", "nope"], 51, "no VM named 'nope'"),

@@ -922,7 +922,7 @@ async def test_auto_picks_the_backend_and_says_why(running_vm: VM, dumps: Path) 
 
 
 @pytest.mark.guest
-async def test_auto_picks_qemu_for_kdump_and_says_why(running_vm: VM, dumps: Path) -> None:
+async def test_auto_picks_the_backend_for_kdump_and_says_why(running_vm: VM, dumps: Path) -> None:
     vm = running_vm
     target = dumps / "auto.kdump"
     code, out, err = await run_cli(
@@ -939,17 +939,16 @@ async def test_auto_picks_qemu_for_kdump_and_says_why(running_vm: VM, dumps: Pat
     )
     assert code == 0, err
     record = await asyncio.to_thread(check_files, target)
-    assert json.loads(out)["engine"] == record["engine"] == "qemu"
-    assert "ELF only" in record["engine_reason"]
-    assert "kdump-zlib" in record["engine_reason"]
+    assert json.loads(out)["engine"] == record["engine"] == "backend"
+    assert "every RAM region can be read" in record["engine_reason"]
     assert record["format"] == "kdump-zlib"
     with target.open("rb") as f:
-        assert f.read(12) == b"makedumpfile"  # the flattened format (written into a pipe)
+        assert f.read(8) == b"KDUMP   "  # the standard layout, never flattened
     await assert_running(vm)
 
 
 @pytest.mark.guest
-async def test_backend_refuses_kdump(running_vm: VM, dumps: Path) -> None:
+async def test_backend_refuses_win_dmp(running_vm: VM, dumps: Path) -> None:
     vm = running_vm
     folder = dumps / "out"
     code, out, err = await run_cli(
@@ -957,15 +956,15 @@ async def test_backend_refuses_kdump(running_vm: VM, dumps: Path) -> None:
         "--qmp",
         str(vm.qmp_path),
         "-o",
-        str(folder / "x.kdump"),
+        str(folder / "x.dmp"),
         "--engine",
         "backend",
         "--format",
-        "kdump-zlib",
+        "win-dmp",
     )
     assert code == 2, err
     assert out == ""
-    assert "ELF only" in err
+    assert "ELF and kdump-compressed" in err
     assert "Traceback" not in err
     assert leftovers(folder) == []
     await assert_running(vm)

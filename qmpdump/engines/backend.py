@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -52,6 +53,7 @@ from qmpdump.survey import RegionAccess, Survey, probe_prefix_without_growth, su
 __all__ = ["BackendDumpRequest", "BackendDumpResult", "dump_with_backend", "readable"]
 
 POLL_S = 0.1
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,8 +260,10 @@ async def _dump_kdump(  # noqa: PLR0917 (private; the integrator reshapes engine
     then the finished file hashed. Zero pages are found while compressing (no extra read)."""
     codec = await asyncio.to_thread(codec_for_format, request.format)
     async with guard:
+        t0 = time.monotonic()
         result = await survey(session) if guard.pause else before
         prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
+        t1 = time.monotonic()
         coverage = dump_loads(prefix)
         wanted = result.population.populated | result.population.unknown
         plan = plan_kdump(
@@ -272,6 +276,7 @@ async def _dump_kdump(  # noqa: PLR0917 (private; the integrator reshapes engine
             timestamp_s=int(time.time()),
         )
         total = plan.read_pages * plan.block_size
+        t2 = time.monotonic()
         with _open_sources(result) as sources:
             try:
                 written, digest = await _write_kdump(
@@ -279,6 +284,13 @@ async def _dump_kdump(  # noqa: PLR0917 (private; the integrator reshapes engine
                 )
             except OSError as err:
                 raise write_error(err, output.final) from err
+        log.debug(
+            "kdump-%s: survey and probe %.3f s, plan %.3f s, write and hash %.3f s",
+            codec.name,
+            t1 - t0,
+            t2 - t1,
+            time.monotonic() - t2,
+        )
     if progress is not None:
         progress(Progress(written.file_size, total, total))
     paused_s = guard.paused_s if guard.pause else probe_paused_s

@@ -57,6 +57,7 @@ from pydantic import (
 )
 
 from qmpdump.errors import UsageError
+from qmpdump.kdump.codecs import KDUMP_FORMATS, is_kdump_format
 from qmpdump.qmp.session import QMPAddress, parse_address
 
 __all__ = [
@@ -212,8 +213,9 @@ def _qmp(value: str) -> str:
 
 
 def _format(value: str) -> str:
-    if value not in QEMU_FORMATS:
-        raise ValueError(f"{value!r} is not a dump format; QEMU knows {', '.join(QEMU_FORMATS)}")
+    if value not in QEMU_FORMATS and not is_kdump_format(value):
+        known = ", ".join(dict.fromkeys((*QEMU_FORMATS, *KDUMP_FORMATS)))
+        raise ValueError(f"{value!r} is not a dump format; known: {known}")
     return value
 
 
@@ -237,9 +239,12 @@ def _combination(
     did not set (its value is inherited) is given as "" and is not blamed if another can be.
     """
     engine_key, format_key, mode_key = keys
-    if engine == "backend" and fmt != "elf":
+    if engine == "backend" and fmt != "elf" and not is_kdump_format(fmt):
         blame, other = format_key or engine_key, (engine_key, format_key)
-        why = f"the backend engine writes ELF only, not {fmt!r}"
+        why = f"the backend engine writes ELF and kdump-compressed, not {fmt!r}"
+    elif engine == "qemu" and fmt not in QEMU_FORMATS:
+        blame, other = format_key or engine_key, (engine_key, format_key)
+        why = f"only the backend engine writes {fmt!r}"
     elif engine == "qemu" and mode == "live":
         blame, other = mode_key or engine_key, (engine_key, mode_key)
         why = "QEMU's dump-guest-memory stops the VM: a live dump needs engine backend or auto"
@@ -636,7 +641,7 @@ max_concurrent_dumps = 2            # over all VMs; one dump at a time per VM in
 
 # What a dump request gets unless it says otherwise (a [[vm]] may override them):
 default_engine = "auto"             # auto | backend | qemu
-default_format = "elf"              # elf, kdump-zlib, kdump-lzo, kdump-snappy, win-dmp, ...
+default_format = "elf"              # elf, kdump (codec: auto), kdump-zlib|lzo|snappy|zstd, win-dmp
 default_mode = "consistent"         # consistent (VM paused while copying) | live (backend only)
 
 reconnect_min_s = 1.0               # QMP reconnection backoff: first delay ...

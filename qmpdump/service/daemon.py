@@ -43,11 +43,12 @@ from qmpdump.errors import (
     Unavailable,
     UsageError,
 )
+from qmpdump.kdump.codecs import is_kdump_format
 from qmpdump.output import PARTIAL_SUFFIX, sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
 from qmpdump.service import sdnotify
-from qmpdump.service.config import Config, ResolvedVM
+from qmpdump.service.config import QEMU_FORMATS, Config, ResolvedVM
 from qmpdump.service.retention import retention_victims
 from qmpdump.service.store import Job, JobError, JobResult, JobState, JobStore
 from qmpdump.service.supervisor import VMSupervisor
@@ -310,7 +311,10 @@ class Daemon:
                 engine=job.engine,
                 qemu=QemuDumpRequest(format=job.format),
                 backend=BackendDumpRequest(
-                    live=job.mode == "live", on_pause=on_pause, on_resume=on_resume
+                    live=job.mode == "live",
+                    on_pause=on_pause,
+                    on_resume=on_resume,
+                    format=job.format,
                 ),
                 progress=progress,
                 cancel=running.cancel,
@@ -423,8 +427,10 @@ class Daemon:
         engine = request.engine or vm.engine
         fmt = request.format or vm.format
         mode = request.mode or vm.mode
-        if engine == "backend" and fmt != "elf":
-            raise UsageError(f"the backend engine writes ELF only, not {fmt!r}")
+        if engine == "backend" and fmt != "elf" and not is_kdump_format(fmt):
+            raise UsageError(f"the backend engine writes ELF and kdump-compressed, not {fmt!r}")
+        if engine == "qemu" and is_kdump_format(fmt) and fmt not in QEMU_FORMATS:
+            raise UsageError(f"only the backend engine writes {fmt}")
         if engine == "qemu" and mode == "live":
             raise UsageError("live mode is for the backend engine (QEMU pauses the VM to dump)")
         if len(self.store.list(vm=name, state=JobState.QUEUED, limit=1000)) >= MAX_QUEUED_PER_VM:
