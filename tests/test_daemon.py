@@ -751,7 +751,7 @@ async def test_bad_requests_are_4xx_and_never_break_the_daemon(
     cases: list[tuple[str, str, str | None, int, str]] = [
         ("POST", "/v1/vms/nope/dumps", "{}", 404, "no VM named"),
         ("POST", "/v1/vms/v/dumps", '{"path": "/etc/shadow"}', 400, "path"),
-        ("POST", "/v1/vms/v/dumps", '{"engine":"backend","format":"kdump-zlib"}', 400, "ELF"),
+        ("POST", "/v1/vms/v/dumps", '{"engine":"backend","format":"win-dmp"}', 400, "ELF"),
         ("POST", "/v1/vms/v/dumps", '{"engine":"qemu","mode":"live"}', 400, "live"),
         ("POST", "/v1/vms/v/dumps", "{not json", 400, "not JSON"),
         ("POST", "/v1/vms/v/dumps", "[1, 2]", 400, "JSON object"),
