@@ -35,8 +35,11 @@ from qmpdump.kdump.format import (
     HEADER,
     PAGE_DESC,
     SUB_HEADER,
+    UTS_READ_SIZE,
     find_note,
+    init_uts_ns_gpa,
     parse_vmcoreinfo,
+    utsname_from_memory,
 )
 from qmpdump.kdump.plan import Batch, KdumpPlan, ZeroPages, ZeroSpan, plan_kdump, set_bits
 from qmpdump.memmap.ranges import RangeSet
@@ -409,3 +412,32 @@ def test_auto_codec_is_one_every_reader_opens() -> None:
 
     with pytest.raises(UsageError):
         codec_for_format("kdump-lz4")
+
+
+def _uts_blob(offset: int, release: str) -> bytes:
+    fields = ("Linux", "guest", release, "#1 SMP PREEMPT_DYNAMIC Debian", "x86_64", "(none)")
+    return bytes(offset) + b"".join(f.encode().ljust(65, b"\0") for f in fields) + bytes(8)
+
+
+def test_kernel_utsname_is_taken_only_when_it_checks_out() -> None:
+    info = parse_vmcoreinfo(VMCOREINFO)
+    # __START_KERNEL_map + phys_base, phys_base negative here (a kernel loaded low)
+    assert init_uts_ns_gpa(info) == 0xFFFFFFFF82A13620 - 0xFFFFFFFF80000000 - 861929472
+    release = "6.1.0-test-amd64"
+    for offset in (0, 4):
+        uts = utsname_from_memory(_uts_blob(offset, release), release)
+        assert uts is not None
+        assert (uts.nodename, uts.version) == ("guest", "#1 SMP PREEMPT_DYNAMIC Debian")
+        assert (uts.domainname, uts.machine) == ("(none)", "x86_64")
+    assert utsname_from_memory(_uts_blob(0, "5.10.0"), release) is None
+    assert utsname_from_memory(bytes(UTS_READ_SIZE), release) is None
+    assert utsname_from_memory(b"Linux", release) is None
+    plan = plan_kdump(
+        NOTES,
+        RangeSet.of(0, PAGE),
+        [],
+        codec_flag=1,
+        utsname=utsname_from_memory(_uts_blob(0, release), release),
+    )
+    fields = [v.rstrip(b"\0") for v in HEADER.unpack_from(plan.prefix)[2:8]]
+    assert fields[3] == b"#1 SMP PREEMPT_DYNAMIC Debian"

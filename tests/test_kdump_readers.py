@@ -193,6 +193,8 @@ async def test_crash_prints_the_release(dumps: Dumps, name: str) -> None:
     assert fields[2].rstrip(b"\0") == b"Linux"
     assert fields[4].rstrip(b"\0").decode() == build_guest().release
     assert fields[6].rstrip(b"\0") == b"x86_64"
+    # ... and the kernel's own version string, read from init_uts_ns
+    assert fields[5].startswith(b"#1 SMP")
 
 
 @pytest.mark.guest

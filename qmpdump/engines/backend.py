@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qmpdump.elf.format import parse_header
-from qmpdump.elf.plan import DEFAULT_MAX_PHDRS, CorePlan, notes_payload, plan_core
+from qmpdump.elf.plan import DEFAULT_MAX_PHDRS, EM_X86_64, CorePlan, notes_payload, plan_core
 from qmpdump.engines.copier import (
     CopyState,
     FileSource,
@@ -39,11 +39,12 @@ from qmpdump.engines.copier import (
     hash_output,
 )
 from qmpdump.engines.copyplan import CopyOp, copy_ops, region_runs
-from qmpdump.engines.kdump_writer import KdumpWriteResult, write_kdump
+from qmpdump.engines.kdump_writer import KdumpWriteResult, read_source, write_kdump
 from qmpdump.engines.qemu import Progress
 from qmpdump.errors import DumpCancelled, DumpError, HostAccessError, QMPCommandError
 from qmpdump.kdump.codecs import Codec, codec_for_format, is_kdump_format
-from qmpdump.kdump.plan import KdumpPlan, ZeroPages, plan_kdump
+from qmpdump.kdump.format import UTS_READ_SIZE, Utsname, init_uts_ns_gpa, utsname_from_memory
+from qmpdump.kdump.plan import KdumpPlan, ZeroPages, plan_kdump, vmcoreinfo_of
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpFile, write_error
 from qmpdump.qmp.plugged import dump_loads
@@ -266,13 +267,17 @@ async def _dump_kdump(  # noqa: PLR0917 (private; the integrator reshapes engine
         t1 = time.monotonic()
         coverage = dump_loads(prefix)
         wanted = result.population.populated | result.population.unknown
+        notes = notes_payload(prefix)
+        machine = parse_header(prefix).machine
+        utsname = await asyncio.to_thread(_kernel_utsname, result, notes, machine, wanted)
         plan = plan_kdump(
-            notes_payload(prefix),
+            notes,
             coverage,
             region_runs(result.layout, wanted & coverage),
             codec_flag=codec.flag,
             zero_pages=request.kdump_zero_pages,
-            machine=parse_header(prefix).machine,
+            machine=machine,
+            utsname=utsname,
             timestamp_s=int(time.time()),
         )
         total = plan.read_pages * plan.block_size
@@ -303,6 +308,25 @@ async def _dump_kdump(  # noqa: PLR0917 (private; the integrator reshapes engine
         result,
         KdumpDetails(codec.name, plan, written),
     )
+
+
+def _kernel_utsname(result: Survey, notes: bytes, machine: int, wanted: RangeSet) -> Utsname | None:
+    """The guest kernel's own utsname (``init_uts_ns``), for the kdump header's version,
+    nodename and domainname; ``None`` (the header then takes VMCOREINFO's release only) when
+    it is not x86_64, not found, in memory the host does not hold, or does not check out."""
+    info = vmcoreinfo_of(notes)
+    gpa = init_uts_ns_gpa(info) if info is not None and machine == EM_X86_64 else None
+    if info is None or gpa is None:
+        return None
+    if RangeSet.of(gpa, UTS_READ_SIZE) - wanted:
+        return None  # never read (or fault in) what the host does not hold
+    runs = region_runs(result.layout, RangeSet.of(gpa, UTS_READ_SIZE))
+    try:
+        with _open_sources(result) as sources:
+            blob = b"".join(read_source(sources[r.region], r.region_offset, r.size) for r in runs)
+    except OSError:
+        return None
+    return utsname_from_memory(blob, info.osrelease)
 
 
 async def _write_kdump(  # noqa: PLR0917

@@ -32,7 +32,7 @@ from qmpdump.kdump.codecs import Codec
 from qmpdump.kdump.format import PAGE_DESC
 from qmpdump.kdump.plan import Batch, KdumpPlan, ZeroSpan, set_bits
 
-__all__ = ["KdumpWriteResult", "write_kdump"]
+__all__ = ["KdumpWriteResult", "read_source", "write_kdump"]
 
 _DESC_FLUSH = 1 << 20
 _ZERO_RUN_DESCS = 1 << 16
@@ -70,7 +70,8 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += done
 
 
-def _read(src: Source, region_offset: int, size: int) -> bytes:
+def read_source(src: Source, region_offset: int, size: int) -> bytes:
+    """``size`` bytes of a RAM region at ``region_offset`` (blocking)."""
     if isinstance(src, FileSource):
         data = os.pread(src.fd, size, src.file_offset + region_offset)
         if len(data) != size:
@@ -97,7 +98,7 @@ class _Worker:
             compress = self.codec.compressor(self.page)
             self.local.compress = compress
         page = self.page
-        data = _read(src, batch.region_offset, batch.pages * page)
+        data = read_source(src, batch.region_offset, batch.pages * page)
         if data.count(0) == len(data):  # the whole batch is zero: one C-level pass
             return _Done([0] * batch.pages, [0] * batch.pages, b"")
         zero = bytes(page)

@@ -44,9 +44,11 @@ __all__ = [
     "Utsname",
     "VmcoreInfo",
     "find_note",
+    "init_uts_ns_gpa",
     "pack_header",
     "pack_sub_header",
     "parse_vmcoreinfo",
+    "utsname_from_memory",
 ]
 
 KDUMP_SIGNATURE: Final = b"KDUMP   "
@@ -242,6 +244,46 @@ def parse_vmcoreinfo(text: bytes) -> VmcoreInfo:
         init_uts_ns=_int(entries.get("SYMBOL(init_uts_ns)"), 16),
         entries=entries,
     )
+
+
+#: x86_64's ``__START_KERNEL_map``: kernel text and data virtual = physical + this - phys_base
+X86_64_START_KERNEL_MAP: Final = 0xFFFF_FFFF_8000_0000
+#: Bytes to read at ``init_uts_ns`` to find its ``name`` (``struct new_utsname``) at one of
+#: the offsets it has had: 0 (Linux 5.11 and later), or after a 4-byte ``struct kref``.
+UTS_READ_SIZE: Final = 8 + 6 * _UTS_LEN
+_UTS_OFFSETS: Final = (0, 4, 8)
+
+
+def init_uts_ns_gpa(info: VmcoreInfo) -> int | None:
+    """The guest-physical address of ``init_uts_ns`` on x86_64, or ``None`` if unknown.
+
+    It lies in the kernel image, mapped at ``__START_KERNEL_map`` shifted by ``phys_base``
+    (``__phys_addr_symbol`` in ``arch/x86/include/asm/page_64.h``).
+    """
+    if info.init_uts_ns is None or info.phys_base is None:
+        return None
+    if info.init_uts_ns < X86_64_START_KERNEL_MAP:
+        return None
+    return info.init_uts_ns - X86_64_START_KERNEL_MAP + info.phys_base
+
+
+def utsname_from_memory(blob: bytes, osrelease: str) -> Utsname | None:
+    """The kernel's ``struct new_utsname`` from the bytes at ``init_uts_ns``, or ``None``.
+
+    Accepted only where it says sysname ``Linux`` and the release VMCOREINFO gives: never a
+    header filled from bytes that are not what we think they are.
+    """
+    for offset in _UTS_OFFSETS:
+        fields = []
+        for index in range(6):
+            at = offset + index * _UTS_LEN
+            raw = blob[at : at + _UTS_LEN]
+            if len(raw) < _UTS_LEN or b"\0" not in raw:
+                break
+            fields.append(raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
+        if len(fields) == 6 and fields[0] == "Linux" and osrelease and fields[2] == osrelease:
+            return Utsname(*fields)
+    return None
 
 
 def _int(value: str | None, base: int) -> int | None:

@@ -77,6 +77,7 @@ __all__ = [
     "ZeroSpan",
     "plan_kdump",
     "set_bits",
+    "vmcoreinfo_of",
 ]
 
 #: Pages per unit of work of a compression thread (1 MiB of 4 KiB pages).
