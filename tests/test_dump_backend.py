@@ -62,7 +62,7 @@ from qmpdump.elf.format import (
 )
 from qmpdump.elf.plan import notes_payload
 from qmpdump.engines import backend as backend_engine
-from qmpdump.engines import copier
+from qmpdump.engines import copier, kdump_writer
 from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.copier import CopyState, Source
 from qmpdump.engines.copyplan import CopyOp
@@ -874,6 +874,52 @@ async def test_cancel_mid_copy(
     (when,) = seen
     assert 0 < when.completed < when.total
     assert sum(calls) < when.total  # the copier stopped before the end
+    assert leftovers(folder) == []
+    assert watch.events == ["STOP", "RESUME"]
+    assert watch.states[-1] == "running"
+
+
+@pytest.mark.guest
+async def test_cancel_mid_kdump(
+    running_vm: VM, dumps: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kdump: the cancel lands while threads compress (reads slowed down); no file is left,
+    the VM runs again, no thread's error is lost."""
+    vm = running_vm
+    await assert_running(vm)
+    real = kdump_writer.read_source
+    reads: list[int] = []
+
+    def slow_read(src: Source, region_offset: int, size: int) -> bytes:
+        reads.append(size)
+        time.sleep(0.01)
+        return real(src, region_offset, size)
+
+    monkeypatch.setattr(kdump_writer, "read_source", slow_read)
+    cancel = asyncio.Event()
+    seen: list[Progress] = []
+
+    def progress(p: Progress) -> None:
+        if p.completed > 0 and not cancel.is_set():
+            seen.append(p)
+            cancel.set()
+
+    folder = dumps / "out"
+    with no_lost_task_errors() as reports:
+        async with watched(vm) as watch, QMPSession(str(vm.qmp_path)) as session:
+            with pytest.raises(DumpCancelled):
+                await run_dump(
+                    session,
+                    folder / "cancelled.kdump",
+                    engine="backend",
+                    backend=BackendDumpRequest(format="kdump-lzo"),
+                    cancel=cancel,
+                    progress=progress,
+                )
+    assert reports == []
+    (when,) = seen
+    assert 0 < when.completed < when.total
+    assert sum(reads) < when.total  # the writer stopped before the end
     assert leftovers(folder) == []
     assert watch.events == ["STOP", "RESUME"]
     assert watch.states[-1] == "running"

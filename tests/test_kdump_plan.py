@@ -352,8 +352,9 @@ def test_stop_interrupts_the_writer(tmp_path: Path, source: tuple[FileSource, by
     stop = threading.Event()
     seen: list[int] = []
 
-    def progress(n: int) -> None:
-        seen.append(n)
+    def progress(read: int, written: int) -> None:
+        seen.append(read)
+        assert written > 0
         if len(seen) == 3:
             stop.set()
 

@@ -340,7 +340,7 @@ async def _write_kdump(  # noqa: PLR0917
     cancel: asyncio.Event,
 ) -> tuple[KdumpWriteResult, str]:
     stop = threading.Event()
-    done = [0]
+    done = [0, 0]  # guest bytes read, file bytes written
 
     def write_and_hash() -> tuple[KdumpWriteResult, str]:
         written = write_kdump(
@@ -350,7 +350,7 @@ async def _write_kdump(  # noqa: PLR0917
             codec,
             threads=request.threads,
             stop=stop,
-            progress=lambda n: done.__setitem__(0, n),
+            progress=lambda read, written: done.__setitem__(slice(None), [read, written]),
         )
         os.fdatasync(output.fd)
         # Headers and bitmaps are final only now: hash the whole file (small, page cache).
@@ -364,7 +364,7 @@ async def _write_kdump(  # noqa: PLR0917
             if cancel.is_set():
                 raise DumpCancelled("the dump was cancelled")
             if progress is not None:
-                progress(Progress(0, done[0], total))
+                progress(Progress(done[1], done[0], total))
         return task.result()
     except Stopped as err:
         raise DumpCancelled("the dump was cancelled") from err

@@ -221,11 +221,12 @@ def write_kdump(
     *,
     threads: int | None = None,
     stop: threading.Event | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> KdumpWriteResult:
     """Write the file ``plan`` describes into ``out_fd`` (blocking; see the module docstring).
 
-    ``progress`` is called with the guest bytes read so far after each batch. Raises
+    ``progress`` is called with the guest bytes read and the page data's end so far after
+    each batch. Raises
     :class:`qmpdump.engines.copier.Stopped` when ``stop`` is set, or the ``OSError`` hit.
     """
     stop = stop or threading.Event()
@@ -255,7 +256,7 @@ def write_kdump(
                     continue
                 writer.batch(head[0], head[1].result())
                 if progress is not None:
-                    progress(writer.read_bytes)
+                    progress(writer.read_bytes, writer.cursor)
         finally:
             if inflight:  # an error or a stop: let the running batches end early
                 stop.set()
