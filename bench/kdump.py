@@ -12,7 +12,7 @@ dumps; in one run, on the same VM:
    descriptor cost of each choice;
 4. QEMU's kdump-zlib (through qmpdump's relay; what it allocates is punched out again after).
 
-Floor, ELF and each codec: median of ``--repeat`` runs, alternating. Printed: wall time, output
+Floor, ELF, each codec and QEMU's: median of ``--repeat`` runs, alternating. Printed: wall time, output
 size (apparent and on disk), the VM's pause caused by the dump (None: it was already stopped),
 host memory growth. Then the targets, as ratios within this run (the machine is shared):
 our kdump-zlib no larger than QEMU's and at least 3x faster; the fastest codec at most 2x the
@@ -79,14 +79,15 @@ async def main(pattern_mib: int, repeat: int, out_dir: Path) -> int:
                 runs.setdefault(name, []).append(
                     await _ours(vm, name, out_dir / f"k{i}.kdump", request)
                 )
+            # QEMU's faults in the holes it reads; measure_dump punches them out again.
+            runs.setdefault("qemu kdump-zlib", []).append(
+                await measure_dump(vm, "qemu kdump-zlib", out_dir / "q.kdump", "qemu", "kdump-zlib")
+            )
         rows = [median_row(r) for r in runs.values()]
         for mode in (ZeroPages.SHARED, ZeroPages.EXCLUDE):
             name = f"our kdump-zlib {mode}"
             request = BackendDumpRequest(format="kdump-zlib", kdump_zero_pages=mode)
             rows.append(await _ours(vm, name, out_dir / "m.kdump", request))
-        rows.append(
-            await measure_dump(vm, "qemu kdump-zlib", out_dir / "q.kdump", "qemu", "kdump-zlib")
-        )
 
     print(
         f"\nguest RAM {first.layout.ram.total / GiB:.2f} GiB; populated on the host "
@@ -121,10 +122,12 @@ async def main(pattern_mib: int, repeat: int, out_dir: Path) -> int:
         f"fastest codec ({fastest.name}) vs floor: {vs_floor:.2f}x (target <= 2x)  "
         f"{'OK' if vs_floor <= 2 else 'MISS'}"
     )
-    grown = [r.name for r in ours if r.growth or r.shmem_growth > 64 * MiB]
+    # Growth = populated bytes of the VM's backing files (Shmem is machine-wide: others' VMs).
+    grown = [r.name for r in ours if r.growth]
     print(
         f"host memory growth of our dumps: {max(r.growth for r in ours)} bytes (target 0)  "
-        f"{'OK' if not grown else 'MISS: ' + ', '.join(grown)}"
+        f"{'OK' if not grown else 'MISS: ' + ', '.join(grown)}; qemu's: "
+        f"{qemu.growth / MiB:.0f} MiB"
     )
     return 0
 

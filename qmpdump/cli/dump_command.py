@@ -55,9 +55,9 @@ def add_parser(commands: Any) -> None:
         "--engine",
         choices=["auto", "backend", "qemu"],
         default="auto",
-        help="backend: qmpdump's sparse reader (ELF of populated memory only); qemu: QEMU's "
-        "dump-guest-memory; auto (default): backend when it can read every RAM region and the "
-        "format is elf, else qemu",
+        help="backend: qmpdump's sparse reader (ELF or kdump of populated memory only); qemu: "
+        "QEMU's dump-guest-memory; auto (default): backend when it can read every RAM region "
+        "and the format is elf or kdump, else qemu",
     )
     parser.add_argument(
         "--live",
