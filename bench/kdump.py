@@ -12,9 +12,9 @@ dumps; in one run, on the same VM:
    descriptor cost of each choice;
 4. QEMU's kdump-zlib (through qmpdump's relay; what it allocates is punched out again after).
 
-Floor, ELF, each codec and QEMU's: median of ``--repeat`` runs, alternating. Printed: wall time, output
-size (apparent and on disk), the VM's pause caused by the dump (None: it was already stopped),
-host memory growth. Then the targets, as ratios within this run (the machine is shared):
+Floor, ELF, each codec and QEMU's: median of ``--repeat`` runs, alternating. Printed: wall
+time, output size (apparent and on disk), the VM's pause caused by the dump (None: it was
+already stopped), host memory growth. Then the targets, as ratios within this run (the machine is shared):
 our kdump-zlib no larger than QEMU's and at least 3x faster; the fastest codec at most 2x the
 floor; zero host growth.
 
