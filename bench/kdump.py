@@ -14,9 +14,9 @@ dumps; in one run, on the same VM:
 
 Floor, ELF, each codec and QEMU's: median of ``--repeat`` runs, alternating. Printed: wall
 time, output size (apparent and on disk), the VM's pause caused by the dump (None: it was
-already stopped), host memory growth. Then the targets, as ratios within this run (the machine is shared):
-our kdump-zlib no larger than QEMU's and at least 3x faster; the fastest codec at most 2x the
-floor; zero host growth.
+already stopped), host memory growth. Then the targets, as ratios within this run (the
+machine is shared): our kdump-zlib no larger than QEMU's and at least 3x faster; the fastest
+codec at most 2x the floor; zero host growth.
 
 Run from the repository root: ``.venv/bin/python bench/kdump.py [--pattern-mib N] [--repeat N]``
 (a few minutes under TCG, most of it booting and plugging).
