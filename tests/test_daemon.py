@@ -364,10 +364,10 @@ def interval(record: Mapping[str, Any]) -> tuple[datetime, datetime]:
     return datetime.fromisoformat(record["started"]), datetime.fromisoformat(record["ended"])
 
 
-def check_dump_name(job: JobView) -> str:
+def check_dump_name(job: JobView, ext: str = "elf") -> str:
     """The service's name of a succeeded job's dump: ``VM-STAMP-IDTAIL.EXT``."""
     assert job.result is not None
-    pattern = rf"{re.escape(job.vm)}-\d{{8}}T\d{{6}}Z-{job.id[-8:]}\.elf"
+    pattern = rf"{re.escape(job.vm)}-\d{{8}}T\d{{6}}Z-{job.id[-8:]}\.{ext}"
     assert re.fullmatch(pattern, job.result.file), job.result.file
     return job.result.file
 
@@ -474,6 +474,29 @@ async def test_two_vms_dump_in_parallel(
     assert b_start < a_end
     assert await run_state(a) == "running"
     assert await settled_state(b) == "running"
+
+
+@pytest.mark.bare
+async def test_a_vm_configured_for_kdump_gets_our_kdump_file(
+    vm_factory: VMFactory, daemons: Daemons, tmp_path: Path
+) -> None:
+    """The daemon's config names a kdump format: the backend engine writes the kdump file."""
+    vm = await bare_vm(vm_factory, "kd", 512 * MiB, backend=Backend.FILE, data=64 * MiB)
+    setup = write_config(tmp_path, {"kd": vm.qmp_path}, default_format="kdump-lzo")
+    svc = await daemons.start(setup, connected=1)
+    job = await svc.api.request("kd", DumpRequest())
+    (job,) = await Snapshots([job.id]).follow(svc.api)
+    assert job.state == "succeeded", job
+    assert job.result is not None
+    assert (job.format, job.result.engine) == ("kdump-lzo", "backend")
+    name = check_dump_name(job, "kdump")
+    dump = setup.vm_dir("kd") / name
+    assert dump.read_bytes()[:8] == b"KDUMP   "
+    assert mode_of(dump) == 0o600
+    record = sidecar(dump)
+    assert (record["format"], record["request"]["codec"]) == ("kdump-lzo", "lzo")
+    assert record["sha256"] == job.result.sha256 == await asyncio.to_thread(sha256_of, dump)
+    assert await run_state(vm) == "running"
 
 
 @pytest.mark.bare
