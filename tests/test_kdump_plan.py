@@ -218,7 +218,9 @@ def source() -> Iterator[tuple[FileSource, bytes]]:
     rnd = os.urandom(PAGE * 8)
     for i in range(256):
         kind = i % 4
-        if kind == 0:
+        if i >= 224:  # a fill: stored once, every descriptor of the run points at it
+            pages.append(b"\xff" * PAGE)
+        elif kind == 0:
             pages.append(bytes(PAGE))
         elif kind == 1:
             pages.append(
@@ -271,6 +273,19 @@ def read_back(path: Path, decompress: dict[int, object]) -> tuple[dict[int, byte
     return pages, excluded
 
 
+def _desc_of(blob: bytes, pfn: int) -> tuple[int, int, int, int]:
+    """The page descriptor of a dumped pfn: its rank in the 2nd bitmap."""
+    h = HEADER.unpack_from(blob)
+    block, sub, bitmap_blocks = h[11], h[12], h[13]
+    half = bitmap_blocks * block // 2
+    b2 = blob[(1 + sub) * block + half :][:half]
+    rank = sum(bin(byte).count("1") for byte in b2[: pfn // 8])
+    rank += bin(b2[pfn // 8] & ((1 << (pfn % 8)) - 1)).count("1")
+    desc_at = (1 + sub + bitmap_blocks) * block + 24 * rank
+    fields: tuple[int, int, int, int] = PAGE_DESC.unpack_from(blob, desc_at)
+    return fields
+
+
 def _decompressors() -> dict[int, object]:
     import cramjam  # noqa: PLC0415
     import lzo  # noqa: PLC0415
@@ -312,14 +327,20 @@ def test_written_file_reads_back_page_for_page(
         else:
             assert pfn in excluded
             assert want == zero
-    zero_read = sum(1 for pfn in read_pfns if pfn % 4 == 0)
-    assert result.zero_read_pages == zero_read == 64
+    zero_read = sum(1 for pfn in read_pfns if pfn % 4 == 0 and pfn < 0x40 + 224)
+    assert result.zero_read_pages == zero_read == 56
     expected_dumped = {
         ZeroPages.SHARED: 512,
         ZeroPages.EXCLUDE_HOLES: 256,
         ZeroPages.EXCLUDE: 256 - zero_read,
     }[zero_pages]
     assert result.dumped_pages == len(pages) == expected_dumped
+    # The fill is stored once per batch of 16 pages (two batches hold it).
+    blob = out.read_bytes()
+    fill = [pfn for pfn in pages if pfn >= 0x40 + 224 and pfn in read_pfns]
+    offsets = {_desc_of(blob, pfn)[0] for pfn in fill}
+    assert len(fill) == 32
+    assert len(offsets) == 2
     # Incompressible pages are stored raw; the header names the codec.
     assert HEADER.unpack_from(out.read_bytes())[10] == c.flag
 

@@ -9,7 +9,9 @@ file is the same whatever thread finishes first:
 1. the prefix (header, sub header, notes) and the 1st bitmap, known from the plan;
 2. page data appended in pfn order from ``plan.first_page_offset`` (after the raw zero page
    when zero pages are shared); a page whose compressed form is not smaller than the page is
-   stored raw (flags 0), as makedumpfile and QEMU do;
+   stored raw (flags 0), as makedumpfile and QEMU do; a page equal to the one before it in its
+   batch (a fill) is neither compressed nor stored again: its descriptor points at the same
+   bytes, as every zero page's points at the one zero page;
 3. page descriptors appended in the same order (one per page in the 2nd bitmap);
 4. the 2nd bitmap, last: which pages are zero is known only once they have been read.
 
@@ -53,9 +55,14 @@ class KdumpWriteResult:
     data_bytes: int
 
 
+#: In :attr:`_Done.sizes`: the page's bytes are those of the previous stored page of the batch.
+_SAME = -1
+
+
 @dataclass(frozen=True, slots=True)
 class _Done:
-    """A compressed batch: per page its stored size (0: all zero) and flags, and the bytes."""
+    """A compressed batch: per page its stored size (0: all zero; ``_SAME``: as the page
+    before) and flags, and the stored bytes."""
 
     sizes: list[int]
     flags: list[int]
@@ -106,12 +113,18 @@ class _Worker:
         flags: list[int] = []
         parts: list[bytes] = []
         flag = self.codec.flag
+        last = zero
         for at in range(0, len(data), page):
             raw = data[at : at + page]
             if raw == zero:
                 sizes.append(0)
                 flags.append(0)
                 continue
+            if raw == last:  # a run of one fill: compressed and stored once
+                sizes.append(_SAME)
+                flags.append(0)
+                continue
+            last = raw
             packed = compress(raw)
             if len(packed) < page:
                 parts.append(packed)
@@ -184,18 +197,30 @@ class _Writer:
     def batch(self, batch: Batch, done: _Done) -> None:
         _pwrite_all(self.fd, done.blob, self.cursor)
         packed: list[bytes] = []
-        for index, (size, flags) in enumerate(zip(done.sizes, done.flags, strict=True)):
-            if size:
-                packed.append(PAGE_DESC.pack(self.cursor, size, flags, 0))
+        pack = PAGE_DESC.pack
+        previous = self.zero_desc
+        excluded_any = False
+        for size, flags in zip(done.sizes, done.flags, strict=True):
+            if size > 0:
+                previous = pack(self.cursor, size, flags, 0)
+                packed.append(previous)
                 self.cursor += size
                 self.data_bytes += size
+            elif size == _SAME:
+                packed.append(previous)
             else:
                 self.zero_read += 1
-                if not self.shared:
-                    continue  # excluded
-                packed.append(self.zero_desc)
-            if not self.share_holes:
-                set_bits(self.bitmap2, batch.pfn + index, 1)
+                if self.shared:
+                    packed.append(self.zero_desc)
+                else:
+                    excluded_any = True
+        if not self.share_holes:  # the 2nd bitmap: the batch's pages, less the excluded
+            if excluded_any:
+                for index, size in enumerate(done.sizes):
+                    if size:
+                        set_bits(self.bitmap2, batch.pfn + index, 1)
+            else:
+                set_bits(self.bitmap2, batch.pfn, batch.pages)
         self.descs.add(b"".join(packed), len(packed))
         self.read_bytes += batch.pages * self.plan.block_size
 
