@@ -106,7 +106,10 @@ class _Worker:
             self.local.compress = compress
         page = self.page
         data = read_source(src, batch.region_offset, batch.pages * page)
-        if data.count(0) == len(data):  # the whole batch is zero: one C-level pass
+        zeros: bytes = getattr(self.local, "zeros", b"")
+        if len(zeros) != len(data):
+            zeros = self.local.zeros = bytes(len(data))
+        if data == zeros:  # the whole batch is zero: one memcmp (bytes.count(0) is 2x slower)
             return _Done([0] * batch.pages, [0] * batch.pages, b"")
         zero = bytes(page)
         sizes: list[int] = []
