@@ -102,7 +102,10 @@ def add_parsers(commands: Any) -> None:
     )
     p.add_argument("vm", metavar="VM")
     p.add_argument("--engine", choices=get_args(EngineName), help="default: the VM's")
-    p.add_argument("--format", help="elf, kdump (codec auto), kdump-zlib|lzo|snappy|zstd, ...; default: the VM's")
+    p.add_argument(
+        "--format",
+        help="elf, kdump (codec auto), kdump-zlib|lzo|snappy|zstd, ...; default: the VM's",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--live", dest="mode", action="store_const", const="live", help="do not stop the VM"
