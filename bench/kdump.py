@@ -37,9 +37,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engines import REFERENCE, Row, fmt_bytes, measure_dump, measure_floor, median_row
+from engines import (
+    REFERENCE,
+    Row,
+    fmt_bytes,
+    measure_floor,
+    median_row,
+    populated_bytes,
+    restore_holes,
+    shmem_bytes,
+)
 
-from qmpdump.engines.backend import BackendDumpRequest
+from qmpdump.engines.run import run_dump
+from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName
 from qmpdump.kdump.codecs import CODECS, auto_codec
 from qmpdump.kdump.plan import ZeroPages
 from qmpdump.qmp.session import QMPSession
@@ -47,24 +57,32 @@ from qmpdump.survey import survey
 from qmpdump.testbed.vm import VM, Backend, GiB, MiB, launch
 
 
-async def _populated(vm: VM) -> int:
-    """Populated guest RAM on the host, every region (SEEK_DATA or PAGEMAP_SCAN)."""
+async def _measure(vm: VM, name: str, target: Path, spec: DumpSpec) -> Row:
+    """One dump through qmpdump's own code path; growth over every RAM region (anonymous too,
+    from the survey) and of the backing files, QEMU's allocations punched out again after."""
     async with QMPSession(str(vm.qmp_path), timeout_s=60) as qmp:
-        return (await survey(qmp)).population.populated.total
-
-
-async def _measure(vm: VM, name: str, target: Path, engine: str, **kw: Any) -> Row:
-    """:func:`measure_dump`, with growth counted over every RAM region (anonymous too)."""
-    before = await _populated(vm)
-    row = await measure_dump(vm, name, target, engine, **kw)
-    growth = await _populated(vm) - before
+        before = await survey(qmp)
+        files_from = populated_bytes(before)
+        shmem_from = shmem_bytes()
+        t0 = time.perf_counter()
+        outcome = await run_dump(qmp, target, spec)
+        wall = time.perf_counter() - t0
+        after = await survey(qmp)
+        growth = max(
+            populated_bytes(after) - files_from,
+            after.population.populated.total - before.population.populated.total,
+        )
+        shmem_growth = shmem_bytes() - shmem_from
+        await asyncio.to_thread(restore_holes, before)
+    st = os.stat(target)
     for path in (target, target.with_name(target.name + ".json")):
         path.unlink(missing_ok=True)
-    return dataclasses.replace(row, growth=max(row.growth, growth))
+    return Row(name, wall, st.st_size, st.st_blocks * 512, outcome.paused_s, growth, shmem_growth)
 
 
-async def _ours(vm: VM, name: str, target: Path, request: BackendDumpRequest) -> Row:
-    return await _measure(vm, name, target, "backend", backend=request)
+async def _ours(vm: VM, name: str, target: Path, fmt: DumpFormat, **options: Any) -> Row:
+    spec = DumpSpec(engine=EngineName.BACKEND, format=fmt, **options)
+    return await _measure(vm, name, target, spec)
 
 
 async def main(pattern_mib: int, repeat: int, out_dir: Path, *, anon: bool) -> int:
@@ -90,23 +108,28 @@ async def main(pattern_mib: int, repeat: int, out_dir: Path, *, anon: bool) -> i
                     measure_floor(first, out_dir / "floor.raw")
                 )
             runs.setdefault("our elf", []).append(
-                await _ours(vm, "our elf", out_dir / f"e{i}.elf", BackendDumpRequest())
+                await _ours(vm, "our elf", out_dir / f"e{i}.elf", DumpFormat.ELF)
             )
             for codec in CODECS:
                 name = f"our kdump-{codec}"
-                request = BackendDumpRequest(format=f"kdump-{codec}")
+                fmt = DumpFormat(f"kdump-{codec}")
                 runs.setdefault(name, []).append(
-                    await _ours(vm, name, out_dir / f"k{i}.kdump", request)
+                    await _ours(vm, name, out_dir / f"k{i}.kdump", fmt)
                 )
             # QEMU's faults in the holes it reads; measure_dump punches them out again.
             runs.setdefault("qemu kdump-zlib", []).append(
-                await _measure(vm, "qemu kdump-zlib", out_dir / "q.kdump", "qemu", fmt="kdump-zlib")
+                await _measure(
+                    vm,
+                    "qemu kdump-zlib",
+                    out_dir / "q.kdump",
+                    DumpSpec(engine=EngineName.QEMU, format=DumpFormat.KDUMP_ZLIB),
+                )
             )
         rows = [median_row(r) for r in runs.values()]
         for mode in (ZeroPages.SHARED, ZeroPages.EXCLUDE):
             name = f"our kdump-zlib {mode}"
-            request = BackendDumpRequest(format="kdump-zlib", kdump_zero_pages=mode)
-            rows.append(await _ours(vm, name, out_dir / "m.kdump", request))
+            target = out_dir / "m.kdump"
+            rows.append(await _ours(vm, name, target, DumpFormat.KDUMP_ZLIB, kdump_zero_pages=mode))
 
     print(
         f"\nguest RAM {first.layout.ram.total / GiB:.2f} GiB; populated on the host "

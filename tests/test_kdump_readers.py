@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.run import run_dump
+from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName
 from qmpdump.kdump.codecs import CODECS, reader_support
 from qmpdump.kdump.format import HEADER, KDUMP_SIGNATURE
 from qmpdump.kdump.plan import ZeroPages
@@ -59,19 +59,18 @@ async def dumps(shared_guest: VM) -> AsyncIterator[Dumps]:
     try:
         with scratch_dir("kdump-readers") as folder:
             async with QMPSession(str(shared_guest.qmp_path)) as qmp:
-                elf = await run_dump(qmp, folder / "guest.elf", engine="backend")
+                backend = EngineName.BACKEND
+                elf = await run_dump(qmp, folder / "guest.elf", DumpSpec(engine=backend))
                 files: dict[str, Path] = {}
                 for name in CODECS:
-                    request = BackendDumpRequest(format=f"kdump-{name}")
-                    out = await run_dump(
-                        qmp, folder / f"guest.{name}.kdump", engine="backend", backend=request
-                    )
+                    spec = DumpSpec(engine=backend, format=DumpFormat(f"kdump-{name}"))
+                    out = await run_dump(qmp, folder / f"guest.{name}.kdump", spec)
                     files[name] = out.path
                 for mode in (ZeroPages.SHARED, ZeroPages.EXCLUDE):
-                    request = BackendDumpRequest(format="kdump-zlib", kdump_zero_pages=mode)
-                    out = await run_dump(
-                        qmp, folder / f"guest.zlib-{mode}.kdump", engine="backend", backend=request
+                    spec = DumpSpec(
+                        engine=backend, format=DumpFormat.KDUMP_ZLIB, kdump_zero_pages=mode
                     )
+                    out = await run_dump(qmp, folder / f"guest.zlib-{mode}.kdump", spec)
                     files[f"zlib-{mode}"] = out.path
             ram = RangeSet.from_ranges((r["gpa"], r["size"]) for r in _loads(elf.path))
             yield Dumps(elf.path, files, ram)
