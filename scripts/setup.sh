@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install what qmpdump, its demo and its tests need on Debian 12 (as root), idempotently:
+# (liblzo2-dev, python3-dev and gcc build python-lzo, which has no wheel for Python 3.11)
 # Debian packages (QEMU, busybox-static, cpio, kmod; Python's venv) and a virtual environment
 # at .venv with the package and its test tools. Sourced by demo.sh and test.sh.
 set -euo pipefail
@@ -8,7 +9,8 @@ QMPDUMP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export QMPDUMP_ROOT
 VENV="${QMPDUMP_VENV:-$QMPDUMP_ROOT/.venv}"
 
-debian_packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod python3 python3-venv makedumpfile crash curl binutils)
+debian_packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod python3 python3-venv makedumpfile crash curl binutils
+    liblzo2-dev python3-dev gcc)
 
 missing=()
 for pkg in "${debian_packages[@]}"; do

@@ -21,6 +21,7 @@ from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, Mode
 from qmpdump.errors import UsageError
+from qmpdump.kdump.plan import ZeroPages
 from qmpdump.output import dump_name
 from qmpdump.qmp.session import QMPSession, parse_address
 from qmpdump.service.config import VM_NAME_PATTERN
@@ -72,9 +73,9 @@ def add_parser(commands: Any) -> None:
         "--engine",
         choices=[e.value for e in EngineName],
         default=EngineName.AUTO.value,
-        help="backend: qmpdump's sparse reader (ELF of populated memory only); qemu: QEMU's "
-        "dump-guest-memory; auto (default): backend when it can read every RAM region and the "
-        "format is elf, else qemu",
+        help="backend: qmpdump's sparse reader (ELF or kdump of populated memory only); qemu: "
+        "QEMU's dump-guest-memory; auto (default): backend when it can read every RAM region "
+        "and writes the format, else qemu",
     )
     parser.add_argument(
         "--live",
@@ -85,8 +86,19 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--format",
         default="elf",
-        help=f"{', '.join(f.value for f in DumpFormat)} (default elf); the qemu engine "
-        "writes whatever this QEMU offers",
+        help=f"{', '.join(f.value for f in DumpFormat)} (default elf); the backend writes "
+        "elf and kdump-zlib|lzo|snappy|zstd itself (kdump: the codec every reader here opens); "
+        "the qemu engine writes whatever this QEMU offers",
+    )
+    parser.add_argument(
+        "--kdump-zero-pages",
+        choices=[z.value for z in ZeroPages],
+        default=ZeroPages.EXCLUDE_HOLES.value,
+        help="backend kdump: exclude-holes (default): RAM the host never populated is left "
+        "out (readers say 'page excluded'), all-zero pages read point at one shared zero page; "
+        "exclude: every zero page left out (smallest, as makedumpfile -d 1; makedumpfile then "
+        "cannot read kernel structures that span one); shared: every RAM page dumped, zero "
+        "pages shared (24 bytes per RAM page)",
     )
     parser.add_argument("--paging", action="store_true", help="ELF: guest-virtual mappings")
     parser.add_argument(
@@ -154,6 +166,7 @@ def spec_of(args: argparse.Namespace) -> DumpSpec:
         seekable=args.seekable,
         zero_pages=args.zero_pages,
         max_program_headers=args.max_program_headers,
+        kdump_zero_pages=ZeroPages(args.kdump_zero_pages),
     )
 
 
