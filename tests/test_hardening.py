@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import sqlite3
 import stat
@@ -763,3 +764,41 @@ async def test_many_jobs_are_counted_not_listed_and_pruned_by_age_and_count(
     print(f"GET /v1/vms, 40 VMs, {JOB_KEEP_COUNT} jobs kept: {took_ms:.1f} ms")
     health = await svc.api.health()
     assert health.queued_jobs == 0
+
+
+# ----------------------------------------------------------------------------- connections
+
+
+async def test_idle_connections_are_capped_and_new_clients_still_served(
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 11: 1,300 idle connections (more than the cap of a quarter of the daemon's fd
+    limit, 1,024 at the unit's LimitNOFILE): the daemon holds at most the cap, a new client is
+    served at once, the log says so in a few lines, and the idle ones are closed."""
+    from qmpdump.service.api.unix import MAX_CONNECTIONS_CAP  # noqa: PLC0415
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    setup = write_config(tmp_path, {"v": tmp_path / "absent.qmp"})
+    svc = await daemons.start(setup)
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(1300):
+            _reader, writer = await asyncio.open_unix_connection(str(setup.api_socket))
+            held.append(writer)
+        await asyncio.sleep(1.0)
+        t0 = time.monotonic()
+        health = await curl(setup.api_socket, "GET", "/healthz")
+        took = time.monotonic() - t0
+        print(f"healthz with 1,300 idle connections open: {health.status} in {took * 1000:.0f} ms")
+        assert health.status == 200, health
+        fds = len(os.listdir(f"/proc/{svc.pid}/fd"))
+        print(f"daemon fds: {fds}")
+        assert fds <= MAX_CONNECTIONS_CAP + 64, fds
+        over = svc.log_text().count("over the cap")
+        assert 1 <= over <= 5, over
+    finally:
+        for writer in held:
+            writer.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

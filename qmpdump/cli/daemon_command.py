@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 from pathlib import Path
 from typing import Any
 
 from qmpdump.errors import UsageError
+from qmpdump.service import lograte
 from qmpdump.service.config import example_config, load_config
 from qmpdump.service.daemon import Daemon
 
@@ -30,6 +32,19 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
+#: the fd limit the daemon raises its soft limit to (at most the hard limit): dumps, QMP
+#: sessions and API connections all take fds, and the API's cap is a quarter of this
+FD_LIMIT = 65536
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE towards :data:`FD_LIMIT` (the unit sets LimitNOFILE too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_LIMIT if hard == resource.RLIM_INFINITY else min(FD_LIMIT, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 async def run(args: argparse.Namespace) -> int:
     """Validate, then serve until SIGTERM."""
     if args.example_config:
@@ -45,4 +60,6 @@ async def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         # A service's log: what it does, at INFO (journald keeps it), the QMP library quiet.
         logging.getLogger("qmpdump").setLevel(logging.INFO)
+    lograte.install()
+    raise_fd_limit()
     return await Daemon(config).run()

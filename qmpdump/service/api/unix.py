@@ -8,8 +8,10 @@ import asyncio
 import grp
 import logging
 import os
+import resource
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import Final
 
@@ -31,6 +33,43 @@ DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0
 _PROBE_TIMEOUT_S: Final = 2.0
 
 
+#: idle HTTP connections (no request yet, or between keep-alive requests) are closed after this
+KEEPALIVE_S: Final = 15.0
+#: open API connections at most (a quarter of the daemon's fd limit, the rest kept for dumps,
+#: QMP sessions and the store); at the cap, the oldest connection that never sent a request
+#: makes room, or else the new one is closed
+MAX_CONNECTIONS_CAP: Final = 1024
+
+
+def max_connections() -> int:
+    """The connection cap for this process's fd limit."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = soft if soft != resource.RLIM_INFINITY else 4 * MAX_CONNECTIONS_CAP
+    return max(16, min(MAX_CONNECTIONS_CAP, limit // 4))
+
+
+class _RateLimitedLog:
+    """At most one line per ``every_s`` for a recurring event, with the count it stands for."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._last = float("-inf")
+        self._skipped = 0
+
+    def __call__(self, level: int, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._skipped += 1
+            return
+        more = f" (and {self._skipped} more like it)" if self._skipped else ""
+        log.log(level, "%s%s", message, more)
+        self._last, self._skipped = now, 0
+
+
+_over_cap_log = _RateLimitedLog()
+_malformed_log = _RateLimitedLog()
+
+
 class _JsonErrorHandler(RequestHandler):
     """aiohttp's connection handler, answering the requests its HTTP parser rejects (a NUL in
     a header, a request line over 8190 bytes: 400; too large: 413) in the API's JSON error
@@ -47,15 +86,37 @@ class _JsonErrorHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         reason = message or (str(exc) if exc is not None else "malformed request")
         reason = reason.splitlines()[0] if reason else "malformed request"
-        log.info("rejected a malformed HTTP request (%d): %s", status, reason)
+        _malformed_log(logging.INFO, f"rejected a malformed HTTP request ({status}): {reason}")
         response = error_response(status, f"malformed HTTP request: {reason}")
         response.force_close()
         return response
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self._manager
+        if server is None:
+            return
+        # (those already closed stay listed until their connection_lost)
+        connections = [c for c in server.connections if c.transport is not None]
+        cap = getattr(server, "max_connections", MAX_CONNECTIONS_CAP)
+        if len(connections) <= cap:
+            return
+        # Over the cap: a connection that never sent a request makes room, else this one goes.
+        silent = [c for c in connections if c is not self and c._request_count == 0]
+        victim = silent[0] if silent else self
+        _over_cap_log(
+            logging.WARNING,
+            f"{len(connections)} API connections, over the cap of {cap}: closing "
+            + ("the oldest silent one" if silent else "the new one"),
+        )
+        victim.force_close()
 
 
 class _JsonErrorServer(Server):
     """aiohttp's :class:`~aiohttp.web_server.Server` that makes :class:`_JsonErrorHandler`
     connection handlers (aiohttp has no public hook for that)."""
+
+    max_connections: int = MAX_CONNECTIONS_CAP
 
     def __call__(self) -> RequestHandler:
         return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
@@ -65,6 +126,8 @@ class _Runner(web.AppRunner):
     async def _make_server(self) -> Server:
         server = await super()._make_server()
         server.__class__ = _JsonErrorServer  # same state, one method more specific
+        assert isinstance(server, _JsonErrorServer)
+        server.max_connections = max_connections()
         return server
 
 
@@ -169,7 +232,7 @@ async def serve_unix(
     gid = _group_id(group)
     await _clear_stale(path)
     sock = _bind(path, mode, gid)
-    runner = _Runner(app, shutdown_timeout=shutdown_timeout_s)
+    runner = _Runner(app, shutdown_timeout=shutdown_timeout_s, keepalive_timeout=KEEPALIVE_S)
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()
