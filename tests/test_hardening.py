@@ -802,3 +802,37 @@ async def test_idle_connections_are_capped_and_new_clients_still_served(
         for writer in held:
             writer.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+@pytest.mark.bare
+async def test_a_socket_that_appears_later_is_discovered(
+    vm_factory: VMFactory,
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 17: ``[[discover]]`` globs are expanded again while the daemon runs: a QMP socket
+    created after start-up becomes a VM, connects, and can be dumped."""
+    sockets = tmp_path / "qmp"
+    sockets.mkdir()
+    setup = write_config(tmp_path, {}, default_engine=EngineName.QEMU)
+    with setup.config.open("a") as f:
+        f.write(f'\n[[discover]]\nglob = "{sockets}/*.qmp"\nname_from = "stem"\n')
+    svc = await daemons.start(setup)
+    assert await svc.api.vms() == []
+    vm = await bare_vm(vm_factory, "late", 128 * MiB)
+    (sockets / "late.qmp").symlink_to(vm.qmp_path)
+    t0 = time.monotonic()
+
+    async def connected() -> str | None:
+        views = await svc.api.vms()
+        return "up" if views and views[0].connection == "connected" else None
+
+    await eventually(connected, "the late socket discovered and connected", timeout_s=20)
+    print(f"discovered and connected {time.monotonic() - t0:.1f} s after the socket appeared")
+    assert [v.name for v in await svc.api.vms()] == ["late"]
+    job = await svc.api.request("late")
+    done = await wait_job(svc.api, job.id)
+    assert done.state == "succeeded", done

@@ -75,6 +75,8 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
 
+#: how often the ``[[discover]]`` globs are expanded again
+DISCOVER_EVERY_S = 2.0
 #: Jobs one VM may have waiting; one more is a 409.
 MAX_QUEUED_PER_VM = 16
 
@@ -117,18 +119,10 @@ class Daemon:
         self.config = config
         self.settings = config.daemon
         self.resolved: list[ResolvedVM] = config.resolve_vms()
-        if not self.resolved:
+        if not self.resolved and not config.discover:
             raise UsageError("the configuration names no VM (no [[vm]], no socket discovered)")
         self.by_name = {vm.name: vm for vm in self.resolved}
-        self.supervisors = {
-            vm.name: VMSupervisor(
-                vm,
-                self.settings,
-                on_connect=self._on_connect_hook(vm.name),
-                on_resume=self._on_resume_hook(vm.name),
-            )
-            for vm in self.resolved
-        }
+        self.supervisors = {vm.name: self._new_supervisor(vm) for vm in self.resolved}
         self.metrics_data = DaemonMetrics(
             connected=lambda: {
                 n: s.state is ConnectionState.CONNECTED for n, s in self.supervisors.items()
@@ -138,6 +132,38 @@ class Daemon:
         self._runner: JobRunner | None = None
         self.stopping = False
         self._stop = asyncio.Event()
+
+    def _new_supervisor(self, vm: ResolvedVM) -> VMSupervisor:
+        return VMSupervisor(
+            vm,
+            self.settings,
+            on_connect=self._on_connect_hook(vm.name),
+            on_resume=self._on_resume_hook(vm.name),
+        )
+
+    async def _rediscover(self, group: asyncio.TaskGroup, tasks: list[asyncio.Task[None]]) -> None:
+        """Expand the ``[[discover]]`` globs again every :data:`DISCOVER_EVERY_S` (the
+        configuration's "at run time"): a socket that appears later becomes a VM, with its
+        supervisor in the daemon's task group. A VM whose socket goes stays, disconnected, and
+        says why (its jobs and dumps stay reachable)."""
+        if not self.config.discover:
+            return
+        while True:
+            await asyncio.sleep(DISCOVER_EVERY_S)
+            try:
+                found = await asyncio.to_thread(self.config.discover_vms)
+            except (OSError, QmpdumpError) as err:
+                log.warning("[[discover]]: %s", err)
+                continue
+            for vm in found.vms:
+                if vm.name in self.supervisors:
+                    continue
+                await asyncio.to_thread(_make_vm_dir, vm)
+                self.resolved.append(vm)
+                self.by_name[vm.name] = vm
+                sup = self.supervisors[vm.name] = self._new_supervisor(vm)
+                tasks.append(group.create_task(sup.run(), name=f"vm-{vm.name}"))
+                log.info("VM %s: discovered at %s (%s)", vm.name, vm.qmp, vm.origin)
 
     @property
     def jobs_runner(self) -> JobRunner:
@@ -264,6 +290,7 @@ class Daemon:
             tasks.append(group.create_task(self._watchdog(), name="watchdog"))
             tasks.append(group.create_task(runner.run(), name="jobs"))
             tasks.append(group.create_task(runner.prune_forever(), name="prune"))
+            tasks.append(group.create_task(self._rediscover(group, tasks), name="discover"))
             # Undone before the group exits: tasks cancelled once the jobs have drained.
             stack.callback(undo.sync("cancelling tasks", lambda: [t.cancel() for t in tasks]))
             stack.push_async_callback(
@@ -520,6 +547,11 @@ class Daemon:
 
     def metrics(self) -> str:
         return self.metrics_data.text()
+
+
+def _make_vm_dir(vm: ResolvedVM) -> None:
+    vm.dump_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    vm.dump_dir.chmod(0o700)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
