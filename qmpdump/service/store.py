@@ -375,6 +375,11 @@ class JobStore:
         self._clock = clock
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        #: a second, read-only connection for queries: WAL lets it read while the writer
+        #: commits (and fsyncs) in the store's thread, so a read on the event loop never waits
+        #: for a write (issue 11, item 12)
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
         try:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=10.0
@@ -397,6 +402,17 @@ class JobStore:
             conn.close()
             raise
         self._conn = conn
+        try:
+            reader = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+            reader.row_factory = sqlite3.Row
+            reader.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as err:
+            conn.close()
+            self._conn = None
+            raise UsageError(f"{self.path}: cannot open the job store: {err}") from err
+        self._reader = reader
 
     @classmethod
     def in_state_dir(cls, state_dir: Path, *, clock: Callable[[], float] = time.time) -> Self:
@@ -411,6 +427,10 @@ class JobStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def __enter__(self) -> Self:
         return self
@@ -446,8 +466,10 @@ class JobStore:
                 raise
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> builtins.list[sqlite3.Row]:
-        with self._lock:
-            return self._connection().execute(sql, args).fetchall()
+        with self._read_lock:
+            if self._reader is None:
+                raise ValueError(f"the job store {self.path} is closed")
+            return self._reader.execute(sql, args).fetchall()
 
     @property
     def schema_version(self) -> int:
