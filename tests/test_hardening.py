@@ -836,3 +836,40 @@ async def test_a_socket_that_appears_later_is_discovered(
     job = await svc.api.request("late")
     done = await wait_job(svc.api, job.id)
     assert done.state == "succeeded", done
+
+
+@pytest.mark.bare
+async def test_a_pause_the_operator_undid_is_not_ours_to_undo_after_a_restart(
+    vm_factory: VMFactory,
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Item 5: the journal still holds a pause of ours (a ``cont`` of ours that never landed);
+    the operator resumes the VM, later pauses it themselves; the daemon restarts: it leaves the
+    operator's pause alone (a RESUME it did not cause cleared the journal)."""
+    from qmpdump.host.procfs import process_start_ticks  # noqa: PLC0415
+    from qmpdump.service.store import JobStore  # noqa: PLC0415
+
+    vm = await bare_vm(vm_factory, "operator", 128 * MiB)
+    assert vm.qmp is not None
+    setup = write_config(tmp_path, {"o": vm.qmp_path})
+    svc = await daemons.start(setup, connected=1)
+    await vm.qmp.execute("stop")  # as our dump's stop would have
+    with JobStore.in_state_dir(setup.state_dir) as store:
+        store.journal_pause(
+            "o", str(vm.qmp_path), None, qemu_pid=vm.pid, qemu_start=process_start_ticks(vm.pid)
+        )
+    await vm.qmp.execute("cont")  # the operator resumes it
+
+    async def cleared() -> bool | None:
+        with JobStore.in_state_dir(setup.state_dir) as store:
+            return True if not store.pending_pauses() else None
+
+    await eventually(cleared, "the foreign RESUME clearing the pause journal", timeout_s=10)
+    assert "resumed by someone else" in svc.log_text()
+    await vm.qmp.execute("stop")  # the operator's own pause
+    assert await daemons.stop(svc) == 0
+    again = await daemons.start(setup, connected=1)
+    await asyncio.sleep(1.0)
+    assert await run_state(vm) == "paused"
+    assert "resumed, the daemon had paused it" not in again.log_text()
