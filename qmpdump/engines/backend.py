@@ -39,14 +39,32 @@ from qmpdump.engines.copier import (
 )
 from qmpdump.engines.copyplan import CopyOp, copy_ops, region_runs
 from qmpdump.engines.qemu import Progress
-from qmpdump.errors import DumpCancelled, DumpError, HostAccessError, QMPCommandError
+from qmpdump.errors import (
+    DumpCancelled,
+    DumpError,
+    HostAccessError,
+    QMPCommandError,
+    SourceUnproven,
+)
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpFile, write_error
 from qmpdump.qmp.plugged import dump_loads
 from qmpdump.qmp.session import QMPSession
-from qmpdump.survey import RegionAccess, Survey, probe_prefix_without_growth, survey
+from qmpdump.survey import (
+    ReadFrom,
+    RegionAccess,
+    Survey,
+    probe_prefix_without_growth,
+    survey,
+)
 
-__all__ = ["BackendDumpRequest", "BackendDumpResult", "dump_with_backend", "readable"]
+__all__ = [
+    "BackendDumpRequest",
+    "BackendDumpResult",
+    "dump_with_backend",
+    "readable",
+    "sources_record",
+]
 
 POLL_S = 0.1
 
@@ -77,18 +95,34 @@ class BackendDumpResult:
 
 
 def readable(result: Survey) -> tuple[bool, str]:
-    """Whether the sparse reader can read every RAM region of a surveyed VM, and if not why."""
+    """Whether the sparse reader can read every RAM region of a surveyed VM, and if not why.
+
+    Every region needs a source proven to hold the guest's bytes (:class:`RegionAccess.proof
+    <qmpdump.survey.RegionAccess>`: a shared mapping of that very file, or QEMU's own address
+    space) and a known population. Anything else is a refusal, never a guess.
+    """
     for backend in result.layout.backends:
+        access = result.access.get(backend.region)
         region = result.population.regions.get(backend.region)
+        if access is None or access.read_from is None:
+            why = access.proof if access is not None and access.proof else None
+            why = why or (region.note if region is not None and region.note else "not inspected")
+            return (
+                False,
+                f"no source of {backend.region} is proven to hold the guest's bytes: {why}",
+            )
         if region is None or not region.known:
             why = region.note if region is not None else "not inspected"
             return False, f"the population of {backend.region} is unknown: {why}"
-        access = result.access.get(backend.region)
-        if access is None or (access.path is None and access.hva is None):
-            return False, f"{backend.region} cannot be read from the host"
-        if access.path is None and result.facts.pid is None:
-            return False, f"{backend.region} is anonymous memory and QEMU's pid is unknown"
     return True, "every RAM region can be read from the host"
+
+
+def sources_record(result: Survey) -> dict[str, dict[str, str | None]]:
+    """Per region: the source read and the proof that it holds the guest's bytes (sidecar)."""
+    return {
+        region: {"read_from": access.read_from, "proof": access.proof}
+        for region, access in sorted(result.access.items())
+    }
 
 
 @contextlib.contextmanager
@@ -105,7 +139,9 @@ def _open_sources(result: Survey) -> Iterator[dict[str, Source]]:
 
 
 def _source(access: RegionAccess, pid: int | None, fds: list[int]) -> Source:
-    if access.path is not None:
+    if access.read_from is None:
+        raise SourceUnproven(access.region, access.proof)
+    if access.read_from is ReadFrom.FILE and access.path is not None:
         try:
             fd = os.open(access.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
@@ -180,10 +216,13 @@ async def dump_with_backend(
     before = before or await survey(session)
     ok, why = readable(before)
     if not ok:
-        raise DumpError(f"the sparse reader cannot dump this VM: {why}")
+        raise SourceUnproven(None, why)
     guard = _PauseGuard(session, before.facts.running and not request.live, request)
     async with guard:
         result = await survey(session) if guard.pause else before
+        ok, why = readable(result)
+        if not ok:  # the second look, with the VM stopped, must prove it again
+            raise SourceUnproven(None, why)
         prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
         coverage = dump_loads(prefix)
         wanted = result.population.populated | result.population.unknown

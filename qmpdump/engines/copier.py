@@ -99,13 +99,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 class _Splicer:
     """file -> pipe -> file with ``splice(2)``: measured fastest here (``bench/copy_paths.py``:
     splice 1.9 GB/s, pread/pwrite and sendfile 1.7 to 1.8, copy_file_range EXDEV across
-    filesystems). Falls back to ``sendfile`` where a filesystem cannot splice."""
+    filesystems). Falls back to ``sendfile`` where a filesystem cannot splice, and to ``pread``
+    where it cannot do that either (hugetlbfs: EINVAL for both, ``shared/FACTS.md``)."""
 
     def __init__(self) -> None:
         self.read_end, self.write_end = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self.splice_ok = True
+        self.sendfile_ok = True
 
     def close(self) -> None:
         os.close(self.read_end)
@@ -127,8 +129,17 @@ class _Splicer:
                         self.read_end, dst, into - moved, offset_dst=dst_offset + moved
                     )
                 return into
-        os.lseek(dst, dst_offset, os.SEEK_SET)
-        return os.sendfile(dst, src, src_offset, size)
+        if self.sendfile_ok:
+            os.lseek(dst, dst_offset, os.SEEK_SET)
+            try:
+                return os.sendfile(dst, src, src_offset, size)
+            except OSError as err:
+                if err.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                self.sendfile_ok = False
+        data = os.pread(src, min(size, PIPE_SIZE), src_offset)
+        _pwrite_all(dst, memoryview(data), dst_offset)
+        return len(data)
 
 
 def copy_ops_into(

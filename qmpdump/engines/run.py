@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from qmpdump import __version__
-from qmpdump.engines.backend import BackendDumpRequest, dump_with_backend, readable
+from qmpdump.engines.backend import (
+    BackendDumpRequest,
+    dump_with_backend,
+    readable,
+    sources_record,
+)
 from qmpdump.engines.qemu import Progress, QemuDumpRequest, dump_with_qemu
-from qmpdump.errors import UsageError
+from qmpdump.errors import SourceUnproven, UsageError
 from qmpdump.output import DumpFile, sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
@@ -60,12 +65,20 @@ def map_summary(report: MapReport) -> dict[str, Any]:
 
 
 def choose_engine(engine: str, before: Survey, fmt: str) -> tuple[str, str]:
-    """Resolve ``auto``: the sparse reader when it can produce what is asked, else QEMU's."""
+    """Resolve ``auto``: the sparse reader when it can produce what is asked, else QEMU's.
+
+    The sparse reader only runs where every region's source is proven to hold the guest's
+    bytes (:func:`readable`); asked for explicitly where it is not, it raises
+    :class:`SourceUnproven` before any file is made.
+    """
     if engine == "qemu":
         return "qemu", "asked for"
     if engine == "backend":
         if fmt != "elf":
             raise UsageError(f"the backend engine writes ELF only, not {fmt!r}")
+        ok, why = readable(before)
+        if not ok:
+            raise SourceUnproven(None, why)
         return "backend", "asked for"
     if engine != "auto":
         raise UsageError(f"unknown engine {engine!r} (qemu, backend or auto)")
@@ -127,6 +140,7 @@ async def run_dump(
                 "data_bytes": b.plan.data.total,
                 "zero_fill_bytes": b.plan.zero_fill.total,
                 "copied_bytes": b.copied,
+                "sources": sources_record(b.survey),
             }
             fmt = "elf"
         duration = time.monotonic() - t0
