@@ -220,15 +220,15 @@ NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 @contextlib.contextmanager
 def huge_pages_reserved(count: int) -> Iterator[None]:
     """Add ``count`` 2 MiB pages to the pool (``vm.nr_hugepages``); restore it after, always."""
-    before = int(NR_HUGEPAGES.read_text())
+    # Relative, not absolute: another reservation made meanwhile is left alone.
+    NR_HUGEPAGES.write_text(str(int(NR_HUGEPAGES.read_text()) + count))
     try:
-        NR_HUGEPAGES.write_text(str(before + count))
         free = _meminfo("HugePages_Free")
         if free < count:
             pytest.skip(f"the kernel gave only {free} of {count} huge pages (memory fragmented)")
         yield
     finally:
-        NR_HUGEPAGES.write_text(str(before))
+        NR_HUGEPAGES.write_text(str(max(0, int(NR_HUGEPAGES.read_text()) - count)))
 
 
 @contextlib.contextmanager

@@ -203,6 +203,8 @@ class VMSpec:
     pattern_mib: int = 0
     name: str = "qmpdump-test"
     boot_timeout_s: float = 180.0
+    #: also serve QMP on ``127.0.0.1:PORT`` (QMP over TCP: QEMU's pid is then unknown)
+    qmp_tcp_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.machine not in ("q35", "pc"):
@@ -307,6 +309,8 @@ def qemu_argv(
     # free for qmpdump. QEMU serves one client per QMP monitor.
     argv += ["-qmp", f"unix:{run_dir / 'control.sock'},server=on,wait=off"]
     argv += ["-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off"]
+    if spec.qmp_tcp_port is not None:
+        argv += ["-qmp", f"tcp:127.0.0.1:{spec.qmp_tcp_port},server=on,wait=off"]
     argv += [
         "-chardev",
         f"socket,id=ser0,path={run_dir / 'serial.sock'},server=on,wait=off,"
