@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import tempfile
 import time
@@ -47,8 +48,10 @@ from pathlib import Path
 import pytest
 
 from qmpdump.engines.run import run_dump
+from qmpdump.host.procmem import read_process_memory
+from qmpdump.memmap.ranges import RangeSet
 from qmpdump.qmp.session import QMPSession
-from qmpdump.survey import survey
+from qmpdump.survey import RegionAccess, survey
 from qmpdump.testbed.vm import (
     VM,
     Backend,
@@ -62,7 +65,7 @@ from qmpdump.testbed.vm import (
 
 from .clirun import run_cli
 from .conftest import SUMMARY, VMFactory
-from .test_dump_backend import PAGE, compare_cores, dumps, read_core
+from .test_dump_backend import CHUNK, PAGE, compare_cores, dumps, read_core
 
 __all__ = ["dumps"]  # the fixture, re-used
 
@@ -84,6 +87,8 @@ class Row:
     mismatches: int
     engine: str
     reason: str
+    #: per fd-backed region: populated pages whose file content differs from QEMU's memory
+    file_differs: str = "-"
 
 
 ROWS: list[Row] = []
@@ -92,7 +97,8 @@ ROWS: list[Row] = []
 def _summary_line(row: Row) -> str:
     return (
         f"fidelity: {row.case:<16} QEMU {row.version:<7} pages compared {row.pages:>7}  "
-        f"mismatches {row.mismatches}  engine {row.engine:<7} ({row.reason})"
+        f"mismatches {row.mismatches}  engine {row.engine:<7} file!=memory {row.file_differs} "
+        f"({row.reason})"
     )
 
 
@@ -272,6 +278,46 @@ async def _populated(vm: VM) -> dict[str, int]:
     return {r: p.offsets.total for r, p in result.population.regions.items()}
 
 
+def _differing_pages(pid: int, access: RegionAccess, offsets: RangeSet) -> int:
+    """Populated pages of a region whose backing file holds other bytes than QEMU's memory."""
+    assert access.path is not None
+    assert access.hva is not None
+    differ = 0
+    buf = bytearray(CHUNK)
+    fd = os.open(access.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for run in offsets:
+            for offset in range(run.start, run.end, CHUNK):
+                size = min(CHUNK, run.end - offset)
+                view = memoryview(buf)[:size]
+                # pread of a hole (shmem, hugetlbfs) reads zeros without allocating; QEMU's
+                # memory is read only where populated, as the backend engine does.
+                in_file = os.pread(fd, size, access.file_offset + offset)
+                read_process_memory(pid, access.hva + offset, view)
+                if in_file != view:
+                    differ += sum(
+                        in_file[i : i + PAGE] != view[i : i + PAGE] for i in range(0, size, PAGE)
+                    )
+    finally:
+        os.close(fd)
+    return differ
+
+
+async def file_versus_memory(vm: VM) -> str:
+    """For each fd-backed region: how many populated pages the file holds differently from
+    QEMU's address space (the finding behind the sources chosen: 0 for shared mappings)."""
+    async with QMPSession(str(vm.qmp_path)) as session:
+        result = await survey(session)
+    parts = []
+    for region, access in sorted(result.access.items()):
+        population = result.population.regions[region]
+        if access.path is None or access.hva is None or not population.known:
+            continue
+        differ = await asyncio.to_thread(_differing_pages, vm.pid, access, population.offsets)
+        parts.append(f"{region} {differ}/{population.offsets.total // PAGE}")
+    return ", ".join(parts) or "-"
+
+
 async def compare_stage(vm: VM, dumps: Path, label: str, expect: str) -> Row:
     """Stop the VM, dump it with auto and with QEMU's engine, compare page by page, resume."""
     assert vm.qmp is not None
@@ -287,6 +333,7 @@ async def compare_stage(vm: VM, dumps: Path, label: str, expect: str) -> Row:
             assert after == before, f"{label}: our dump changed populated memory"
             sources = ours.record["request"]["sources"]
             assert all(s["read_from"] and s["proof"] for s in sources.values()), sources
+            reason = ", ".join(f"{r}: {s['read_from']}" for r, s in sources.items())
         else:
             code, out, err = await run_cli(
                 "dump",
@@ -312,7 +359,9 @@ async def compare_stage(vm: VM, dumps: Path, label: str, expect: str) -> Row:
         assert found.pattern_pages >= PATTERN_MIB * MiB // PAGE
         pages = (found.data_bytes + found.zero_bytes) // PAGE
         assert pages == qemu_core.coverage.total // PAGE
-        row = Row(label, str(ours.record["vm"]["qemu_version"]), pages, 0, ours.engine, reason)
+        differ = await file_versus_memory(vm)
+        version = str(ours.record["vm"]["qemu_version"])
+        row = Row(label, version, pages, 0, ours.engine, reason, differ)
         ours.path.unlink()
         qemu.path.unlink()
     finally:
