@@ -26,7 +26,13 @@ import pytest
 from qmpdump.engines.backend import readable
 from qmpdump.engines.run import choose_engine
 from qmpdump.errors import SourceUnproven
-from qmpdump.host.extents import data_extents
+from qmpdump.host.extents import (
+    HUGETLBFS_MAGIC,
+    TMPFS_MAGIC,
+    data_extents,
+    filesystem_magic,
+    holes_are_exact,
+)
 from qmpdump.host.pagemap import PAGE_SIZE
 from qmpdump.host.procfs import MappingKind, parse_maps, region_mapping
 from qmpdump.host.procmem import read_process_memory
@@ -251,3 +257,19 @@ async def test_over_tcp_auto_picks_qemu_and_backend_refuses(
     assert "QEMU's pid is unknown" in err
     assert "Traceback" not in err
     assert not folder.exists() or not list(folder.iterdir())
+
+
+def test_holes_are_exact_on_shmem_not_on_hugetlbfs() -> None:
+    fd = os.memfd_create("qmpdump-test")
+    try:
+        assert holes_are_exact(fd)
+        assert filesystem_magic(fd) == TMPFS_MAGIC
+    finally:
+        os.close(fd)
+    with _huge_pages(1):
+        fd = os.memfd_create("qmpdump-test", os.MFD_HUGETLB)
+        try:
+            assert filesystem_magic(fd) == HUGETLBFS_MAGIC
+            assert not holes_are_exact(fd)
+        finally:
+            os.close(fd)
