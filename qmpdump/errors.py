@@ -13,6 +13,7 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
      +-- UsageError              bad arguments or configuration (exit 2)
      +-- TestbedError            the built-in test/demo VMs (exit 10)
      |    +-- GuestBuildError    the guest kernel/initramfs could not be built
+     |    +-- QemuFetchError     the cached QEMU build could not be fetched or unpacked
      |    +-- LaunchError        QEMU exited or failed to start
      |    +-- GuestTimeout       the guest did not reach a state in time
      +-- QMPConnectError         no QMP session could be opened (exit 20..24)
@@ -64,6 +65,7 @@ __all__ = [
     "QMPDisconnected",
     "QMPReplyError",
     "QMPTimeout",
+    "QemuFetchError",
     "QmpdumpError",
     "ServiceError",
     "SocketMissing",
@@ -97,6 +99,10 @@ class TestbedError(QmpdumpError):
 
 class GuestBuildError(TestbedError):
     """Raised when the test guest (kernel and initramfs) cannot be fetched or built."""
+
+
+class QemuFetchError(TestbedError):
+    """Raised when a cached QEMU build (bookworm-backports' 10.0) cannot be fetched or unpacked."""
 
 
 class LaunchError(TestbedError):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qmpdump.errors import UsageError
+from qmpdump.testbed.qemus import QemuBuild, QemuInstall
 from qmpdump.testbed.vm import (
     Backend,
     BackendOptions,
@@ -31,7 +32,7 @@ def _options(argv: list[str], flag: str) -> list[str]:
 
 
 def _argv(spec: VMSpec) -> list[str]:
-    return qemu_argv(spec, RUN, SHM, None)
+    return qemu_argv(spec, RUN, SHM, None, QemuInstall(QemuBuild.SYSTEM_7_2, "qemu-system-x86_64"))
 
 
 def test_private_hugetlb_and_prealloc_backends() -> None:
