@@ -72,7 +72,7 @@ from .test_dump_backend import CHUNK, PAGE, compare_cores, dumps, read_core
 __all__ = ["dumps"]  # the fixture, re-used
 
 PATTERN_MIB = 8
-RAM = 512 * MiB
+RAM = 256 * MiB
 VMEM_MAX = 512 * MiB
 PRIVATE = BackendOptions(share=False)
 HUGE = BackendOptions(hugetlb=True)
@@ -196,8 +196,8 @@ CASES = [
         _spec(
             "numa",
             numa=(
-                NumaNodeSpec(256 * MiB, Backend.MEMFD),
-                NumaNodeSpec(256 * MiB, Backend.FILE, PRIVATE),
+                NumaNodeSpec(RAM // 2, Backend.MEMFD),
+                NumaNodeSpec(RAM // 2, Backend.FILE, PRIVATE),
             ),
             virtio_mem=(
                 VirtioMemSpec(
