@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -38,7 +38,13 @@ from qmpdump.memmap.layout import Backend, Layout
 from qmpdump.memmap.populated import Population, RegionPopulation, Source, compute_population
 from qmpdump.memmap.ranges import Range, RangeSet
 from qmpdump.qmp.plugged import dump_loads, read_dump_prefix
-from qmpdump.qmp.probe import VMFacts, read_layout, read_vm_facts, region_host_addresses
+from qmpdump.qmp.probe import (
+    VMFacts,
+    read_layout,
+    read_vm_facts,
+    region_host_addresses,
+    vcpu_thread_ids,
+)
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport, VMSummary, build_report
 
@@ -46,7 +52,9 @@ __all__ = [
     "ReadFrom",
     "RegionAccess",
     "Survey",
+    "foreign_threads",
     "probe_prefix_without_growth",
+    "qemu_pid",
     "refill_holes",
     "region_population",
     "survey",
@@ -121,9 +129,12 @@ def _unknown(backend: Backend, reason: str) -> RegionPopulation:
     return RegionPopulation(backend.region, RangeSet.empty(), Source.UNKNOWN, reason)
 
 
-def _without_pid(backend: Backend) -> tuple[RegionPopulation, RegionAccess]:
-    """Over TCP: nothing can be proven. A shared file's ``mem-path`` still serves ``map``."""
-    reason = "QEMU's pid is unknown (QMP over TCP), so how QEMU maps this region cannot be checked"
+#: Why nothing can be proven over TCP (no SO_PEERCRED).
+NO_PID = "QEMU's pid is unknown (QMP over TCP), so how QEMU maps this region cannot be checked"
+
+
+def _without_pid(backend: Backend, reason: str = NO_PID) -> tuple[RegionPopulation, RegionAccess]:
+    """No proven pid: nothing can be proven. A shared file's ``mem-path`` still serves ``map``."""
     access = RegionAccess(backend.region, None, proof=reason)
     if backend.type.has_fd and backend.mem_path is not None and backend.share:
         access = RegionAccess(backend.region, None, backend.mem_path, proof=reason)
@@ -186,17 +197,18 @@ def _mapped_population(
 
 
 def region_population(
-    pid: int | None, backend: Backend, hva: int | None
+    pid: int | None, backend: Backend, hva: int | None, no_pid: str = NO_PID
 ) -> tuple[RegionPopulation, RegionAccess | None]:
     """The populated part of one RAM region, in region-offset space (blocking: run in a thread).
 
     Also proves which source holds the region's bytes (:class:`RegionAccess`): a file QEMU maps
     shared (``/proc/PID/maps``, identified by device and inode), or QEMU's own address space.
     Host errors do not fail the survey: the region is reported unknown, with the reason.
+    ``no_pid`` says why ``pid`` is None.
     """
     try:
         if pid is None or hva is None:
-            return _without_pid(backend)
+            return _without_pid(backend, no_pid)
         try:
             mapping = region_mapping(read_maps(pid), Range(hva, backend.size))
         except ValueError as err:
@@ -205,6 +217,32 @@ def region_population(
         return _mapped_population(pid, backend, mapping)
     except HostAccessError as err:
         return _unknown(backend, str(err)), None
+
+
+def foreign_threads(pid: int, thread_ids: Iterable[int]) -> list[int]:
+    """The ``thread_ids`` that are not threads of process ``pid`` (``/proc/PID/task/TID``)."""
+    return [tid for tid in thread_ids if not os.path.exists(f"/proc/{pid}/task/{tid}")]
+
+
+async def qemu_pid(session: QMPSession, peer: int | None) -> tuple[int | None, str]:
+    """The QMP peer's pid if it is QEMU's process, else None and why.
+
+    ``SO_PEERCRED`` names whoever holds the other end of the socket: a proxy in between
+    (libvirt's ``virt-qemu-qmp-proxy``, socat) is another process, and reading its memory as
+    the guest's would be a wrong dump. The proof: every vCPU thread QEMU reports
+    (``query-cpus-fast``) is a thread of that pid.
+    """
+    if peer is None:
+        return None, NO_PID
+    threads = await vcpu_thread_ids(session)
+    foreign = foreign_threads(peer, threads)
+    if not threads or foreign:
+        what = f"vCPU thread {foreign[0]} is not one of its threads" if foreign else "no vCPUs"
+        return None, (
+            f"the QMP peer (pid {peer}) is not proven to be QEMU's process: {what} "
+            "(a proxy between qmpdump and QEMU?)"
+        )
+    return peer, ""
 
 
 #: How much of the first RAM piece QEMU's aborted probe dump may read (pipe + one page, rounded).
@@ -277,10 +315,11 @@ async def survey(session: QMPSession, *, exact_plug: bool = False) -> Survey:
     """Survey the VM behind a connected QMP session."""
     facts = await read_vm_facts(session)
     layout = await read_layout(session)
-    bases = await region_host_addresses(session, layout) if facts.pid is not None else {}
+    pid, no_pid = await qemu_pid(session, facts.pid)
+    bases = await region_host_addresses(session, layout) if pid is not None else {}
     found = await asyncio.gather(
         *(
-            asyncio.to_thread(region_population, facts.pid, b, bases.get(b.region))
+            asyncio.to_thread(region_population, pid, b, bases.get(b.region), no_pid)
             for b in layout.backends
         )
     )

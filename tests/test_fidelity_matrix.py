@@ -50,6 +50,7 @@ from typing import Any
 import pytest
 
 from qmpdump.engines.run import run_dump
+from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.host.procmem import read_process_memory
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.qmp.session import QMPSession
@@ -327,7 +328,7 @@ async def compare_stage(vm: VM, dumps: Path, label: str, expect: str) -> Row:
     try:
         before = await _populated(vm)
         async with QMPSession(str(vm.qmp_path)) as session:
-            ours = await run_dump(session, dumps / f"{label}.ours.elf", engine="auto")
+            ours = await run_dump(session, dumps / f"{label}.ours.elf", DumpSpec())
         after = await _populated(vm)
         # The sidecar as written (JSON), whatever model the engine keeps it in.
         record: dict[str, Any] = json.loads(ours.sidecar.read_text())
@@ -354,7 +355,9 @@ async def compare_stage(vm: VM, dumps: Path, label: str, expect: str) -> Row:
             assert "--engine qemu" in err, err
             assert not (dumps / "refused").exists() or not list((dumps / "refused").iterdir())
         async with QMPSession(str(vm.qmp_path)) as session:
-            qemu = await run_dump(session, dumps / f"{label}.qemu.elf", engine="qemu")
+            qemu = await run_dump(
+                session, dumps / f"{label}.qemu.elf", DumpSpec(engine=EngineName.QEMU)
+            )
         ours_core = await asyncio.to_thread(read_core, ours.path)
         qemu_core = await asyncio.to_thread(read_core, qemu.path)
         assert ours_core.notes == qemu_core.notes
@@ -365,7 +368,7 @@ async def compare_stage(vm: VM, dumps: Path, label: str, expect: str) -> Row:
         assert pages == qemu_core.coverage.total // PAGE
         differ = await file_versus_memory(vm)
         version = str(record["vm"]["qemu_version"])
-        row = Row(label, version, pages, 0, ours.engine, reason, differ)
+        row = Row(label, version, pages, 0, ours.engine.value, reason, differ)
         ours.path.unlink()
         qemu.path.unlink()
     finally:

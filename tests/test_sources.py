@@ -7,24 +7,28 @@
   copy-on-write pages the file never sees, and the survey must read them from the process, over
   the union of file data and those pages, without allocating a hole of the file; a shared one is
   read from the file; a private hugetlb mapping is refused (its holes cannot be told apart).
-* Real QEMU over TCP (bare tier): QEMU's pid is unknown, nothing can be proven, so ``auto``
-  chooses QEMU's engine and says why, and ``--engine backend`` exits 45 without a traceback.
+* Real QEMU (bare tier) over TCP: QEMU's pid is unknown, nothing can be proven. Through a proxy
+  (SO_PEERCRED names the proxy, as with libvirt's ``virt-qemu-qmp-proxy``): the peer's pid is
+  not QEMU's (QEMU's vCPU threads are not its threads), so ``auto`` chooses QEMU's engine and
+  says why, and ``--engine backend`` exits 45 without a traceback and without a file.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import mmap
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from qmpdump.engines.backend import readable
 from qmpdump.engines.run import choose_engine
+from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.errors import SourceUnproven
 from qmpdump.host.extents import (
     HUGETLBFS_MAGIC,
@@ -213,7 +217,7 @@ def test_private_hugetlb_mapping_is_refused_with_the_reason() -> None:
         assert "would allocate" in population.note
 
 
-# ================================================================ QEMU over TCP: nothing proven
+# ================================================================ QEMU's pid: unknown or not QEMU's
 
 
 def _free_port() -> int:
@@ -223,9 +227,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.bare
-async def test_over_tcp_auto_picks_qemu_and_backend_refuses(
-    vm_factory: VMFactory, tmp_path: Path
-) -> None:
+async def test_over_tcp_nothing_is_proven_and_auto_picks_qemu(vm_factory: VMFactory) -> None:
     port = _free_port()
     spec = VMSpec(
         name="sources-tcp",
@@ -235,28 +237,81 @@ async def test_over_tcp_auto_picks_qemu_and_backend_refuses(
         qmp_tcp_port=port,
     )
     await vm_factory(spec)
-    address = f"tcp:127.0.0.1:{port}"
-    async with QMPSession(parse_address(address)) as session:
+    async with QMPSession(parse_address(f"tcp:127.0.0.1:{port}")) as session:
         result = await survey(session)
     assert result.facts.pid is None
     ok, why = readable(result)
     assert not ok
     assert "QEMU's pid is unknown" in why
-    engine, reason = choose_engine("auto", result, "elf")
-    assert (engine, reason) == ("qemu", why)
-    with pytest.raises(SourceUnproven) as caught:
-        choose_engine("backend", result, "elf")
-    assert caught.value.exit_code == 45
+    assert all(a.read_from is None for a in result.access.values())
 
-    folder = tmp_path / "out"
-    code, out, err = await run_cli(
-        "dump", "--qmp", address, "-o", str(folder / "x.elf"), "--engine", "backend"
+
+@contextlib.asynccontextmanager
+async def qmp_proxy(target: Path, listen: Path) -> AsyncIterator[None]:
+    """A byte-for-byte UNIX socket proxy in this process, as libvirt's virt-qemu-qmp-proxy is
+    one in its own: qmpdump's SO_PEERCRED then names the proxy, not QEMU. (The real proxy
+    needs a libvirt domain; what matters here is only that the peer is another process.)"""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(str(target))
+        for task in (pump(reader, up_writer), pump(up_reader, writer)):
+            tasks.add(asyncio.create_task(task))
+
+    server = await asyncio.start_unix_server(serve, path=str(listen))
+    try:
+        yield
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+@pytest.mark.bare
+async def test_a_proxy_peer_is_not_taken_for_qemu(vm_factory: VMFactory, tmp_path: Path) -> None:
+    vm = await vm_factory(
+        VMSpec(name="sources-proxy", guest=False, ram_backend=VMBackend.RAM, ram_size=64 * MiB)
     )
+    listen = tmp_path / "proxy.sock"
+    async with qmp_proxy(vm.qmp_path, listen):
+        async with QMPSession(str(listen)) as session:
+            assert session.pid == os.getpid()  # the proxy: this very process
+            result = await survey(session)
+            engine, reason = choose_engine(DumpSpec(), result, session)
+            with pytest.raises(SourceUnproven) as caught:
+                choose_engine(DumpSpec(engine=EngineName.BACKEND), result, session)
+        assert engine.traits.name is EngineName.QEMU
+        assert "is not proven to be QEMU's process" in reason
+        assert f"pid {os.getpid()}" in reason
+        assert caught.value.exit_code == 45
+        assert all(a.read_from is None for a in result.access.values())
+
+        folder = tmp_path / "out"
+        code, out, err = await run_cli(
+            "dump", "--qmp", str(listen), "-o", str(folder / "x.elf"), "--engine", "backend"
+        )
     assert code == 45, err
     assert out == ""
-    assert "QEMU's pid is unknown" in err
+    assert "is not proven to be QEMU's process" in err
     assert "Traceback" not in err
     assert not folder.exists() or not list(folder.iterdir())
+    # Straight to QEMU, the same VM's pid is QEMU's and every region is proven.
+    async with QMPSession(str(vm.qmp_path)) as session:
+        direct = await survey(session)
+    assert readable(direct) == (True, "every RAM region can be read from the host")
+    assert {a.read_from for a in direct.access.values()} == {ReadFrom.PROCESS}
 
 
 def test_holes_are_exact_on_shmem_not_on_hugetlbfs() -> None:
