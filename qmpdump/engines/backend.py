@@ -91,9 +91,9 @@ def readable(result: Survey) -> tuple[bool, str]:
         if access is None or access.read_from is None:
             why = access.proof if access is not None and access.proof else None
             why = why or (region.note if region is not None and region.note else "not inspected")
-            return (
-                False,
-                f"no source of {backend.region} is proven to hold the guest's bytes: {why}",
+            return False, (
+                f"{backend.region} cannot be read from the host: no source is proven to hold "
+                f"the guest's bytes ({why})"
             )
         if region is None or not region.known:
             why = region.note if region is not None else "not inspected"
