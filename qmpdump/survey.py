@@ -13,8 +13,10 @@ produce the pure :class:`~qmpdump.memmap.populated.Population`. Nothing here rea
 
 Each region also gets the source its bytes must be read from (:class:`ReadFrom`) and the proof
 that this source holds the guest's bytes, taken from ``/proc/PID/maps``: a shared mapping of
-that very file (device and inode), or QEMU's own address space. Without QEMU's pid (QMP over
-TCP), or for a mapping of an unexpected shape, nothing is proven and the backend engine refuses.
+that very file (device and inode), or QEMU's own address space. The pid itself is proven first
+(:func:`qemu_pid`: QEMU's vCPU threads are its threads; a proxy's pid is not QEMU's). Without
+that pid (QMP over TCP, a proxy), or for a mapping of an unexpected shape, nothing is proven and
+the backend engine refuses.
 Measured on QEMU 7.2 and 10.0 (README, "Which source holds the guest's bytes").
 
 Only with ``exact_plug=True`` does a survey start (and at once abort) a QEMU dump to read the
