@@ -28,7 +28,8 @@ numa                node0 memfd shared, node1 file private; virtio-mem    backen
                     device_add; same VM)
 ==================  ====================================================  ===============
 
-The hugetlb cases reserve ``vm.nr_hugepages`` for themselves and give them back after, pass or
+Main RAM is 256 MiB (NUMA: 128 MiB a node), virtio-mem 512 MiB at most, the guest's pattern 8 MiB.
+The hugetlb cases add to ``vm.nr_hugepages`` for themselves and take them back after, pass or
 fail. Each row of the matrix (pages compared, mismatches, engine chosen, QEMU version) goes into
 the run's terminal summary.
 """
