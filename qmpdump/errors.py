@@ -297,7 +297,7 @@ class SourceUnproven(DumpError):
         where = f"{region}: " if region is not None else ""
         super().__init__(
             f"the backend engine cannot dump this VM: {where}{reason}; "
-            "use --engine qemu (or auto, which picks it)"
+            "QEMU's own engine can (--engine qemu)"
         )
 
 
