@@ -19,6 +19,11 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
      |    +-- SocketMissing      no socket at the path (exit 21)
      |    +-- SocketPermission   the socket exists but may not be opened (exit 22)
      |    +-- NotQEMU            the peer does not speak QMP (exit 23)
+     |    +-- LibvirtError       libvirt could not give us the domain (exit 60)
+     |         +-- LibvirtUnavailable   libvirtd cannot be reached (exit 61)
+     |         +-- LibvirtPermission    libvirt denied access (exit 62)
+     |         +-- DomainNotFound       no domain of that name (exit 63)
+     |         +-- DomainNotRunning     the domain is not running (exit 64)
      +-- QMPTimeout              QEMU did not answer in time (exit 24)
      +-- QMPCommandError         QEMU answered a command with an error (exit 25)
      +-- QMPDisconnected         the QMP connection dropped (exit 26)
@@ -45,6 +50,8 @@ from collections.abc import Sequence
 __all__ = [
     "Conflict",
     "DiskFull",
+    "DomainNotFound",
+    "DomainNotRunning",
     "DumpBusy",
     "DumpCancelled",
     "DumpError",
@@ -55,6 +62,9 @@ __all__ = [
     "HostAccessError",
     "LaunchError",
     "LayoutError",
+    "LibvirtError",
+    "LibvirtPermission",
+    "LibvirtUnavailable",
     "NotFound",
     "NotQEMU",
     "QEMUGone",
@@ -153,6 +163,37 @@ class NotQEMU(QMPConnectError):
     """Raised when the peer answers, but not with a QMP greeting and capabilities handshake."""
 
     exit_code = 23
+
+
+class LibvirtError(QMPConnectError):
+    """Raised when libvirt cannot give qmpdump the domain or its monitor; libvirt's own error
+    (a ``libvirt.libvirtError``) is kept in :attr:`exc`. ``address`` names URI and domain."""
+
+    exit_code = 60
+
+
+class LibvirtUnavailable(LibvirtError):
+    """Raised when libvirtd cannot be reached at the URI (not running, wrong URI)."""
+
+    exit_code = 61
+
+
+class LibvirtPermission(LibvirtError):
+    """Raised when libvirt refuses this user (socket permissions, polkit, ACLs)."""
+
+    exit_code = 62
+
+
+class DomainNotFound(LibvirtError, LookupError):
+    """Raised when libvirt knows no domain of the given name (or UUID)."""
+
+    exit_code = 63
+
+
+class DomainNotRunning(LibvirtError):
+    """Raised when the domain exists but its QEMU is not running (shut off)."""
+
+    exit_code = 64
 
 
 class QMPTimeout(QmpdumpError, TimeoutError):

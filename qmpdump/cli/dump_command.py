@@ -16,12 +16,12 @@ from typing import Any, TextIO
 
 from qmpdump.cli.map_command import format_size
 from qmpdump.cli.progress import ProgressBar
+from qmpdump.cli.source import add_source_arguments, libvirt_ref, monitor_mode, open_session
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.qemu import QemuDumpRequest
 from qmpdump.engines.run import DumpOutcome, run_dump
 from qmpdump.errors import UsageError
-from qmpdump.qmp.session import QMPSession, parse_address
 
 __all__ = ["add_parser", "run"]
 
@@ -48,7 +48,7 @@ def add_parser(commands: Any) -> None:
         description="Dump a VM's guest memory into FILE (written as FILE.partial, renamed when "
         "complete; mode 0600) with a sidecar FILE.json.",
     )
-    parser.add_argument("--qmp", required=True, help="QEMU's QMP socket (path, or tcp:HOST:PORT)")
+    add_source_arguments(parser)
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
     parser.add_argument(
         "--engine",
@@ -138,25 +138,73 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, cancel.set)
     try:
-        async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
-            with ProgressBar("dump") as bar:
-                outcome = await run_dump(
-                    session,
-                    args.output,
-                    engine=args.engine,
-                    qemu=request,
-                    backend=BackendDumpRequest(
-                        live=args.live,
-                        zero_pages=args.zero_pages,
-                        max_phdrs=args.max_program_headers,
-                    ),
-                    overwrite=args.overwrite,
-                    progress=lambda p: bar.show(p.completed, p.total),
-                    cancel=cancel,
-                )
+        if monitor_mode(args) == "supported":
+            outcome = await _dump_supported(args, cancel)
+        else:
+            outcome = await _dump_session(args, request, cancel)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    _print(args, outcome, out)
+    return 0
+
+
+async def _dump_session(
+    args: argparse.Namespace, request: QemuDumpRequest, cancel: asyncio.Event
+) -> DumpOutcome:
+    """A dump over a QMP session (a socket, or libvirt's monitor passthrough)."""
+    async with open_session(args) as session:
+        with ProgressBar("dump") as bar:
+            return await run_dump(
+                session,
+                args.output,
+                engine=args.engine,
+                qemu=request,
+                backend=BackendDumpRequest(
+                    live=args.live,
+                    zero_pages=args.zero_pages,
+                    max_phdrs=args.max_program_headers,
+                ),
+                overwrite=args.overwrite,
+                progress=lambda p: bar.show(p.completed, p.total),
+                cancel=cancel,
+            )
+
+
+async def _dump_supported(args: argparse.Namespace, cancel: asyncio.Event) -> DumpOutcome:
+    """``--libvirt`` without passthrough: QEMU's dump through libvirt."""
+    from qmpdump.libvirt.supported import dump_supported  # noqa: PLC0415 - optional extra
+
+    unsupported = [
+        flag
+        for flag, given in (
+            ("--engine backend", args.engine == "backend"),
+            ("--live", args.live),
+            ("--paging", args.paging),
+            ("--begin/--length", args.begin is not None or args.length is not None),
+            ("--seekable", args.seekable),
+            ("--zero-pages", args.zero_pages),
+        )
+        if given
+    ]
+    if unsupported:
+        raise UsageError(
+            f"{', '.join(unsupported)}: not available through libvirt's supported dump; "
+            "add --monitor passthrough"
+        )
+    with ProgressBar("dump") as bar:
+        return await dump_supported(
+            libvirt_ref(args),
+            args.output,
+            fmt=args.format,
+            fix_elf_header=not args.no_elf_fix,
+            overwrite=args.overwrite,
+            progress=lambda p: bar.show(p.completed, p.total),
+            cancel=cancel,
+        )
+
+
+def _print(args: argparse.Namespace, outcome: DumpOutcome, out: TextIO) -> None:
     if args.json:
         out.write(json.dumps(_summary(outcome), indent=2) + "\n")
     else:
@@ -167,4 +215,3 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             f"engine: {outcome.engine} ({outcome.record['engine_reason']})\n"
             f"sha256 {outcome.sha256}\nsidecar {outcome.sidecar}\n"
         )
-    return 0
