@@ -26,6 +26,7 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
      |         +-- DomainNotRunning     the domain is not running (exit 64)
      +-- QMPTimeout              QEMU did not answer in time (exit 24)
      +-- QMPCommandError         QEMU answered a command with an error (exit 25)
+     |    +-- UnsafeThroughLibvirt  a command qmpdump won't send through libvirt (exit 65)
      +-- QMPDisconnected         the QMP connection dropped (exit 26)
      +-- QMPReplyError           QEMU's reply does not have the expected shape (exit 27)
      +-- LayoutError             the guest memory layout could not be built (exit 30)
@@ -79,6 +80,7 @@ __all__ = [
     "SocketPermission",
     "TestbedError",
     "Unavailable",
+    "UnsafeThroughLibvirt",
     "UsageError",
 ]
 
@@ -217,6 +219,14 @@ class QMPCommandError(QmpdumpError):
         self.error_class = error_class
         self.description = description
         super().__init__(f"QEMU refused {command!r}: {error_class}: {description}")
+
+
+class UnsafeThroughLibvirt(QMPCommandError):
+    """Raised instead of sending a command through libvirt's monitor passthrough that would harm
+    libvirt (``dump-guest-memory``: libvirt 9.0's libvirtd crashes on the DUMP_COMPLETED event of
+    a dump it did not start); the operation goes through libvirt's own API instead."""
+
+    exit_code = 65
 
 
 class QMPDisconnected(QmpdumpError, ConnectionError):

@@ -9,12 +9,22 @@ when the module ends, pass or fail.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qmpdump.testbed.libvirtd import DomainSpec, Libvirtd, TestDomain, libvirt_available
+from qmpdump.testbed.vm import MiB
+from tests.clirun import QMPDUMP, run_cli
+from tests.test_dump_backend import check_our_layout, compare_cores, read_core
+
+PAGE_SIZE = 4096
 
 pytestmark = [
     pytest.mark.libvirt,
@@ -50,3 +60,210 @@ async def test_harness_boots_a_domain_that_virsh_dumps(
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:4] == b"\x7fELF"
     assert domain.state() == "running"
+
+
+def run_json(out: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+async def test_map_in_both_monitor_modes(libvirtd: Libvirtd, domain: TestDomain) -> None:
+    rc, out, err = await run_cli("map", "--libvirt", domain.name, "--json")
+    assert rc == 0, err
+    supported = run_json(out)
+    assert supported["monitor"] == "supported"
+    assert supported["vm"]["pid"] == domain.pid
+    assert "(monitor supported)" in supported["vm"]["address"]
+    regions = {r["backend"]: r for r in supported["regions"]}
+    assert set(regions) == {"ram-node0", "memvirtiomem0"}
+    assert all(r["populated"] and r["source"] == "seek_data" for r in regions.values())
+    (vmem,) = supported["memory"]["devices"]
+    assert vmem["current_size"] == vmem["requested_size"] == 256 * MiB
+
+    rc, out, err = await run_cli(
+        "map", "--libvirt", domain.name, "--monitor", "passthrough", "--exact-plug", "--json"
+    )
+    assert rc == 0, err
+    full = run_json(out)
+    assert full["vm"]["pid"] == domain.pid  # from libvirt, not a socket's peer
+    assert "(monitor passthrough)" in full["vm"]["address"]
+    assert all(r["source"] != "unknown" for r in full["regions"])
+    (dev,) = full["virtio_mem"]
+    assert dev["plugged_exact"] is True
+    assert sum(r["size"] for r in dev["plugged"]) == 256 * MiB
+    # the same host facts, seen both ways
+    by_region = {r["region"]: r for r in full["regions"]}
+    assert by_region["memvirtiomem0"]["populated"] == regions["memvirtiomem0"]["populated"]
+    assert domain.state() == "running"
+    assert libvirtd.proc is not None
+    assert libvirtd.proc.poll() is None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def test_dumps_equal_virsh_dump_of_the_paused_domain(
+    libvirtd: Libvirtd, domain: TestDomain, tmp_path: Path
+) -> None:
+    assert libvirtd.virsh("suspend", domain.name).returncode == 0
+    try:
+        reference = tmp_path / "virsh.elf"
+        done = libvirtd.virsh("dump", "--memory-only", domain.name, str(reference))
+        assert done.returncode == 0, done.stderr
+        want = sha256_of(reference)
+        base = ("dump", "--libvirt", domain.name, "--json")
+        for name, extra in {
+            "supported": ("--no-elf-fix",),
+            "passthrough-qemu": ("--monitor", "passthrough", "--engine", "qemu", "--no-elf-fix"),
+        }.items():
+            rc, out, err = await run_cli(*base, *extra, "-o", str(tmp_path / f"{name}.elf"))
+            assert rc == 0, f"{name}: {err}"
+            summary = run_json(out)
+            assert summary["engine"] == "qemu"
+            assert summary["sha256"] == want, f"{name} differs from virsh dump --memory-only"
+            sidecar = run_json((tmp_path / f"{name}.elf.json").read_text())
+            assert sidecar["dump_path"] == "libvirt-api"
+            assert sidecar["monitor"] == name.split("-")[0]
+            assert domain.state() == "paused"
+        # QEMU's ELF header fixed for makedumpfile: only the headers differ
+        rc, out, err = await run_cli(*base, "-o", str(tmp_path / "fixed.elf"))
+        assert rc == 0, err
+        fixed, theirs = read_core(tmp_path / "fixed.elf"), read_core(reference)
+        assert fixed.loads == theirs.loads
+        assert fixed.notes == theirs.notes
+        # the sparse reader through passthrough: every byte at its gpa equals virsh's dump
+        backend = tmp_path / "backend.elf"
+        rc, out, err = await run_cli(
+            *base, "--monitor", "passthrough", "--engine", "backend", "-o", str(backend)
+        )
+        assert rc == 0, err
+        assert run_json(out)["engine"] == "backend"
+        ours = read_core(backend)
+        check_our_layout(ours)
+        found = compare_cores(ours, theirs)
+        assert found.pattern_pages >= 32 * MiB // PAGE_SIZE
+        assert ours.coverage == theirs.coverage  # unplugged virtio-mem left out alike
+        sidecar = run_json(backend.with_name("backend.elf.json").read_text())
+        assert "(monitor passthrough)" in sidecar["vm"]["address"]
+        assert domain.state() == "paused"  # nothing of ours resumed it
+    finally:
+        libvirtd.virsh("resume", domain.name)
+    assert domain.state() == "running"
+
+
+async def test_bad_input_is_a_clear_error(domain: TestDomain, tmp_path: Path) -> None:
+    target = tmp_path / "x.elf"
+    cases = [
+        (("--libvirt", "no-such-domain"), 63, "no such domain"),
+        (
+            ("--libvirt", domain.name, "--connect", "qemu:///system?socket=/nonexistent/sock"),
+            61,
+            "libvirtd cannot be reached",
+        ),
+        (("--libvirt", domain.name, "--engine", "backend"), 2, "--monitor passthrough"),
+        (("--qmp", "/x", "--monitor", "supported"), 2, "go with --libvirt"),
+    ]
+    for args, code, text in cases:
+        for mode in ("supported", "passthrough"):
+            extra = () if "--monitor" in args or args[0] == "--qmp" else ("--monitor", mode)
+            if code == 2 and mode == "passthrough":
+                continue
+            rc, _out, err = await run_cli("dump", *args, *extra, "-o", str(target))
+            assert rc == code, f"{args} {mode}: {rc} {err}"
+            assert text in err
+            assert "Traceback" not in err
+            assert not list(tmp_path.iterdir())
+    rc, _, err = await run_cli("map", "--libvirt", "no-such-domain")
+    assert rc == 63
+    assert "Traceback" not in err
+    assert domain.state() == "running"
+
+
+async def test_domain_without_virtio_mem(libvirtd: Libvirtd, tmp_path: Path) -> None:
+    dom = await libvirtd.boot(DomainSpec(name="qmpdump-lv-novmem", virtio_mem_size=0))
+    try:
+        rc, out, err = await run_cli("map", "--libvirt", dom.name)
+        assert rc == 0, err
+        assert "no virtio-mem device" in out
+        rc, out, err = await run_cli(
+            "map", "--libvirt", dom.name, "--monitor", "passthrough", "--exact-plug", "--json"
+        )
+        assert rc == 0, err
+        assert run_json(out)["virtio_mem"] == []
+        for mode in ("supported", "passthrough"):
+            target = tmp_path / f"{mode}.elf"
+            rc, out, err = await run_cli(
+                "dump", "--libvirt", dom.name, "--monitor", mode, "-o", str(target)
+            )
+            assert rc == 0, f"{mode}: {err}"
+            assert target.read_bytes()[:4] == b"\x7fELF"
+        assert dom.state() == "running"
+    finally:
+        dom.destroy()
+
+
+async def wait_for(path: Path, timeout_s: float = 60.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not path.exists() or path.stat().st_size < 16 * MiB:  # noqa: ASYNC110 - a file
+            await asyncio.sleep(0.05)
+
+
+async def test_shut_off_mid_dump_and_cancel(libvirtd: Libvirtd, tmp_path: Path) -> None:
+    dom = await libvirtd.boot(DomainSpec(name="qmpdump-lv-victim", pattern_mib=8))
+    try:
+        # cancel (SIGINT) mid-dump: exit 41, nothing left, the domain runs again
+        target = tmp_path / "cancelled.elf"
+        proc = await asyncio.create_subprocess_exec(
+            QMPDUMP,
+            "dump",
+            "--libvirt",
+            dom.name,
+            "-o",
+            str(target),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await wait_for(target.with_name("cancelled.elf.partial"))
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 41, err
+        assert not list(tmp_path.iterdir())
+        await wait_state(dom, "running")
+
+        # the domain destroyed mid-dump: exit 42, nothing left
+        target = tmp_path / "lost.elf"
+        proc = await asyncio.create_subprocess_exec(
+            QMPDUMP,
+            "dump",
+            "--libvirt",
+            dom.name,
+            "-o",
+            str(target),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await wait_for(target.with_name("lost.elf.partial"))
+        assert libvirtd.virsh("destroy", dom.name).returncode == 0
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 42, err.decode()
+        assert b"stopped during the dump" in err
+        assert b"Traceback" not in err
+        assert not list(tmp_path.iterdir())
+        rc, _, text = await run_cli("dump", "--libvirt", dom.name, "-o", str(target))
+        assert rc == 64
+        assert "not running" in text
+    finally:
+        dom.destroy()
+    assert libvirtd.proc is not None
+    assert libvirtd.proc.poll() is None
+
+
+async def wait_state(dom: TestDomain, want: str, timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while dom.state() != want:  # noqa: ASYNC110 - libvirt's state, polled with virsh
+            await asyncio.sleep(0.1)

@@ -138,8 +138,13 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, cancel.set)
     try:
-        if monitor_mode(args) == "supported":
-            outcome = await _dump_supported(args, cancel)
+        mode = monitor_mode(args)
+        # QEMU's own dump of a libvirt domain goes through libvirt's API in either mode
+        # (qmpdump.qmp.passthrough: libvirt 9.0 crashes on a passed-through dump).
+        if mode == "supported" or (
+            mode == "passthrough" and (args.engine == "qemu" or args.format != "elf")
+        ):
+            outcome = await _dump_supported(args, cancel, mode)
         else:
             outcome = await _dump_session(args, request, cancel)
     finally:
@@ -171,8 +176,10 @@ async def _dump_session(
             )
 
 
-async def _dump_supported(args: argparse.Namespace, cancel: asyncio.Event) -> DumpOutcome:
-    """``--libvirt`` without passthrough: QEMU's dump through libvirt."""
+async def _dump_supported(
+    args: argparse.Namespace, cancel: asyncio.Event, mode: str
+) -> DumpOutcome:
+    """QEMU's dump of a libvirt domain through libvirt's API."""
     from qmpdump.libvirt.supported import dump_supported  # noqa: PLC0415 - optional extra
 
     unsupported = [
@@ -189,8 +196,8 @@ async def _dump_supported(args: argparse.Namespace, cancel: asyncio.Event) -> Du
     ]
     if unsupported:
         raise UsageError(
-            f"{', '.join(unsupported)}: not available through libvirt's supported dump; "
-            "add --monitor passthrough"
+            f"{', '.join(unsupported)}: not available through libvirt's dump API; use "
+            "--monitor passthrough with the backend engine"
         )
     with ProgressBar("dump") as bar:
         return await dump_supported(
@@ -201,6 +208,7 @@ async def _dump_supported(args: argparse.Namespace, cancel: asyncio.Event) -> Du
             overwrite=args.overwrite,
             progress=lambda p: bar.show(p.completed, p.total),
             cancel=cancel,
+            monitor=mode,
         )
 
 

@@ -40,6 +40,7 @@ from qmpdump.errors import (
     DomainNotRunning,
     DumpCancelled,
     DumpFailed,
+    ElfFormatError,
     HostAccessError,
     LibvirtError,
     QEMUGone,
@@ -59,6 +60,7 @@ from qmpdump.libvirt.connection import (
 from qmpdump.libvirt.domxml import DomainMemory, parse_domain_memory
 from qmpdump.memmap.ranges import Range
 from qmpdump.output import DumpFile, sidecar_path, write_error
+from qmpdump.qmp.plugged import _read_prefix
 
 __all__ = ["FORMATS", "RegionFacts", "SupportedMap", "dump_supported", "map_supported"]
 
@@ -304,8 +306,13 @@ async def dump_supported(
     overwrite: bool = False,
     progress: Callable[[Progress], None] | None = None,
     cancel: asyncio.Event | None = None,
+    monitor: str = "supported",
 ) -> DumpOutcome:
-    """QEMU's dump of a libvirt domain through ``virDomainCoreDumpWithFormat``, into ``target``."""
+    """QEMU's dump of a libvirt domain through ``virDomainCoreDumpWithFormat``, into ``target``.
+
+    ``monitor`` is the mode the operator chose, for the sidecar (with passthrough, QEMU's dump
+    still goes through this API: :mod:`qmpdump.qmp.passthrough`).
+    """
     libvirt = libvirt_module()
     if fmt not in FORMATS:
         raise UsageError(f"format {fmt!r} is not one libvirt offers ({', '.join(FORMATS)})")
@@ -328,6 +335,7 @@ async def dump_supported(
             overwrite=overwrite,
             progress=progress,
             cancel=cancel,
+            monitor=monitor,
         )
     finally:
         with contextlib.suppress(libvirt.libvirtError):
@@ -391,6 +399,35 @@ async def _stream(
     return total
 
 
+async def dump_prefix(ref: DomainRef, dom: Any, *, timeout_s: float = 10.0) -> bytes:
+    """The ELF header, program headers and notes of QEMU's dump, through libvirt's dump job.
+
+    The FIFO is closed as soon as the prefix is read: libvirt's I/O helper dies of SIGPIPE,
+    QEMU's next write fails, libvirt ends the job and resumes a domain it paused. QEMU has read
+    at most what the pipes and the helper's buffer held (about a MiB of the lowest RAM).
+    """
+    libvirt = libvirt_module()
+    fifo = _Fifo()
+
+    def core_dump() -> None:
+        dom.coreDumpWithFormat(
+            str(fifo.path), libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW, libvirt.VIR_DUMP_MEMORY_ONLY
+        )
+
+    dumper = asyncio.create_task(asyncio.to_thread(core_dump), name="libvirt-probe-dump")
+    try:
+        return await _read_prefix(fifo.read_fd, timeout_s)
+    except ElfFormatError as err:
+        if dumper.done() and (failure := dumper.exception()) is not None:
+            raise await _dump_error(ref, dom, failure) from err
+        raise
+    finally:
+        fifo.close()
+        await asyncio.wait([dumper])
+        if not dumper.cancelled():
+            dumper.exception()  # expected: libvirt reports the dump failed (broken pipe)
+
+
 async def _dump(
     ref: DomainRef,
     dom: Any,
@@ -403,6 +440,7 @@ async def _dump(
     overwrite: bool,
     progress: Callable[[Progress], None] | None,
     cancel: asyncio.Event,
+    monitor: str,
 ) -> DumpOutcome:
     was_running = before.vm["run_state"] == "running"
     with DumpFile.create(target, overwrite=overwrite) as output:
@@ -434,6 +472,7 @@ async def _dump(
             duration=duration,
             was_running=was_running,
             after_state=after_state[0],
+            monitor=monitor,
         )
         path = await asyncio.to_thread(output.commit, record)
     return DumpOutcome(
@@ -460,15 +499,17 @@ def _record(
     duration: float,
     was_running: bool,
     after_state: int,
+    monitor: str,
 ) -> dict[str, Any]:
     """The sidecar of a supported-path dump."""
     return {
         "qmpdump_version": __version__,
         "vm": before.vm,
         "engine": "qemu",
-        "engine_reason": "monitor supported: QEMU's dump through libvirt "
+        "engine_reason": f"monitor {monitor}: QEMU's dump through libvirt's API "
         "(virDomainCoreDumpWithFormat, memory only)",
-        "monitor": "supported",
+        "monitor": monitor,
+        "dump_path": "libvirt-api",
         "format": fmt,
         "request": {"format": fmt, "elf_header_fixed": fix_elf, "libvirt_total": total},
         "started": _iso(started),
@@ -497,7 +538,7 @@ async def _report(
     return total
 
 
-async def _dump_error(ref: DomainRef, dom: Any, err: Exception) -> Exception:
+async def _dump_error(ref: DomainRef, dom: Any, err: BaseException) -> Exception:
     libvirt = libvirt_module()
     try:
         active = await asyncio.to_thread(dom.isActive)
@@ -505,6 +546,8 @@ async def _dump_error(ref: DomainRef, dom: Any, err: Exception) -> Exception:
         active = False
     if not active:
         return QEMUGone(f"libvirt {ref.uri} domain {ref.name} stopped during the dump")
+    if not isinstance(err, Exception):
+        return DumpFailed(f"the dump through libvirt ended: {err!r}")
     failure = translate(err, ref, "virDomainCoreDumpWithFormat")
     if type(failure) is not LibvirtError:
         return failure

@@ -14,6 +14,15 @@ change. qmpdump sends only what it sends over a socket of its own: queries, ``st
 (libvirt follows them through the STOP/RESUME events), ``getfd``/``closefd`` and
 ``dump-guest-memory`` into our own pipe.
 
+Not passed through: ``dump-guest-memory``. libvirt 9.0's libvirtd segfaults on the
+``DUMP_COMPLETED`` event of a dump it did not start itself (measured: ``virsh qemu-monitor-command
+DOM dump-guest-memory`` kills libvirtd in its per-domain event thread), so QEMU's dump always
+goes through libvirt's own API: :meth:`LibvirtQMPSession.read_dump_prefix` (QEMU's headers and
+notes, for the backend engine and ``--exact-plug``) starts ``virDomainCoreDumpWithFormat`` into a
+FIFO of ours, reads the prefix and closes the FIFO (QEMU's next write fails, libvirt ends its job
+and restores the run state); a full QEMU dump is the supported path's
+(:mod:`qmpdump.libvirt.supported`).
+
 QEMU's pid comes from libvirt (:func:`qmpdump.libvirt.connection.qemu_pid`). The session is
 "connected" while the domain runs and libvirtd's connection is up: a domain that stops (lifecycle
 event) or a connection that closes ends it, so an engine in flight sees QEMU gone.
@@ -39,6 +48,7 @@ from qmpdump.errors import (
     QMPDisconnected,
     QMPReplyError,
     QMPTimeout,
+    UnsafeThroughLibvirt,
 )
 from qmpdump.libvirt.connection import (
     DomainRef,
@@ -50,7 +60,10 @@ from qmpdump.libvirt.connection import (
 )
 from qmpdump.qmp.session import DEFAULT_TIMEOUT_S, QMPSession, _Listener
 
-__all__ = ["LibvirtQMPSession"]
+__all__ = ["NOT_PASSED_THROUGH", "LibvirtQMPSession"]
+
+#: QMP commands this session never sends through libvirt (see the module docstring)
+NOT_PASSED_THROUGH = frozenset({"dump-guest-memory"})
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +94,22 @@ class _FdStash(QMPClient):
             with contextlib.suppress(OSError):
                 os.close(fd)
         return None
+
+
+def _parse_reply(command: str, text: str) -> Any:
+    """The ``return`` of QEMU's reply as libvirt relays it, or the matching error."""
+    try:
+        reply = json.loads(text)
+    except ValueError as err:
+        raise QMPReplyError(command, f"not JSON: {text[:200]!r}") from err
+    if not isinstance(reply, dict):
+        raise QMPReplyError(command, f"not a JSON object: {text[:200]!r}")
+    if "error" in reply:
+        error = reply["error"] if isinstance(reply["error"], dict) else {}
+        raise QMPCommandError(
+            command, str(error.get("class", "")), str(error.get("desc", reply["error"]))
+        )
+    return reply.get("return")
 
 
 class LibvirtQMPSession(QMPSession):
@@ -219,6 +248,14 @@ class LibvirtQMPSession(QMPSession):
     ) -> Any:
         """Run one QMP command through libvirt and return its ``return`` value."""
         libvirt = libvirt_module()
+        if command in NOT_PASSED_THROUGH:
+            raise UnsafeThroughLibvirt(
+                command,
+                "qmpdump",
+                "not sent through libvirt's monitor passthrough (libvirt 9.0's libvirtd "
+                "crashes on the DUMP_COMPLETED event of a dump it did not start); QEMU's dump "
+                "of a libvirt domain goes through libvirt's API (--monitor supported)",
+            )
         if self._dom is None or not self._alive:
             raise QMPDisconnected(f"{self.where}: not connected (the domain is not running)")
         limit = self.timeout_s if timeout_s is None else timeout_s
@@ -244,18 +281,15 @@ class LibvirtQMPSession(QMPSession):
         finally:
             if fd is not None:
                 os.close(fd)
-        try:
-            reply = json.loads(text)
-        except ValueError as err:
-            raise QMPReplyError(command, f"not JSON: {text[:200]!r}") from err
-        if not isinstance(reply, dict):
-            raise QMPReplyError(command, f"not a JSON object: {text[:200]!r}")
-        if "error" in reply:
-            error = reply["error"] if isinstance(reply["error"], dict) else {}
-            raise QMPCommandError(
-                command, str(error.get("class", "")), str(error.get("desc", reply["error"]))
-            )
-        return reply.get("return")
+        return _parse_reply(command, text)
+
+    async def read_dump_prefix(self, *, timeout_s: float = 10.0) -> bytes:
+        """QEMU's ELF dump headers and notes, through libvirt's own dump job (see above)."""
+        from qmpdump.libvirt.supported import dump_prefix  # noqa: PLC0415 - import cycle
+
+        if self._dom is None or not self._alive:
+            raise QMPDisconnected(f"{self.where}: not connected (the domain is not running)")
+        return await dump_prefix(self.ref, self._dom, timeout_s=timeout_s)
 
     @contextlib.contextmanager
     def listen(self, *names: str) -> Iterator[Any]:

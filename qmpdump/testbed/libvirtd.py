@@ -254,6 +254,9 @@ class DomainSpec:
     pattern_mib: int = 32
     guest: bool = True
     boot_timeout_s: float = 180.0
+    #: an extra QMP socket of QEMU's own (``<qemu:commandline>``; libvirt taints the domain
+    #: ``custom-argv``), to compare libvirt's paths with a direct socket on the same VM
+    extra_qmp: Path | None = None
 
 
 def _kib(n: int) -> str:
@@ -290,7 +293,14 @@ def domain_xml(spec: DomainSpec, image: GuestImage | None, serial_log: Path) -> 
             f"<requested unit='KiB'>{_kib(spec.virtio_mem_requested)}</requested>"
             "</target></memory>"
         )
-    return f"""<domain type='qemu'>
+    extra = ""
+    if spec.extra_qmp is not None:
+        extra = (
+            "<qemu:commandline><qemu:arg value='-qmp'/>"
+            f"<qemu:arg value={quoteattr(f'unix:{spec.extra_qmp},server=on,wait=off')}/>"
+            "</qemu:commandline>"
+        )
+    return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{escape(spec.name)}</name>
   {max_memory}
   <memory unit='KiB'>{_kib(total)}</memory>
@@ -310,6 +320,7 @@ def domain_xml(spec: DomainSpec, image: GuestImage | None, serial_log: Path) -> 
     <memballoon model='none'/>
     {vmem}
   </devices>
+  {extra}
 </domain>
 """
 
