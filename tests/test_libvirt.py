@@ -87,13 +87,13 @@ async def test_map_in_both_monitor_modes(libvirtd: Libvirtd, domain: TestDomain)
     full = run_json(out)
     assert full["vm"]["pid"] == domain.pid  # from libvirt, not a socket's peer
     assert "(monitor passthrough)" in full["vm"]["address"]
-    assert all(r["source"] != "unknown" for r in full["regions"])
+    assert all(r["population_source"] != "unknown" for r in full["regions"])
     (dev,) = full["virtio_mem"]
     assert dev["plugged_exact"] is True
     assert sum(r["size"] for r in dev["plugged"]) == 256 * MiB
     # the same host facts, seen both ways
     by_region = {r["region"]: r for r in full["regions"]}
-    assert by_region["memvirtiomem0"]["populated"] == regions["memvirtiomem0"]["populated"]
+    assert by_region["memvirtiomem0"]["populated_size"] == regions["memvirtiomem0"]["populated"]
     assert domain.state() == "running"
     assert libvirtd.proc is not None
     assert libvirtd.proc.poll() is None
@@ -254,9 +254,10 @@ async def test_shut_off_mid_dump_and_cancel(libvirtd: Libvirtd, tmp_path: Path) 
         assert b"stopped during the dump" in err
         assert b"Traceback" not in err
         assert not list(tmp_path.iterdir())
+        # a transient domain is gone once destroyed
         rc, _, text = await run_cli("dump", "--libvirt", dom.name, "-o", str(target))
-        assert rc == 64
-        assert "not running" in text
+        assert rc == 63
+        assert "no such domain" in text
     finally:
         dom.destroy()
     assert libvirtd.proc is not None

@@ -51,7 +51,6 @@ from qmpdump.host.pagemap import scan_populated
 from qmpdump.host.procfs import MapsEntry, find_mapping_file, read_maps
 from qmpdump.libvirt.connection import (
     DomainRef,
-    ensure_event_loop,
     libvirt_module,
     open_domain,
     qemu_pid,
@@ -320,7 +319,8 @@ async def dump_supported(
     if dump_format is None:
         raise UsageError(f"this libvirt-python has no {fmt} dump format")
     cancel = cancel or asyncio.Event()
-    ensure_event_loop()
+    # No libvirt event loop here: this path needs no events, and libvirt objects freed after
+    # the asyncio loop closed would call into it (libvirtaio) at exit.
     before = await map_supported(ref)
     conn, dom = await asyncio.to_thread(open_domain, ref)
     try:
