@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from qmpdump import __version__
-from qmpdump.engines.qemu import Progress
+from qmpdump.engines.base import EngineDetails, Progress
 from qmpdump.engines.relay import RelayState, relay
 from qmpdump.engines.run import DumpOutcome
+from qmpdump.engines.sidecar import Sidecar
+from qmpdump.engines.spec import DumpFormat, EngineName
 from qmpdump.errors import (
     DomainNotRunning,
     DumpCancelled,
@@ -60,6 +62,8 @@ from qmpdump.libvirt.domxml import DomainMemory, parse_domain_memory
 from qmpdump.memmap.ranges import Range
 from qmpdump.output import DumpFile, sidecar_path, write_error
 from qmpdump.qmp.plugged import _read_prefix
+from qmpdump.report import VMSummary
+from qmpdump.sizes import format_size
 
 __all__ = ["FORMATS", "RegionFacts", "SupportedMap", "dump_supported", "map_supported"]
 
@@ -244,8 +248,6 @@ async def map_supported(ref: DomainRef) -> SupportedMap:
 
 def render_supported(result: SupportedMap) -> str:
     """The human view of a supported-path map."""
-    from qmpdump.cli.map_command import format_size  # noqa: PLC0415 - one size formatter
-
     vm, mem = result.vm, result.memory
     lines = [
         f"VM {vm['name']}: QEMU {vm['qemu_version']}, pid {vm['pid'] or 'unknown'}, "
@@ -460,7 +462,7 @@ async def _dump(
         duration = time.monotonic() - t0
         if progress is not None:
             done = total or state.written
-            progress(Progress(state.written, done, done))
+            progress(Progress(written=state.written, completed=done, total=done))
         after_state = await asyncio.to_thread(dom.state)
         record = _record(
             before,
@@ -474,18 +476,31 @@ async def _dump(
             after_state=after_state[0],
             monitor=monitor,
         )
-        path = await asyncio.to_thread(output.commit, record)
+        path = await asyncio.to_thread(output.commit, record.to_json())
     return DumpOutcome(
         path=path,
         sidecar=sidecar_path(path),
         size=state.written,
         sha256=state.sha256,
-        engine="qemu",
-        format=fmt,
+        engine=EngineName.QEMU,
+        format=DumpFormat(fmt),
         duration_s=duration,
         paused_s=duration if was_running else None,
         record=record,
     )
+
+
+class LibvirtDumpDetails(EngineDetails):
+    """The sidecar's ``request`` for QEMU's dump through libvirt's API."""
+
+    #: the monitor mode the operator chose (QEMU's dump goes through libvirt's API in both)
+    monitor: str
+    dump_path: str = "libvirt-api"
+    elf_header_fixed: bool
+    #: libvirt's job statistics ``memory_total``: guest bytes the dump covers (0: unknown)
+    libvirt_total: int
+    #: libvirt's state of the domain after the dump
+    run_state_after: str
 
 
 def _record(
@@ -500,28 +515,31 @@ def _record(
     was_running: bool,
     after_state: int,
     monitor: str,
-) -> dict[str, Any]:
-    """The sidecar of a supported-path dump."""
-    return {
-        "qmpdump_version": __version__,
-        "vm": before.vm,
-        "engine": "qemu",
-        "engine_reason": f"monitor {monitor}: QEMU's dump through libvirt's API "
+) -> Sidecar:
+    """The sidecar of a dump through libvirt's API."""
+    return Sidecar(
+        qmpdump_version=__version__,
+        vm=VMSummary(**before.vm),
+        engine=EngineName.QEMU,
+        engine_reason=f"monitor {monitor}: QEMU's dump through libvirt's API "
         "(virDomainCoreDumpWithFormat, memory only)",
-        "monitor": monitor,
-        "dump_path": "libvirt-api",
-        "format": fmt,
-        "request": {"format": fmt, "elf_header_fixed": fix_elf, "libvirt_total": total},
-        "started": _iso(started),
-        "ended": _iso(started + duration),
-        "duration_s": round(duration, 6),
-        "bytes": state.written,
-        "sha256": state.sha256,
+        format=DumpFormat(fmt),
+        request=LibvirtDumpDetails(
+            format=fmt,
+            monitor=monitor,
+            elf_header_fixed=fix_elf,
+            libvirt_total=total,
+            run_state_after=_STATES.get(after_state, str(after_state)),
+        ),
+        started=_iso(started),
+        ended=_iso(started + duration),
+        duration_s=round(duration, 6),
+        bytes=state.written,
+        sha256=state.sha256,
         # libvirt pauses a running domain for the whole dump and reports no timestamps.
-        "paused_s": round(duration, 6) if was_running else None,
-        "run_state_after": _STATES.get(after_state, str(after_state)),
-        "map": before.to_dict(),
-    }
+        paused_s=round(duration, 6) if was_running else None,
+        map=before.to_dict(),
+    )
 
 
 async def _report(
@@ -534,7 +552,8 @@ async def _report(
         return total
     total = int(stats.get("memory_total", total) or total)
     if progress is not None and total:
-        progress(Progress(state.written, int(stats.get("memory_processed", 0)), total))
+        processed = int(stats.get("memory_processed", 0))
+        progress(Progress(written=state.written, completed=processed, total=total))
     return total
 
 

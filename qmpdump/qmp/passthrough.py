@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -58,7 +59,7 @@ from qmpdump.libvirt.connection import (
     qemu_pid,
     translate,
 )
-from qmpdump.qmp.session import DEFAULT_TIMEOUT_S, QMPSession, _Listener
+from qmpdump.qmp.session import DEFAULT_TIMEOUT_S, EventQueue, QMPSession, _Listener
 
 __all__ = ["NOT_PASSED_THROUGH", "LibvirtQMPSession"]
 
@@ -292,14 +293,21 @@ class LibvirtQMPSession(QMPSession):
         return await dump_prefix(self.ref, self._dom, timeout_s=timeout_s)
 
     @contextlib.contextmanager
-    def listen(self, *names: str) -> Iterator[Any]:
+    def listen(self, *names: str) -> Iterator[EventQueue]:
         """Queue the named QEMU events (all, if none is named) while the block runs."""
         listener = _Queue(names or None)
         self._listeners.add(listener)
         try:
-            yield listener
+            yield EventQueue(listener)
         finally:
             self._listeners.discard(listener)
+
+    async def pass_fd(self, fd: int, *, prefix: str = "qmpdump") -> str:
+        """Hand ``fd`` to QEMU with ``getfd`` (``qemuMonitorCommandWithFiles``); its name."""
+        fdname = f"{prefix}-{secrets.token_hex(6)}"
+        self._stash.send_fd_scm(fd)
+        await self.execute("getfd", {"fdname": fdname})
+        return fdname
 
     async def disconnect(self) -> None:
         """Unsubscribe and close libvirt's connection. Idempotent."""

@@ -36,7 +36,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from qmpdump.errors import GuestTimeout, LaunchError, TestbedError
 from qmpdump.testbed.guest import GuestImage, build_guest
-from qmpdump.testbed.vm import QEMU_BINARY, READY_MARKER, GiB, MiB
+from qmpdump.testbed.vm import READY_MARKER, GiB, MiB
 
 __all__ = [
     "SYSTEM_SOCKET",
@@ -264,7 +264,9 @@ def _kib(n: int) -> str:
 
 
 def _emulator() -> str:
-    return QEMU_BINARY if "/" in QEMU_BINARY else shutil.which(QEMU_BINARY) or QEMU_BINARY
+    # the system's QEMU (Debian's 7.2), as libvirt would pick it: an unpacked build needs -L
+    # options that a domain XML does not give
+    return shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 
 
 def domain_xml(spec: DomainSpec, image: GuestImage | None, serial_log: Path) -> str:
