@@ -127,8 +127,8 @@ async def test_dumps_equal_virsh_dump_of_the_paused_domain(
             assert summary["engine"] == "qemu"
             assert summary["sha256"] == want, f"{name} differs from virsh dump --memory-only"
             sidecar = run_json((tmp_path / f"{name}.elf.json").read_text())
-            assert sidecar["dump_path"] == "libvirt-api"
-            assert sidecar["monitor"] == name.split("-")[0]
+            assert sidecar["request"]["dump_path"] == "libvirt-api"
+            assert sidecar["request"]["monitor"] == name.split("-")[0]
             assert domain.state() == "paused"
         # QEMU's ELF header fixed for makedumpfile: only the headers differ
         rc, out, err = await run_cli(*base, "-o", str(tmp_path / "fixed.elf"))
