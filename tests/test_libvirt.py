@@ -42,7 +42,9 @@ def libvirtd() -> Iterator[Libvirtd]:
 @pytest.fixture(scope="module")
 async def domain(libvirtd: Libvirtd) -> AsyncIterator[TestDomain]:
     """A booted domain for tests that leave it as they found it (running)."""
-    dom = await libvirtd.boot(DomainSpec(name="qmpdump-lv-shared"))
+    # with a QMP socket of QEMU's own beside libvirt's monitor, as the README used to suggest
+    spec = DomainSpec(name="qmpdump-lv-shared", extra_qmp=libvirtd.root / "shared.qmp")
+    dom = await libvirtd.boot(spec)
     try:
         yield dom
     finally:
@@ -268,3 +270,27 @@ async def wait_state(dom: TestDomain, want: str, timeout_s: float = 30.0) -> Non
     async with asyncio.timeout(timeout_s):
         while dom.state() != want:  # noqa: ASYNC110 - libvirt's state, polled with virsh
             await asyncio.sleep(0.1)
+
+
+async def test_no_qemu_dump_through_a_socket_beside_libvirts_monitor(
+    libvirtd: Libvirtd, domain: TestDomain, tmp_path: Path
+) -> None:
+    """libvirt 9.0's libvirtd segfaults on the DUMP_COMPLETED of a dump it did not start, even
+    one made through another QMP socket: qmpdump refuses and names the libvirt way."""
+    assert domain.spec.extra_qmp is not None
+    sock = str(domain.spec.extra_qmp)
+    rc, out, err = await run_cli("map", "--qmp", sock, "--json")
+    assert rc == 0, err  # reading is fine
+    assert run_json(out)["vm"]["pid"] == domain.pid
+    for args in (
+        ("dump", "--qmp", sock, "--engine", "qemu", "-o", str(tmp_path / "q.elf")),
+        ("dump", "--qmp", sock, "--engine", "backend", "-o", str(tmp_path / "b.elf")),
+        ("map", "--qmp", sock, "--exact-plug"),
+    ):
+        rc, _, err = await run_cli(*args)
+        assert rc == 65, f"{args}: {rc} {err}"
+        assert f"--libvirt {domain.name}" in err
+    assert not list(tmp_path.iterdir())
+    assert libvirtd.proc is not None
+    assert libvirtd.proc.poll() is None
+    assert domain.state() == "running"

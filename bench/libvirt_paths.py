@@ -1,0 +1,105 @@
+"""Benchmark: map and dump of one libvirt domain through each path, in one run.
+
+A private libvirtd (:mod:`qmpdump.testbed.libvirtd`) runs one TCG domain booting the test guest
+(1 GiB memfd NUMA cell, virtio-mem 2 GiB max with 256 MiB plugged, the guest writes
+``--pattern-mib``), with an extra QMP socket of QEMU's own (``<qemu:commandline>``) so the
+direct path runs on the very same VM. Each measurement is the ``qmpdump`` command an operator
+would type (a new process each time, so connection and start-up costs count), median of
+``--rounds``, the paths alternated within a round:
+
+* map: ``--qmp SOCKET`` | ``--libvirt --monitor passthrough`` | ``--libvirt`` (supported);
+* backend dump: ``--qmp SOCKET`` | ``--libvirt --monitor passthrough`` (the domain paused by
+  ``virsh suspend`` for all dumps, so every dump copies the same memory);
+* QEMU's dump (ELF): ``--qmp SOCKET --engine qemu`` | ``--libvirt`` (libvirt's API). Last, as
+  QEMU's dump allocates every hole of shmem RAM it reads (``shared/FACTS.md``).
+
+Timing on the shared machine is noisy: read the ratios within one run. Run from the repository
+root as root: ``.venv/bin/python bench/libvirt_paths.py [--rounds 3]`` (a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qmpdump.testbed.libvirtd import DomainSpec, Libvirtd
+
+QMPDUMP = str(Path(sys.executable).parent / "qmpdump")
+
+
+def timed(*args: str) -> float:
+    t0 = time.monotonic()
+    done = subprocess.run([QMPDUMP, *args], capture_output=True, text=True, check=False)
+    took = time.monotonic() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"qmpdump {' '.join(args)} failed ({done.returncode}): {done.stderr}")
+    return took
+
+
+def report(title: str, results: dict[str, list[float]]) -> None:
+    base = statistics.median(next(iter(results.values())))
+    print(title)
+    for name, times in results.items():
+        med = statistics.median(times)
+        print(f"  {name:<34} median {med:6.2f} s  ({med / base:4.2f}x)  runs {times}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pattern-mib", type=int, default=64)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="qmpdump-bench-libvirt-"))
+    sock = work / "direct.qmp"
+    daemon = Libvirtd()
+    daemon.start()
+    try:
+        dom = await daemon.boot(
+            DomainSpec(name="qmpdump-bench", pattern_mib=args.pattern_mib, extra_qmp=sock)
+        )
+        name = dom.name
+        maps: dict[str, list[float]] = {"direct socket": [], "passthrough": [], "supported": []}
+        for _ in range(args.rounds):
+            maps["direct socket"].append(timed("map", "--qmp", str(sock)))
+            maps["passthrough"].append(timed("map", "--libvirt", name, "--monitor", "passthrough"))
+            maps["supported"].append(timed("map", "--libvirt", name))
+        report("map (running domain)", maps)
+        daemon.virsh("suspend", name)
+        backend: dict[str, list[float]] = {"direct socket": [], "passthrough": []}
+        qemu: dict[str, list[float]] = {"direct socket": [], "libvirt API": []}
+        for i in range(args.rounds):
+            for label, source in (
+                ("direct socket", ("--qmp", str(sock))),
+                ("passthrough", ("--libvirt", name, "--monitor", "passthrough")),
+            ):
+                out = work / f"b{i}.elf"
+                backend[label].append(timed("dump", *source, "--engine", "backend", "-o", str(out)))
+                out.unlink()
+                out.with_name(out.name + ".json").unlink()
+        report("backend dump (paused domain)", backend)
+        for i in range(args.rounds):
+            for label, source in (
+                ("direct socket", ("--qmp", str(sock), "--engine", "qemu")),
+                ("libvirt API", ("--libvirt", name)),
+            ):
+                out = work / f"q{i}.elf"
+                qemu[label].append(timed("dump", *source, "-o", str(out)))
+                out.unlink()
+                out.with_name(out.name + ".json").unlink()
+        report("QEMU's ELF dump (paused domain)", qemu)
+    finally:
+        daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

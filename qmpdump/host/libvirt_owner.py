@@ -1,0 +1,38 @@
+"""Whether a QEMU process belongs to a libvirt domain, from libvirt's own pid files.
+
+libvirt writes ``NAME.pid`` for every running domain: ``/run/libvirt/qemu`` for the system
+instance, ``$XDG_RUNTIME_DIR/libvirt/qemu/run`` (``/run/user/UID/...``) for session instances.
+A QMP socket of qmpdump's own on such a QEMU is the set-up the README used to suggest; QEMU's
+``dump-guest-memory`` through it is not safe there (see :func:`qmpdump.qmp.guestdump.guest_dump`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["libvirt_domain_of"]
+
+
+def _pid_dirs() -> list[Path]:
+    dirs = [Path("/run/libvirt/qemu")]
+    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
+        dirs.append(Path(runtime) / "libvirt" / "qemu" / "run")
+    dirs += sorted(Path("/run/user").glob("*/libvirt/qemu/run"))
+    return dirs
+
+
+def libvirt_domain_of(pid: int) -> str | None:
+    """The name of the libvirt domain whose QEMU has this pid, or None (blocking, quick)."""
+    for folder in _pid_dirs():
+        try:
+            files = list(folder.glob("*.pid"))
+        except OSError:
+            continue
+        for path in files:
+            try:
+                if int(path.read_text().strip()) == pid:
+                    return path.stem
+            except (OSError, ValueError):
+                continue
+    return None
