@@ -8,10 +8,13 @@ would type (a new process each time, so connection and start-up costs count), me
 ``--rounds``, the paths alternated within a round:
 
 * map: ``--qmp SOCKET`` | ``--libvirt --monitor passthrough`` | ``--libvirt`` (supported);
-* backend dump: ``--qmp SOCKET`` | ``--libvirt --monitor passthrough`` (the domain paused by
-  ``virsh suspend`` for all dumps, so every dump copies the same memory);
-* QEMU's dump (ELF): ``--qmp SOCKET --engine qemu`` | ``--libvirt`` (libvirt's API). Last, as
-  QEMU's dump allocates every hole of shmem RAM it reads (``shared/FACTS.md``).
+* dumps: QEMU's ``dump-guest-memory`` through the extra socket would crash libvirt 9.0's libvirtd
+  (qmpdump refuses it), so the direct-socket dumps run on a plain testbed VM of the same shape
+  (1 GiB memfd main RAM, virtio-mem memfd 2 GiB with 256 MiB plugged, same pattern) started
+  beside the domain: backend ``--qmp`` (plain VM) | backend ``--libvirt --monitor
+  passthrough``; QEMU's ELF ``--qmp --engine qemu`` (plain VM) | ``--libvirt`` (libvirt's API).
+  Both VMs are paused (``stop`` / ``virsh suspend``) for the dumps; QEMU's dumps come last, as
+  they allocate every hole of shmem RAM they read (``shared/FACTS.md``).
 
 Timing on the shared machine is noisy: read the ratios within one run. Run from the repository
 root as root: ``.venv/bin/python bench/libvirt_paths.py [--rounds 3]`` (a few minutes).
@@ -32,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qmpdump.testbed.libvirtd import DomainSpec, Libvirtd
+from qmpdump.testbed.vm import Backend, GiB, MiB, VirtioMemSpec, VMSpec, launch
 
 QMPDUMP = str(Path(sys.executable).parent / "qmpdump")
 
@@ -74,28 +78,35 @@ async def main() -> None:
             maps["supported"].append(timed("map", "--libvirt", name))
         report("map (running domain)", maps)
         daemon.virsh("suspend", name)
-        backend: dict[str, list[float]] = {"direct socket": [], "passthrough": []}
-        qemu: dict[str, list[float]] = {"direct socket": [], "libvirt API": []}
-        for i in range(args.rounds):
-            for label, source in (
-                ("direct socket", ("--qmp", str(sock))),
-                ("passthrough", ("--libvirt", name, "--monitor", "passthrough")),
-            ):
-                out = work / f"b{i}.elf"
-                backend[label].append(timed("dump", *source, "--engine", "backend", "-o", str(out)))
-                out.unlink()
-                out.with_name(out.name + ".json").unlink()
-        report("backend dump (paused domain)", backend)
-        for i in range(args.rounds):
-            for label, source in (
-                ("direct socket", ("--qmp", str(sock), "--engine", "qemu")),
-                ("libvirt API", ("--libvirt", name)),
-            ):
-                out = work / f"q{i}.elf"
-                qemu[label].append(timed("dump", *source, "-o", str(out)))
-                out.unlink()
-                out.with_name(out.name + ".json").unlink()
-        report("QEMU's ELF dump (paused domain)", qemu)
+        plain = VMSpec(
+            name="qmpdump-bench-plain",
+            ram_backend=Backend.MEMFD,
+            ram_size=1 * GiB,
+            virtio_mem=(
+                VirtioMemSpec(id="vmem0", backend=Backend.MEMFD, requested_size=256 * MiB),
+            ),
+            pattern_mib=args.pattern_mib,
+        )
+        async with launch(plain) as vm:
+            assert vm.qmp is not None
+            await vm.qmp.execute("stop")
+            direct = ("--qmp", str(vm.qmp_path))
+            passthrough = ("--libvirt", name, "--monitor", "passthrough")
+            backend: dict[str, list[float]] = {"direct socket (plain VM)": [], "passthrough": []}
+            qemu: dict[str, list[float]] = {"direct socket (plain VM)": [], "libvirt API": []}
+            rounds = (
+                (backend, "--engine", "backend", direct, passthrough),
+                (qemu, "--engine", "qemu", direct, ("--libvirt", name)),
+            )
+            for results, flag, engine, one, other in rounds:
+                for i in range(args.rounds):
+                    for label, source in zip(results, (one, other), strict=True):
+                        out = work / f"d{i}.elf"
+                        results[label].append(timed("dump", *source, flag, engine, "-o", str(out)))
+                        out.unlink()
+                        out.with_name(out.name + ".json").unlink()
+            report("backend dump (paused)", backend)
+            report("QEMU's ELF dump (paused)", qemu)
     finally:
         daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
