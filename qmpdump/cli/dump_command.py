@@ -19,7 +19,7 @@ from qmpdump.cli.source import add_source_arguments, libvirt_ref, monitor_mode, 
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, Mode
-from qmpdump.errors import UsageError
+from qmpdump.errors import UnsafeThroughLibvirt, UsageError
 from qmpdump.sizes import format_size, parse_size
 
 __all__ = ["add_parser", "run"]
@@ -141,15 +141,21 @@ async def _dump(args: argparse.Namespace, spec: DumpSpec) -> DumpOutcome:
         and (spec.engine is EngineName.QEMU or spec.format is not DumpFormat.ELF)
     ):
         return await _dump_supported(args, spec, mode)
-    async with open_session(args) as session:
-        with ProgressBar("dump") as bar:
-            return await run_dump(
-                session,
-                args.output,
-                spec,
-                overwrite=args.overwrite,
-                progress=lambda p: bar.show(p.completed, p.total),
-            )
+    try:
+        async with open_session(args) as session:
+            with ProgressBar("dump") as bar:
+                return await run_dump(
+                    session,
+                    args.output,
+                    spec,
+                    overwrite=args.overwrite,
+                    progress=lambda p: bar.show(p.completed, p.total),
+                )
+    except UnsafeThroughLibvirt:
+        if mode != "passthrough":
+            raise
+        # auto chose QEMU's engine (the backend can't read this VM): libvirt's API dumps it
+        return await _dump_supported(args, spec, mode)
 
 
 async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
