@@ -294,3 +294,31 @@ async def test_no_qemu_dump_through_a_socket_beside_libvirts_monitor(
     assert libvirtd.proc is not None
     assert libvirtd.proc.poll() is None
     assert domain.state() == "running"
+
+
+async def test_private_memory_libvirts_default(libvirtd: Libvirtd, tmp_path: Path) -> None:
+    """Without ``<access mode='shared'/>`` libvirt maps memory private: the backing file does
+    not hold the guest's writes. The supported map says so instead of counting the file; QEMU's
+    dump through libvirt reads QEMU's own mapping and equals virsh's."""
+    dom = await libvirtd.boot(DomainSpec(name="qmpdump-lv-private", shared=False))
+    try:
+        rc, out, err = await run_cli("map", "--libvirt", dom.name, "--json")
+        assert rc == 0, err
+        doc = run_json(out)
+        assert doc["memory"]["access"] == "private"
+        for region in doc["regions"]:
+            assert region["populated"] is None
+            assert "private mapping" in region["note"]
+        assert libvirtd.virsh("suspend", dom.name).returncode == 0
+        reference = tmp_path / "virsh.elf"
+        done = libvirtd.virsh("dump", "--memory-only", dom.name, str(reference))
+        assert done.returncode == 0, done.stderr
+        ours = tmp_path / "ours.elf"
+        rc, out, err = await run_cli(
+            "dump", "--libvirt", dom.name, "--no-elf-fix", "--json", "-o", str(ours)
+        )
+        assert rc == 0, err
+        assert run_json(out)["sha256"] == sha256_of(reference)
+        assert dom.state() == "paused"
+    finally:
+        dom.destroy()

@@ -5,8 +5,8 @@ libvirt owns the monitor of every domain it runs; ``virDomainQemuMonitorCommandW
 descriptor (what ``getfd`` needs), and ``virConnectDomainQemuMonitorEventRegister``
 (``libvirt_qemu.qemuMonitorEventRegister``) delivers QEMU's events, which ``libvirtaio``
 dispatches on the asyncio loop. :class:`LibvirtQMPSession` offers what the engines, the survey and
-the exact-plug probe use of a :class:`QMPSession` (``execute``, ``hmp``, ``listen``, fd passing,
-``pid``, ``where``, ``connected``, ``timeout_s``), so they run unchanged.
+the exact-plug probe use of a :class:`QMPSession` (``execute``, ``hmp``, ``listen``,
+``pass_fd``/``close_fd``, ``pid``, ``where``, ``connected``, ``timeout_s``), so they run unchanged.
 
 Costs, stated by libvirt: the first passthrough command marks the domain *tainted*
 (``custom-monitor``) for the rest of its life, and libvirt does not track what such commands
@@ -40,7 +40,6 @@ from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
-from qemu.qmp import QMPClient
 from qemu.qmp.message import Message
 
 from qmpdump.errors import (
@@ -77,24 +76,23 @@ class _Queue(_Listener):
             self._queue.put_nowait(event)
 
 
-class _FdStash(QMPClient):
-    """Stands in for the library client: ``send_fd_scm`` keeps the fd for the next ``getfd``,
-    which :meth:`LibvirtQMPSession.execute` sends through ``qemuMonitorCommandWithFiles``."""
+class _FdStash:
+    """The fd :meth:`LibvirtQMPSession.pass_fd` hands to the next ``getfd``, which
+    :meth:`LibvirtQMPSession.execute` sends through ``qemuMonitorCommandWithFiles`` (a dup of
+    the caller's fd, closed once sent)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
+    def __init__(self) -> None:
         self.pending: int | None = None
 
-    def send_fd_scm(self, fd: int) -> None:
+    def put(self, fd: int) -> None:
         self.take()
         self.pending = os.dup(fd)
 
-    def take(self) -> int | None:
+    def take(self) -> None:
         fd, self.pending = self.pending, None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        return None
 
 
 def _parse_reply(command: str, text: str) -> Any:
@@ -125,7 +123,7 @@ class LibvirtQMPSession(QMPSession):
     ) -> None:
         super().__init__(ref.describe("passthrough"), timeout_s=timeout_s, name=name)
         self.ref = ref
-        self._stash = _FdStash(name)
+        self._stash = _FdStash()
         self._conn: Any = None
         self._dom: Any = None
         self._callbacks: list[int] = []
@@ -147,11 +145,6 @@ class LibvirtQMPSession(QMPSession):
     def connected(self) -> bool:
         """Whether the domain runs and libvirt's connection is up."""
         return self._alive
-
-    @property
-    def client(self) -> QMPClient:
-        """The fd stash (``send_fd_scm``) the QMP code uses before ``getfd``."""
-        return self._stash
 
     @property
     def domain(self) -> Any:
@@ -305,7 +298,7 @@ class LibvirtQMPSession(QMPSession):
     async def pass_fd(self, fd: int, *, prefix: str = "qmpdump") -> str:
         """Hand ``fd`` to QEMU with ``getfd`` (``qemuMonitorCommandWithFiles``); its name."""
         fdname = f"{prefix}-{secrets.token_hex(6)}"
-        self._stash.send_fd_scm(fd)
+        self._stash.put(fd)
         await self.execute("getfd", {"fdname": fdname})
         return fdname
 
