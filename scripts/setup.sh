@@ -11,8 +11,10 @@ VENV="${QMPDUMP_VENV:-$QMPDUMP_ROOT/.venv}"
 debian_packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod python3 python3-venv makedumpfile crash curl binutils)
 
 # libvirt for the libvirt tier and qmpdump[libvirt] (libvirt-dev and pkg-config build
-# libvirt-python); installed without recommends (no systemd units, no dnsmasq).
-libvirt_packages=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-clients-qemu libvirt-dev pkg-config)
+# libvirt-python, with gcc and python3-dev: pip builds it from source); installed without
+# recommends (no systemd units, no dnsmasq).
+libvirt_packages=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-clients-qemu libvirt-dev pkg-config
+    gcc python3-dev)
 
 missing=()
 for pkg in "${debian_packages[@]}" "${libvirt_packages[@]}"; do
