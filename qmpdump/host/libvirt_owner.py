@@ -31,8 +31,19 @@ def libvirt_domain_of(pid: int) -> str | None:
             continue
         for path in files:
             try:
-                if int(path.read_text().strip()) == pid:
+                if int(path.read_text().strip()) == pid and _runs_domain(pid, path.stem):
                     return path.stem
             except (OSError, ValueError):
                 continue
     return None
+
+
+def _runs_domain(pid: int, name: str) -> bool:
+    """Whether QEMU's command line names the domain (``-name guest=NAME,...``): a pid file left
+    by a crashed libvirtd may name a pid that another process has since."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    want = f"guest={name}".encode()
+    return any(arg == want or arg.startswith(want + b",") for arg in argv)
