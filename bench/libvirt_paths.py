@@ -7,7 +7,8 @@ direct path runs on the very same VM. Each measurement is the ``qmpdump`` comman
 would type (a new process each time, so connection and start-up costs count), median of
 ``--rounds``, the paths alternated within a round:
 
-* map: ``--qmp SOCKET`` | ``--libvirt --monitor passthrough`` | ``--libvirt`` (supported);
+* map: ``--qmp SOCKET`` | ``--libvirt --monitor passthrough`` | ``--libvirt`` (supported), as
+  commands and in process (connect + survey, without the interpreter's start-up);
 * dumps: QEMU's ``dump-guest-memory`` through the extra socket would crash libvirt 9.0's libvirtd
   (qmpdump refuses it), so the direct-socket dumps run on a plain testbed VM of the same shape
   (1 GiB memfd main RAM, virtio-mem memfd 2 GiB with 256 MiB plugged, same pattern) started
@@ -34,6 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qmpdump.libvirt.connection import DomainRef
+from qmpdump.libvirt.supported import map_supported
+from qmpdump.qmp.passthrough import LibvirtQMPSession
+from qmpdump.qmp.session import QMPSession
+from qmpdump.survey import survey
 from qmpdump.testbed.libvirtd import DomainSpec, Libvirtd
 from qmpdump.testbed.vm import Backend, GiB, MiB, VirtioMemSpec, VMSpec, launch
 
@@ -76,7 +82,22 @@ async def main() -> None:
             maps["direct socket"].append(timed("map", "--qmp", str(sock)))
             maps["passthrough"].append(timed("map", "--libvirt", name, "--monitor", "passthrough"))
             maps["supported"].append(timed("map", "--libvirt", name))
-        report("map (running domain)", maps)
+        report("map (running domain), qmpdump command", maps)
+        inproc: dict[str, list[float]] = {"direct socket": [], "passthrough": [], "supported": []}
+        ref = DomainRef("qemu:///system", name)
+        for _ in range(args.rounds + 2):
+            for label, session in (
+                ("direct socket", QMPSession(str(sock))),
+                ("passthrough", LibvirtQMPSession(ref)),
+            ):
+                t0 = time.monotonic()
+                async with session:
+                    await survey(session)
+                inproc[label].append(round(time.monotonic() - t0, 3))
+            t0 = time.monotonic()
+            await map_supported(ref)
+            inproc["supported"].append(round(time.monotonic() - t0, 3))
+        report("map (running domain), in process: connect + survey", inproc)
         daemon.virsh("suspend", name)
         plain = VMSpec(
             name="qmpdump-bench-plain",
