@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from qmpdump.libvirt.watch import DomainWatch
 from qmpdump.testbed.libvirtd import DomainSpec, Libvirtd, TestDomain, libvirt_available
 from qmpdump.testbed.vm import MiB
 from tests.clirun import QMPDUMP, run_cli
@@ -322,3 +323,24 @@ async def test_private_memory_libvirts_default(libvirtd: Libvirtd, tmp_path: Pat
         assert dom.state() == "paused"
     finally:
         dom.destroy()
+
+
+async def test_watch_follows_domains_that_start_and_stop(
+    libvirtd: Libvirtd, domain: TestDomain
+) -> None:
+    """What a daemon's ``[[libvirt]]`` source needs: the running domains, then lifecycle."""
+    async with DomainWatch(libvirtd.uri, [domain.name, "qmpdump-lv-w*"]) as watch:
+        assert set(watch.running) == {domain.name}
+        # no guest kernel: the domain runs (firmware only), which is all the watch looks at
+        spec = DomainSpec(name="qmpdump-lv-w1", guest=False, virtio_mem_size=0)
+        other = await asyncio.to_thread(libvirtd.create, spec)
+        try:
+            change = await asyncio.wait_for(watch.next(), 60)
+            assert (change.name, change.running, change.reason) == (other.name, True, "started")
+            assert set(watch.running) == {domain.name, other.name}
+            assert libvirtd.virsh("destroy", other.name).returncode == 0
+            change = await asyncio.wait_for(watch.next(), 60)
+            assert (change.name, change.running, change.reason) == (other.name, False, "stopped")
+            assert set(watch.running) == {domain.name}
+        finally:
+            other.destroy()

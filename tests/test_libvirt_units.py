@@ -20,6 +20,7 @@ from qmpdump.errors import (
 )
 from qmpdump.libvirt.connection import DomainRef, _pid_dir, translate
 from qmpdump.libvirt.domxml import parse_domain_memory
+from qmpdump.libvirt.watch import matches
 
 LIVE_XML = """<domain type='qemu' id='1'>
   <name>lvtry1</name>
@@ -144,3 +145,9 @@ def test_libvirt_errors_map_onto_the_tree() -> None:
         assert type(got) is want, (err, got)
         assert got.exc is err
         assert "libvirt qemu:///system domain d" in str(got)
+
+
+def test_domain_globs() -> None:
+    assert matches("web1", ())
+    assert matches("web1", ["db*", "web?"])
+    assert not matches("web10", ["web?"])
