@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,6 +22,11 @@ from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, Mode
 from qmpdump.errors import UnsafeThroughLibvirt, UsageError
+from qmpdump.output import dump_name
+from qmpdump.service.config import VM_NAME_PATTERN
+from qmpdump.service.store import new_job_id
+from qmpdump.sinks.deliver import SinkOutcome, dump_to_s3
+from qmpdump.sinks.s3 import S3Location
 from qmpdump.sizes import format_size, parse_size
 
 __all__ = ["add_parser", "run"]
@@ -42,7 +49,25 @@ def add_parser(commands: Any) -> None:
         "complete; mode 0600) with a sidecar FILE.json.",
     )
     add_source_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("-o", "--output", type=Path, metavar="FILE")
+    where.add_argument(
+        "--to",
+        metavar="s3://BUCKET/PREFIX/",
+        help="store the dump in an S3 bucket instead (named VM-TIMESTAMP-ID.EXT as the daemon "
+        "names files, sidecar beside it as NAME.json); credentials, endpoint and region come "
+        "from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and the shared "
+        "credentials file), AWS_ENDPOINT_URL and AWS_REGION. The dump is spooled in a private "
+        "folder under $TMPDIR first (see --spool-dir) and removed after the upload",
+    )
+    parser.add_argument(
+        "--name",
+        help="--to: the VM name in the object's name (default: the QMP socket's file name "
+        "without its suffix, as [[discover]] name_from = 'stem')",
+    )
+    parser.add_argument(
+        "--spool-dir", type=Path, metavar="DIR", help="--to: where the dump is spooled"
+    )
     parser.add_argument(
         "--engine",
         choices=[e.value for e in EngineName],
@@ -132,51 +157,53 @@ def spec_of(args: argparse.Namespace) -> DumpSpec:
     )
 
 
-async def _dump(args: argparse.Namespace, spec: DumpSpec) -> DumpOutcome:
-    mode = monitor_mode(args)
-    # QEMU's own dump of a libvirt domain goes through libvirt's API in either mode
-    # (qmpdump.qmp.passthrough: libvirt 9.0 crashes on a passed-through dump).
-    if mode == "supported" or (
+def _through_libvirts_api(mode: str | None, spec: DumpSpec) -> bool:
+    """Whether QEMU's own dump of a libvirt domain is asked for: it goes through libvirt's API
+    in either mode (qmpdump.qmp.passthrough: libvirt 9.0 crashes on a passed-through dump)."""
+    return mode == "supported" or (
         mode == "passthrough"
         and (spec.engine is EngineName.QEMU or spec.format is not DumpFormat.ELF)
-    ):
-        return await _dump_supported(args, spec, mode)
+    )
+
+
+async def _dump_at(
+    args: argparse.Namespace, spec: DumpSpec, target: Path, bar: ProgressBar, *, overwrite: bool
+) -> DumpOutcome:
+    """One dump into ``target`` from ``--qmp`` or ``--libvirt`` (either monitor mode)."""
+    mode = monitor_mode(args)
+    if _through_libvirts_api(mode, spec):
+        assert mode is not None
+        return await _dump_supported(args, spec, mode, target, bar, overwrite=overwrite)
     try:
         async with open_session(args) as session:
-            with ProgressBar("dump") as bar:
-                return await run_dump(
-                    session,
-                    args.output,
-                    spec,
-                    overwrite=args.overwrite,
-                    progress=lambda p: bar.show(p.completed, p.total),
-                )
+            return await run_dump(
+                session,
+                target,
+                spec,
+                overwrite=overwrite,
+                progress=lambda p: bar.show(p.completed, p.total),
+            )
     except UnsafeThroughLibvirt:
         if mode != "passthrough":
             raise
         # auto chose QEMU's engine (the backend can't read this VM): libvirt's API dumps it
-        return await _dump_supported(args, spec, mode)
+        return await _dump_supported(args, spec, mode, target, bar, overwrite=overwrite)
 
 
-async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Dump, reporting progress; SIGINT/SIGTERM cancel it."""
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
-    spec = spec_of(args)
-    dump = DumpTask(_dump(args, spec))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, dump.cancel)
-    try:
-        outcome = await dump.result()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    _print(args, outcome, out)
-    return 0
+async def _dump(args: argparse.Namespace, spec: DumpSpec) -> DumpOutcome:
+    with ProgressBar("dump") as bar:
+        return await _dump_at(args, spec, args.output, bar, overwrite=args.overwrite)
 
 
-async def _dump_supported(args: argparse.Namespace, spec: DumpSpec, mode: str) -> DumpOutcome:
+async def _dump_supported(
+    args: argparse.Namespace,
+    spec: DumpSpec,
+    mode: str,
+    target: Path,
+    bar: ProgressBar,
+    *,
+    overwrite: bool,
+) -> DumpOutcome:
     """QEMU's dump of a libvirt domain through libvirt's API."""
     from qmpdump.libvirt.supported import dump_supported  # noqa: PLC0415 - optional extra
 
@@ -197,19 +224,109 @@ async def _dump_supported(args: argparse.Namespace, spec: DumpSpec, mode: str) -
             f"{', '.join(unsupported)}: not available through libvirt's dump API; use "
             "--monitor passthrough with the backend engine"
         )
-    with ProgressBar("dump") as bar:
-        return await dump_supported(
-            libvirt_ref(args),
-            args.output,
-            fmt=spec.format.value,
-            fix_elf_header=spec.fix_elf_header,
-            overwrite=args.overwrite,
-            progress=lambda p: bar.show(p.completed, p.total),
-            monitor=mode,
+    return await dump_supported(
+        libvirt_ref(args),
+        target,
+        fmt=spec.format.value,
+        fix_elf_header=spec.fix_elf_header,
+        overwrite=overwrite,
+        progress=lambda p: bar.show(p.completed, p.total),
+        monitor=mode,
+    )
+
+
+def _vm_name(args: argparse.Namespace) -> str:
+    """The VM name for an object's name: ``--name``, else the domain's name or the socket's
+    stem; validated."""
+    name = args.name
+    if name is None and args.libvirt is not None:
+        name = args.libvirt
+    elif name is None:
+        name = "vm" if args.qmp.startswith("tcp:") else Path(args.qmp).stem
+    if not re.fullmatch(VM_NAME_PATTERN, name):
+        raise UsageError(
+            f"{name!r} is not a valid VM name (1 to 64 of A-Z a-z 0-9 . _ -, starting with a "
+            "letter or digit): give one with --name"
         )
+    return str(name)
 
 
-def _print(args: argparse.Namespace, outcome: DumpOutcome, out: TextIO) -> None:
+async def _dump_to_bucket(
+    args: argparse.Namespace,
+    spec: DumpSpec,
+    location: S3Location,
+    name: str,
+    stored: list[SinkOutcome],
+) -> DumpOutcome:
+    """Dump into a spool and upload (``stored`` receives where it went)."""
+    with ProgressBar("dump") as bar:
+
+        async def write(target: Path) -> DumpOutcome:
+            return await _dump_at(args, spec, target, bar, overwrite=False)
+
+        done = await dump_to_s3(
+            write,
+            location=location,
+            name=name,
+            spool_root=args.spool_dir,
+            progress=lambda u: bar.show(u.uploaded, u.total, "upload"),
+        )
+    stored.append(done)
+    return done.dump
+
+
+def _stored_summary(done: SinkOutcome) -> dict[str, Any]:
+    summary = _summary(done.dump)
+    summary.pop("path")
+    summary.pop("sidecar")
+    return {
+        "url": done.stored.url,
+        "sidecar_url": f"s3://{done.stored.bucket}/{done.stored.sidecar_key}",
+        **summary,
+        "upload_s": round(done.upload_s, 3),
+        "parts": done.stored.parts,
+    }
+
+
+def _report_stored(done: SinkOutcome, as_json: bool, out: TextIO) -> int:
+    if as_json:
+        out.write(json.dumps(_stored_summary(done), indent=2) + "\n")
+        return 0
+    d = done.dump
+    paused = "" if d.paused_s is None else f", VM paused {d.paused_s:.2f} s"
+    out.write(
+        f"{done.stored.url}: {format_size(d.size)} ({d.format}, engine {d.engine}) dumped in "
+        f"{d.duration_s:.2f} s{paused}, uploaded in {done.upload_s:.2f} s "
+        f"({done.stored.parts} parts)\n"
+        f"engine: {d.engine} ({d.record.engine_reason})\n"
+        f"sha256 {d.sha256}\nsidecar s3://{done.stored.bucket}/{done.stored.sidecar_key}\n"
+    )
+    return 0
+
+
+async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Dump, reporting progress; SIGINT/SIGTERM cancel it."""
+    location = S3Location.parse(args.to) if args.to else None
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    spec = spec_of(args)
+    stored: list[SinkOutcome] = []
+    if location is None:
+        dump = DumpTask(_dump(args, spec))
+    else:
+        now = time.time()
+        name = dump_name(_vm_name(args), new_job_id(now), spec.format.extension, now)
+        dump = DumpTask(_dump_to_bucket(args, spec, location, name, stored))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, dump.cancel)
+    try:
+        outcome = await dump.result()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if stored:
+        return _report_stored(stored[0], args.json, out)
     if args.json:
         out.write(json.dumps(_summary(outcome), indent=2) + "\n")
     else:
@@ -220,3 +337,4 @@ def _print(args: argparse.Namespace, outcome: DumpOutcome, out: TextIO) -> None:
             f"engine: {outcome.engine} ({outcome.record.engine_reason})\n"
             f"sha256 {outcome.sha256}\nsidecar {outcome.sidecar}\n"
         )
+    return 0
