@@ -6,7 +6,7 @@ every page QEMU dumps equals ours (same coverage; every data byte of ours equals
 gpa; what we leave out is zero in QEMU's), with ``compare_cores`` of ``test_dump_backend``.
 Where the backend engine cannot prove that what it would read holds the guest's bytes
 (``qmpdump.survey``), ``auto`` must choose QEMU's engine and say why, and ``--engine backend``
-must refuse with exit 45 and no traceback. Our dump must not change the host's populated memory
+must refuse with exit 49 and no traceback. Our dump must not change the host's populated memory
 (a read through a private mapping of a shmem hole would allocate a page).
 
 ==================  ====================================================  ===============
@@ -80,7 +80,7 @@ PRIVATE = BackendOptions(share=False)
 HUGE = BackendOptions(hugetlb=True)
 HUGE_PAGE = 2 * MiB
 #: the exit code of SourceUnproven (qmpdump.errors)
-REFUSED = 45
+REFUSED = 49
 
 
 @dataclass(frozen=True)

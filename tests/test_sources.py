@@ -10,7 +10,7 @@
 * Real QEMU (bare tier) over TCP: QEMU's pid is unknown, nothing can be proven. Through a proxy
   (SO_PEERCRED names the proxy, as with libvirt's ``virt-qemu-qmp-proxy``): the peer's pid is
   not QEMU's (QEMU's vCPU threads are not its threads), so ``auto`` chooses QEMU's engine and
-  says why, and ``--engine backend`` exits 45 without a traceback and without a file.
+  says why, and ``--engine backend`` exits 49 without a traceback and without a file.
 """
 
 from __future__ import annotations
@@ -295,14 +295,14 @@ async def test_a_proxy_peer_is_not_taken_for_qemu(vm_factory: VMFactory, tmp_pat
         assert engine.traits.name is EngineName.QEMU
         assert "is not proven to be QEMU's process" in reason
         assert f"pid {os.getpid()}" in reason
-        assert caught.value.exit_code == 45
+        assert caught.value.exit_code == 49
         assert all(a.read_from is None for a in result.access.values())
 
         folder = tmp_path / "out"
         code, out, err = await run_cli(
             "dump", "--qmp", str(listen), "-o", str(folder / "x.elf"), "--engine", "backend"
         )
-    assert code == 45, err
+    assert code == 49, err
     assert out == ""
     assert "is not proven to be QEMU's process" in err
     assert "Traceback" not in err
