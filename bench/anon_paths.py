@@ -196,10 +196,13 @@ def threaded_copy(
     return offset - start, hasher.close() if hasher is not None else None
 
 
-def direct_copy(pid: int, extents: RangeSet, out: int, offset: int) -> int:
+def direct_copy(
+    pid: int, extents: RangeSet, out: int, offset: int, *, hashing: bool = False
+) -> int:
     """The floor's way for anonymous memory: ``process_vm_readv`` in one thread, ``O_DIRECT``
-    writes of 8 MiB in another (``out`` opened with O_DIRECT, ``offset`` 4096-aligned)."""
-    return threaded_copy(pid, extents, out, offset, chunk=8 * MiB, direct=True, hashing=False)[0]
+    writes of 8 MiB in another (``out`` opened with O_DIRECT, ``offset`` 4096-aligned); with
+    ``hashing``, sha256 of the buffers in a third."""
+    return threaded_copy(pid, extents, out, offset, chunk=8 * MiB, direct=True, hashing=hashing)[0]
 
 
 def by_two_threads(chunk: int, *, direct: bool = False) -> Copier:

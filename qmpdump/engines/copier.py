@@ -265,6 +265,8 @@ def _copy_from_processes(
                 state.wait_until(lambda: free(slot))  # noqa: B023 - called before slot changes
                 if abort.is_set():
                     return
+                if state.stop.is_set():
+                    raise Stopped
                 view = buffers[slot][: batch.size]
                 read_process_vectors(batch.pid, batch.remote, view)
                 written[slot] = False
@@ -283,6 +285,8 @@ def _copy_from_processes(
             if isinstance(item, BaseException):
                 raise item
             slot, batch = item
+            if state.stop.is_set():
+                raise Stopped
             direct.write(buffers[slot][: batch.size], batch.file_offset)
             with state.changed:
                 written[slot] = True
