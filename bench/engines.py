@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -98,6 +99,14 @@ class Row:
     paused_s: float | None
     growth: int
     shmem_growth: int
+    #: CPU seconds this process spent (every thread; QEMU's own work is not in it)
+    cpu_s: float = 0.0
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, every thread."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def shmem_bytes() -> int:
@@ -252,6 +261,7 @@ async def measure_dump(
         grown_from = populated_bytes(before)
         shmem_from = shmem_bytes()
         t0 = time.perf_counter()
+        cpu0 = cpu_seconds()
         with phases or contextlib.nullcontext():
             outcome = await run_dump(
                 qmp,
@@ -261,6 +271,7 @@ async def measure_dump(
                 backend=backend or BackendDumpRequest(),
             )
         wall = time.perf_counter() - t0
+        cpu = cpu_seconds() - cpu0
         after = await survey(qmp)
         growth = populated_bytes(after) - grown_from
         shmem_growth = shmem_bytes() - shmem_from
@@ -274,6 +285,7 @@ async def measure_dump(
         outcome.paused_s,
         growth,
         shmem_growth,
+        cpu,
     )
 
 
@@ -282,8 +294,10 @@ def measure_floor(first: Survey, target: Path, how: str, *, hashing: bool = Fals
     shmem_from = shmem_bytes()
     grown_from = populated_bytes(first)
     t = time.perf_counter()
+    cpu0 = cpu_seconds()
     copied = floor_copy(first, target, hashing=hashing)
     wall = time.perf_counter() - t
+    cpu = cpu_seconds() - cpu0
     st = os.stat(target)
     os.unlink(target)
     growth = populated_bytes(first) - grown_from
@@ -295,6 +309,7 @@ def measure_floor(first: Survey, target: Path, how: str, *, hashing: bool = Fals
         None,
         growth,
         shmem_bytes() - shmem_from,
+        cpu,
     )
 
 
@@ -325,7 +340,8 @@ async def bench_vm(kind: str, pattern_mib: int, out_dir: Path, *, phases: bool) 
         floors: list[Row] = []
         hashed: list[Row] = []
         ours: list[Row] = []
-        anonymous = bool(anonymous_extents(first))
+        # The hashed floor hashes the anonymous bytes only: shown where that is all of them.
+        anonymous = all(access.path is None for access in first.access.values())
         for i in range(REPEAT):
             floors.append(measure_floor(first, out_dir / "floor.raw", how))
             if anonymous:
@@ -367,9 +383,11 @@ async def bench_vm(kind: str, pattern_mib: int, out_dir: Path, *, phases: bool) 
         f"\n{kind} VM: guest RAM {first.layout.ram.total / GiB:.2f} GiB; populated on the host "
         f"{populated / MiB:.1f} MiB; VM stopped during all dumps\n"
     )
+    load = os.getloadavg()
+    print(f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (2 cores, shared)")
     print(
-        f"{'engine':<38} {'wall s':>7} {'output MiB':>10} {'on disk MiB':>11} "
-        f"{'host growth MiB':>15} {'Shmem growth MiB':>16}"
+        f"{'engine':<46} {'wall s':>7} {'output MiB':>10} {'on disk MiB':>11} "
+        f"{'host growth MiB':>15} {'Shmem growth MiB':>16} {'our CPU s':>9}"
     )
     print(
         f"(floor and backend: median of {REPEAT} alternating runs; "
@@ -379,8 +397,8 @@ async def bench_vm(kind: str, pattern_mib: int, out_dir: Path, *, phases: bool) 
     )
     for r in rows:
         print(
-            f"{r.name:<38} {r.wall_s:7.2f} {fmt_bytes(r.size):>10} {fmt_bytes(r.allocated):>11} "
-            f"{fmt_bytes(r.growth):>15} {fmt_bytes(r.shmem_growth):>16}"
+            f"{r.name:<46} {r.wall_s:7.2f} {fmt_bytes(r.size):>10} {fmt_bytes(r.allocated):>11} "
+            f"{fmt_bytes(r.growth):>15} {fmt_bytes(r.shmem_growth):>16} {r.cpu_s:9.2f}"
         )
     floor, mine, elf = rows[0], rows[-4], rows[-1]
     speedup = elf.wall_s / mine.wall_s
