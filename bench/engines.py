@@ -10,15 +10,19 @@ dumps), in this order on the same VM:
    hashing): the least any dumper of that data must do. fd-backed regions: ``sendfile`` of the
    populated extents of the backing file. Anonymous regions: ``process_vm_readv`` of the
    populated pages from QEMU, written with ``O_DIRECT`` by a second thread, the fastest way
-   ``bench/anon_paths.py`` found;
+   ``bench/anon_paths.py`` found. On the anonymous VM also "floor + sha256": the same copy
+   with a third thread hashing the buffers, the least a dumper that also hashes its output (as
+   qmpdump does) must do;
 2. backend: ``qmpdump dump --engine backend`` (in-process, same code path);
 3. qemu kdump-zlib, 4. qemu elf: QEMU's ``dump-guest-memory`` through qmpdump's relay.
 
-For each: wall time, output bytes (apparent and allocated), how long the VM was paused by the
-dump itself, and host memory growth (populated bytes of the backing files before/after, and
-``Shmem`` of /proc/meminfo). Ratios against QEMU's ELF and the floor are printed with the
-targets: backend >= 10x faster than QEMU elf, <= 1.2x the floor, output within 1 % of the
-populated bytes plus headers, zero host memory growth.
+For each: wall time, this process's CPU time (every thread; on a shared machine the wall time
+of CPU-bound work such as sha256 follows the load, I/O-bound work much less), output bytes
+(apparent and allocated), how long the VM was paused by the dump itself, and host memory growth
+(populated bytes of every region before/after: SEEK_DATA on backing files, PAGEMAP_SCAN in
+QEMU's anonymous memory; and ``Shmem`` of /proc/meminfo). Ratios against QEMU's ELF and the
+floor are printed with the targets: backend >= 10x faster than QEMU elf, <= 1.2x the floor,
+output within 1 % of the populated bytes plus headers, zero host memory growth.
 
 With ``--phases``, the backend's time is split into its phases (survey, QEMU's header probe,
 plan, copy, hash, fsync), measured by wrapping the engine's functions, on one extra run.
