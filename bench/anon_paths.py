@@ -200,9 +200,9 @@ def direct_copy(
     pid: int, extents: RangeSet, out: int, offset: int, *, hashing: bool = False
 ) -> int:
     """The floor's way for anonymous memory: ``process_vm_readv`` in one thread, ``O_DIRECT``
-    writes of 8 MiB in another (``out`` opened with O_DIRECT, ``offset`` 4096-aligned); with
+    writes of 2 MiB in another (``out`` opened with O_DIRECT, ``offset`` 4096-aligned); with
     ``hashing``, sha256 of the buffers in a third."""
-    return threaded_copy(pid, extents, out, offset, chunk=8 * MiB, direct=True, hashing=hashing)[0]
+    return threaded_copy(pid, extents, out, offset, chunk=2 * MiB, direct=True, hashing=hashing)[0]
 
 
 def by_two_threads(chunk: int, *, direct: bool = False) -> Copier:
@@ -298,11 +298,13 @@ def main() -> int:  # noqa: PLR0915 - one table, one loop
         ways["pvr+pwrite 2 threads 8 MiB"] = (by_two_threads(8 * MiB), 0)
         ways["pvr into mmap 8 MiB"] = (by_mmap(8 * MiB), 0)
         ways["pvr+vmsplice+splice 1 MiB"] = (by_vmsplice(MiB), 0)
+        ways["O_DIRECT 2 MiB 2 threads"] = (by_two_threads(2 * MiB, direct=True), os.O_DIRECT)
         ways["O_DIRECT 8 MiB 2 threads"] = (by_two_threads(8 * MiB, direct=True), os.O_DIRECT)
         ways["O_DIRECT 16 MiB 2 threads"] = (by_two_threads(16 * MiB, direct=True), os.O_DIRECT)
         for name in ("pvr+pwrite 4 MiB", "pvr+pwrite 8 MiB", "pvr into mmap 8 MiB"):
             ways[f"{name} +sha256"] = ways[name]
         ways["pvr+pwrite 2 threads 8 MiB +sha256"] = ways["pvr+pwrite 2 threads 8 MiB"]
+        ways["O_DIRECT 2 MiB 2 threads +sha256"] = ways["O_DIRECT 2 MiB 2 threads"]
         ways["O_DIRECT 8 MiB 2 threads +sha256"] = ways["O_DIRECT 8 MiB 2 threads"]
         results: dict[str, float | str] = {}
         for name, (copier, flags) in ways.items():

@@ -22,7 +22,7 @@ import pytest
 
 from qmpdump.engines import copier
 from qmpdump.engines.copier import (
-    CHUNK,
+    PIPELINE_CHUNK,
     CopyState,
     FileSource,
     ProcessSource,
@@ -127,8 +127,12 @@ def test_gathered_process_memory_and_spliced_file_in_file_order(
             CopyOp(base + 2 * MiB, 5 * PAGE, "anon", 7 * MiB),  # back to back: same batch
             CopyOp(base + 2 * MiB + 9 * PAGE, 3 * PAGE + 100, "anon", 9 * MiB),  # odd size
             CopyOp(base + 3 * MiB, 3 * MiB, "file", 0),  # spliced, read back by the hasher
-            CopyOp(base + 6 * MiB, 2 * CHUNK + 3 * PAGE, "anon", 12 * MiB),  # several buffers
-            CopyOp(base + 6 * MiB + 3 * CHUNK, 4 * PAGE, "anon", 1 * MiB + 5),  # unaligned hva
+            CopyOp(
+                base + 6 * MiB, 5 * PIPELINE_CHUNK + 3 * PAGE, "anon", 12 * MiB
+            ),  # several buffers
+            CopyOp(
+                base + 6 * MiB + 6 * PIPELINE_CHUNK, 4 * PAGE, "anon", 1 * MiB + 5
+            ),  # unaligned hva
         ]
         size = ops[-1].file_offset + ops[-1].size + 3 * PAGE  # a zero tail, like ftruncate's
         header = b"HEAD" * 1000
@@ -150,13 +154,15 @@ def test_gathered_process_memory_and_spliced_file_in_file_order(
 def test_many_small_runs_take_more_than_one_system_call(
     memory: tuple[mmap.mmap, int], tmp_path: Path
 ) -> None:
-    """Three times IOV_MAX one-page runs back to back in the core: split at IOV_MAX ranges."""
+    """Three times IOV_MAX small runs back to back in the core (less than one buffer's worth):
+    split at IOV_MAX ranges."""
     area, address = memory
     count = 3 * IOV_MAX + 7
-    ops = [CopyOp(PAGE + i * PAGE, PAGE, "anon", 2 * i * PAGE) for i in range(count)]
+    run = 256
+    ops = [CopyOp(PAGE + i * run, run, "anon", 2 * i * run + 3) for i in range(count)]
     batches = list(copier._batches(ops, {"anon": ProcessSource(os.getpid(), address)}))
     assert [len(b.remote) for b in batches] == [IOV_MAX, IOV_MAX, IOV_MAX, 7]
-    size = PAGE + count * PAGE
+    size = PAGE + count * run
     out = tmp_path / "core"
     digest = run_copy(out, b"h" * PAGE, ops, {"anon": ProcessSource(os.getpid(), address)}, size)
     written = out.read_bytes()
@@ -205,7 +211,7 @@ def test_a_stop_ends_the_pipeline(memory: tuple[mmap.mmap, int], tmp_path: Path)
         with pytest.raises(Stopped):
             copy_ops_into(
                 fd,
-                [CopyOp(0, 4 * CHUNK, "anon", 0)],
+                [CopyOp(0, 4 * PIPELINE_CHUNK, "anon", 0)],
                 {"anon": ProcessSource(os.getpid(), address)},
                 state,
             )
