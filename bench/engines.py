@@ -54,9 +54,8 @@ from anon_paths import direct_copy
 
 from qmpdump.engines import backend as backend_module
 from qmpdump.engines import run as run_module
-from qmpdump.engines.backend import BackendDumpRequest
-from qmpdump.engines.qemu import QemuDumpRequest
 from qmpdump.engines.run import run_dump
+from qmpdump.engines.spec import DumpSpec
 from qmpdump.host.extents import path_extents
 from qmpdump.memmap.ranges import Range, RangeSet
 from qmpdump.output import DumpFile
@@ -256,7 +255,7 @@ async def measure_dump(
     engine: str,
     fmt: str = "elf",
     *,
-    backend: BackendDumpRequest | None = None,
+    zero_pages: bool = False,
     phases: Phases | None = None,
 ) -> Row:
     """One dump through qmpdump's own code path, with growth measured around it."""
@@ -267,13 +266,8 @@ async def measure_dump(
         t0 = time.perf_counter()
         cpu0 = cpu_seconds()
         with phases or contextlib.nullcontext():
-            outcome = await run_dump(
-                qmp,
-                target,
-                engine=engine,
-                qemu=QemuDumpRequest(format=fmt),
-                backend=backend or BackendDumpRequest(),
-            )
+            spec = DumpSpec.checked(engine=engine, format=fmt, zero_pages=zero_pages)
+            outcome = await run_dump(qmp, target, spec)
         wall = time.perf_counter() - t0
         cpu = cpu_seconds() - cpu0
         after = await survey(qmp)
@@ -293,8 +287,21 @@ async def measure_dump(
     )
 
 
-def measure_floor(first: Survey, target: Path, how: str, *, hashing: bool = False) -> Row:
+def floor_way(result: Survey) -> str:
+    """How :func:`floor_copy` copies this VM's memory."""
+    ways = []
+    if any(access.path is not None for access in result.access.values()):
+        ways.append("sendfile")
+    if anonymous_extents(result):
+        ways.append("process_vm_readv + O_DIRECT")
+    return ", ".join(ways)
+
+
+def measure_floor(
+    first: Survey, target: Path, how: str | None = None, *, hashing: bool = False
+) -> Row:
     """The floor, with growth measured around it."""
+    how = how or floor_way(first)
     shmem_from = shmem_bytes()
     grown_from = populated_bytes(first)
     t = time.perf_counter()
@@ -372,7 +379,7 @@ async def bench_vm(kind: str, pattern_mib: int, out_dir: Path, *, phases: bool) 
                 "backend --zero-pages",
                 out_dir / "z.elf",
                 "backend",
-                backend=BackendDumpRequest(zero_pages=True),
+                zero_pages=True,
             )
         )
         rows.append(

@@ -30,17 +30,17 @@ from typing import Any, Final, TextIO, get_args
 
 from pydantic import BaseModel
 
-from qmpdump.cli.map_command import format_size
 from qmpdump.cli.progress import ProgressBar
+from qmpdump.engines.spec import DumpFormat, EngineName
 from qmpdump.errors import DumpCancelled, DumpFailed
 from qmpdump.service.client import ApiClient
 from qmpdump.service.views import (
     DumpRequest,
-    EngineName,
     JobStateName,
     JobView,
     ProgressView,
 )
+from qmpdump.sizes import format_size
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -101,8 +101,13 @@ def add_parsers(commands: Any) -> None:
         "dump folder); the VM's defaults fill whatever is not given.",
     )
     p.add_argument("vm", metavar="VM")
-    p.add_argument("--engine", choices=get_args(EngineName), help="default: the VM's")
-    p.add_argument("--format", help="elf, kdump-zlib, ...; default: the VM's")
+    p.add_argument("--engine", choices=[e.value for e in EngineName], help="default: the VM's")
+    p.add_argument("--format", choices=[f.value for f in DumpFormat], help="default: the VM's")
+    p.add_argument(
+        "--sink",
+        help="a [[sink]] of the daemon's configuration (an S3 bucket), or 'local' for the dump "
+        "folder; default: the VM's",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--live", dest="mode", action="store_const", const="live", help="do not stop the VM"
@@ -178,17 +183,19 @@ def _when(iso: str | None, *, utc: bool = False) -> str:
 
 
 def _progress(p: ProgressView) -> str:
+    if p.uploaded is not None and p.written:
+        done = f"{format_size(p.uploaded)} of {format_size(p.written)}"
+        return f"{done} uploaded ({100 * p.uploaded / p.written:.0f}%)"
     if p.total:
-        return (
-            f"{format_size(p.written)} of {format_size(p.total)} ({100 * p.written / p.total:.0f}%)"
-        )
-    return format_size(p.written)
+        done = f"{format_size(p.completed)} of {format_size(p.total)}"
+        return f"{done} ({100 * p.completed / p.total:.0f}%), {format_size(p.written)} written"
+    return f"{format_size(p.written)} written"
 
 
 def _job_detail(job: JobView) -> str:
     """What the jobs table says about a job in one cell."""
     if job.state == "succeeded" and job.result is not None:
-        return job.result.file
+        return job.result.url or job.result.file
     if job.state == "running":
         return _progress(job.progress)
     if job.error is not None:
@@ -204,6 +211,7 @@ def _job_text(job: JobView) -> str:
         ("engine", job.engine),
         ("format", job.format),
         ("mode", job.mode),
+        ("sink", job.sink or "local"),
         ("created", _when(job.created, utc=True)),
         ("started", _when(job.started, utc=True)),
         ("ended", _when(job.ended, utc=True)),
@@ -213,6 +221,7 @@ def _job_text(job: JobView) -> str:
         r = job.result
         lines += [
             ("file", r.file),
+            *([("object", r.url)] if r.url else []),
             ("size", f"{format_size(r.size)} ({r.size} bytes)"),
             ("sha256", r.sha256),
             ("engine used", r.engine),
@@ -254,7 +263,7 @@ async def _wait(api: ApiClient, job: JobView) -> JobView | None:
     try:
         with ProgressBar("dump") as bar:
             while job.state not in _FINISHED:
-                bar.show(job.progress.written, job.progress.total, f"{job.vm} {job.state}")
+                bar.show(job.progress.completed, job.progress.total, f"{job.vm} {job.state}")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
                 if stop.is_set():
@@ -327,7 +336,9 @@ async def _run_vms(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 async def _run_request(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    request = DumpRequest(engine=args.engine, format=args.format, mode=args.mode)
+    request = DumpRequest.model_validate(
+        {"engine": args.engine, "format": args.format, "mode": args.mode, "sink": args.sink}
+    )
     async with ApiClient(args.socket) as api:
         job = await api.request(args.vm, request)
         if args.wait:

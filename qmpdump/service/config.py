@@ -8,6 +8,11 @@ The file (see :func:`example_config` for a commented one) has four parts:
   per VM by default; unset means no limit.
 * ``[[vm]]`` -- the VMs named in the file: a name and a QMP address, with optional per-VM
   ``engine``/``format``/``mode`` defaults and a ``[vm.retention]`` override.
+* ``[[sink]]`` -- named S3 buckets (``name``, ``bucket``, ``prefix``, optional ``endpoint``,
+  ``region``, ``part_size``, ``max_in_flight``) dumps may go to instead of ``dump_dir``: a VM
+  picks one with ``sink = "NAME"`` (``[daemon] default_sink`` for all), a request with its
+  ``sink`` field; ``"local"`` means the dump folder. Credentials never appear here: the
+  standard AWS chain (environment, shared credentials file) provides them.
 * ``[[discover]]`` -- QMP sockets found by a glob at run time; each match becomes a VM named
   after the file (``name_from = "stem"``) or its directory (``"parent"``), with the same optional
   defaults and retention override as a ``[[vm]]``.
@@ -24,8 +29,11 @@ Rules worth knowing:
   :attr:`Discovery.skipped`), so a static entry can pin a discovered VM's settings. Between two
   discovered sockets with one name, the earlier ``[[discover]]`` entry wins, then the path that
   sorts first.
-* Formats are those of QEMU's ``DumpGuestMemoryFormat`` (``qapi/dump.json``); QEMU itself still
-  decides at dump time whether it offers one (kdump-raw-* need QEMU 8.2).
+* Engines, formats, modes and which combine are the dump specification's
+  (:mod:`qmpdump.engines.spec`); QEMU itself still decides at dump time whether it offers a
+  format (kdump-raw-* need QEMU 8.2).
+* Sizes read as :func:`qmpdump.sizes.parse_size` says: ``10GiB``/``10G`` binary, ``10GB``
+  decimal, the same as on the command line.
 
 :func:`load_config` turns every problem into one line ``FILE: KEY.PATH: problem`` of a single
 :class:`~qmpdump.errors.UsageError` (list indexes are 0-based, in file order).
@@ -41,7 +49,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -56,10 +64,21 @@ from pydantic import (
     model_validator,
 )
 
+from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, SpecProblem
+from qmpdump.engines.spec import Mode as SpecMode
 from qmpdump.errors import UsageError
 from qmpdump.qmp.session import QMPAddress, parse_address
+from qmpdump.sinks.s3 import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_PART_SIZE,
+    MIN_PART_SIZE,
+    S3Location,
+    S3Settings,
+)
+from qmpdump.sizes import parse_size
 
 __all__ = [
+    "LOCAL_SINK",
     "QEMU_FORMATS",
     "VM_NAME_PATTERN",
     "Config",
@@ -70,6 +89,7 @@ __all__ = [
     "Mode",
     "ResolvedVM",
     "Retention",
+    "SinkConfig",
     "SkippedSocket",
     "VMConfig",
     "example_config",
@@ -79,52 +99,38 @@ __all__ = [
     "parse_size",
 ]
 
+#: The sink name that means the local dump folder.
+LOCAL_SINK = "local"
+
 #: What a VM name must match: it becomes a folder under ``dump_dir`` and a segment of API URLs.
 VM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _VM_NAME_RE = re.compile(VM_NAME_PATTERN)
 
-#: QEMU's ``DumpGuestMemoryFormat`` (qapi/dump.json); kdump-raw-* since QEMU 8.2.
-QEMU_FORMATS = (
-    "elf",
-    "kdump-zlib",
-    "kdump-lzo",
-    "kdump-snappy",
-    "kdump-raw-zlib",
-    "kdump-raw-lzo",
-    "kdump-raw-snappy",
-    "win-dmp",
-)
+#: Every dump format's name (the dump specification's :class:`DumpFormat`).
+QEMU_FORMATS = tuple(f.value for f in DumpFormat)
 
-Engine = Literal["auto", "backend", "qemu"]
-Mode = Literal["consistent", "live"]
+
+def _member(cls: type[StrEnum]) -> Callable[[Any], Any]:
+    """A before-validator taking an enum member by its value (the models are strict)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            names = [repr(m.value) for m in cls]
+            listed = f"{', '.join(names[:-1])} or {names[-1]}"
+            raise ValueError(f"input should be {listed} (got {_short(value)})") from None
+
+    return convert
+
+
+#: Engine and mode as the file spells them (strings, checked against the spec's enums).
+Engine = Annotated[EngineName, BeforeValidator(_member(EngineName))]
+Mode = Annotated[SpecMode, BeforeValidator(_member(SpecMode))]
 
 # --- field validators: they raise ValueError, whose text becomes the problem's line as is ---
-
-_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)")
-# K/M/G/T alone are binary, as in QEMU's -m and numfmt --from=iec; KB/MB/... are decimal (SI).
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    **{p: 1024**i for i, p in enumerate("kmgtp", 1)},
-    **{f"{p}ib": 1024**i for i, p in enumerate("kmgtp", 1)},
-    **{f"{p}b": 1000**i for i, p in enumerate("kmgtp", 1)},
-}
-
-
-def parse_size(text: str) -> int:
-    """Read a byte count such as ``"10GiB"``, ``"1.5G"`` (binary) or ``"500MB"`` (decimal).
-
-    Units are case-insensitive: B; K, M, G, T, P and KiB ... PiB are powers of 1024; KB ... PB
-    powers of 1000. A fraction of a byte is dropped. Raises ValueError on anything else.
-    """
-    match = _SIZE_RE.fullmatch(text.strip())
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(
-            f"{text!r} is not a size: write a number of bytes, or a number with a unit "
-            "such as 500MB, 10GiB or 2T"
-        )
-    return int(Decimal(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _limit(value: Any, *, sizes: bool) -> int | None:
@@ -211,9 +217,9 @@ def _qmp(value: str) -> str:
     return posixpath.normpath(value)
 
 
-def _format(value: str) -> str:
-    if value not in QEMU_FORMATS:
-        raise ValueError(f"{value!r} is not a dump format; QEMU knows {', '.join(QEMU_FORMATS)}")
+def _format(value: Any) -> Any:
+    if isinstance(value, str) and value not in QEMU_FORMATS:
+        raise ValueError(f"{value!r} is not a dump format; qmpdump knows {', '.join(QEMU_FORMATS)}")
     return value
 
 
@@ -223,29 +229,66 @@ def _glob_pattern(value: str) -> str:
     return value
 
 
+def _sink_name(value: str) -> str:
+    if not _VM_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid sink name: 1 to 64 of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    if value == LOCAL_SINK:
+        raise ValueError(f"{LOCAL_SINK!r} is reserved: it means the dump folder")
+    return value
+
+
+def _endpoint(value: str | None) -> str | None:
+    if value is None:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or rest.startswith("/"):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
+def _part_size(value: Any) -> int:
+    if isinstance(value, str):
+        number = parse_size(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ValueError(f'expected a size such as "16MiB", not {value!r}')
+    if not MIN_PART_SIZE <= number <= 5 << 30:
+        raise ValueError(f"must be from 5MiB to 5GiB (S3's limits on a part), not {value!r}")
+    return number
+
+
 AbsPath = Annotated[Path, BeforeValidator(_path), AfterValidator(_absolute)]
-Format = Annotated[str, AfterValidator(_format)]
+Format = Annotated[DumpFormat, BeforeValidator(_member(DumpFormat)), BeforeValidator(_format)]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 def _combination(
-    engine: str, fmt: str, mode: str, *, keys: tuple[str, str, str]
+    engine: EngineName, fmt: DumpFormat, mode: SpecMode, *, keys: tuple[str, str, str]
 ) -> tuple[str, str] | None:
     """What is wrong with an engine/format/mode combination: (the key to blame, why), or None.
 
-    ``keys`` names the engine, format and mode keys as the entry spells them; a key the entry
-    did not set (its value is inherited) is given as "" and is not blamed if another can be.
+    The rule is the dump specification's (:class:`DumpSpec`). ``keys`` names the engine, format
+    and mode keys as the entry spells them; a key the entry did not set (its value is
+    inherited) is given as "" and is not blamed if another can be.
     """
-    engine_key, format_key, mode_key = keys
-    if engine == "backend" and fmt != "elf":
-        blame, other = format_key or engine_key, (engine_key, format_key)
-        why = f"the backend engine writes ELF only, not {fmt!r}"
-    elif engine == "qemu" and mode == "live":
-        blame, other = mode_key or engine_key, (engine_key, mode_key)
-        why = "QEMU's dump-guest-memory stops the VM: a live dump needs engine backend or auto"
+    try:
+        DumpSpec(engine=engine, format=fmt, mode=mode)
+    except ValidationError as err:
+        cause = err.errors()[0].get("ctx", {}).get("error")
+        if not isinstance(cause, SpecProblem):
+            raise
+        problem = cause
     else:
         return None
-    if not all(other):
+    key_of = dict(zip(("engine", "format", "mode"), keys, strict=True))
+    involved = [key_of.get(f, "") for f in problem.fields if f in key_of]
+    blame = next((k for k in involved if k), "")
+    why = problem.message
+    if not all(involved):
         why += " (with the [daemon] defaults)"
     return blame, why
 
@@ -274,6 +317,8 @@ class _DumpDefaults(_Strict):
     engine: Engine | None = None
     format: Format | None = None
     mode: Mode | None = None
+    #: a ``[[sink]]`` name, or ``"local"`` for the dump folder
+    sink: str | None = None
     retention: Retention = Field(default_factory=Retention)
 
 
@@ -298,6 +343,51 @@ class DiscoverConfig(_DumpDefaults):
         return p.stem if self.name_from == "stem" else p.parent.name
 
 
+class SinkConfig(_Strict):
+    """A ``[[sink]]`` entry: an S3 bucket (and key prefix) that dumps may go to.
+
+    Credentials are never part of it: they come from the standard AWS chain (environment,
+    ``AWS_PROFILE`` and the shared credentials file). ``endpoint`` and ``region``, when left
+    out, come from ``AWS_ENDPOINT_URL`` and ``AWS_REGION`` (or the AWS config file) too.
+    """
+
+    name: Annotated[str, AfterValidator(_sink_name)]
+    bucket: str
+    prefix: str = ""
+    endpoint: Annotated[str | None, AfterValidator(_endpoint)] = None
+    region: str | None = None
+    part_size: Annotated[int, BeforeValidator(_part_size)] = DEFAULT_PART_SIZE
+    max_in_flight: Annotated[int, Field(ge=1, le=64)] = DEFAULT_MAX_IN_FLIGHT
+
+    @model_validator(mode="after")
+    def _where(self) -> SinkConfig:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        try:
+            S3Location.of(self.bucket)
+        except UsageError as err:
+            problems.append((("bucket",), str(err)))
+        try:
+            S3Location.of("bucket", self.prefix)
+        except UsageError as err:
+            problems.append((("prefix",), str(err)))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    def location(self) -> S3Location:
+        """The bucket and prefix."""
+        return S3Location.of(self.bucket, self.prefix)
+
+    def settings(self) -> S3Settings:
+        """The client settings."""
+        return S3Settings(
+            endpoint_url=self.endpoint,
+            region=self.region,
+            part_size=self.part_size,
+            max_in_flight=self.max_in_flight,
+        )
+
+
 class DaemonConfig(_Strict):
     """The ``[daemon]`` table."""
 
@@ -309,9 +399,11 @@ class DaemonConfig(_Strict):
     dump_dir: AbsPath
     state_dir: AbsPath
     max_concurrent_dumps: Annotated[int, Field(ge=1)] = 2
-    default_engine: Engine = "auto"
-    default_format: Format = "elf"
-    default_mode: Mode = "consistent"
+    default_engine: Engine = EngineName.AUTO
+    default_format: Format = DumpFormat.ELF
+    default_mode: Mode = SpecMode.CONSISTENT
+    #: where dumps go unless a VM or a request says otherwise: a ``[[sink]]`` name or "local"
+    default_sink: str = LOCAL_SINK
     #: QMP reconnection backoff: first delay, doubled up to the maximum
     reconnect_min_s: Seconds = 1.0
     reconnect_max_s: Seconds = 60.0
@@ -351,14 +443,16 @@ class ResolvedVM:
     name: str
     #: an absolute socket path, or ``tcp:HOST:PORT``
     qmp: str
-    engine: Engine
-    format: str
-    mode: Mode
+    engine: EngineName
+    format: DumpFormat
+    mode: SpecMode
     retention: Retention
     #: where its dumps go: ``dump_dir/NAME``
     dump_dir: Path
     #: where it came from: ``vm[0]``, or ``discover[1]`` for a discovered socket
     origin: str
+    #: the ``[[sink]]`` its dumps go to by default; None: ``dump_dir``
+    sink: str | None = None
 
     @property
     def discovered(self) -> bool:
@@ -403,6 +497,7 @@ class Config(_Strict):
     retention: Retention = Field(default_factory=Retention)
     vm: list[VMConfig] = Field(default_factory=list)
     discover: list[DiscoverConfig] = Field(default_factory=list)
+    sink: list[SinkConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:
@@ -426,6 +521,7 @@ class Config(_Strict):
                     )
                 )
             by_qmp.setdefault(vm.qmp, i)
+        problems.extend(self._sink_problems())
         entries: list[tuple[str, int, _DumpDefaults]] = [
             *(("vm", i, v) for i, v in enumerate(self.vm)),
             *(("discover", i, d) for i, d in enumerate(self.discover)),
@@ -443,7 +539,43 @@ class Config(_Strict):
             raise _Problems(problems)
         return self
 
-    def _defaults(self, entry: _DumpDefaults) -> tuple[Engine, str, Mode]:
+    def _sink_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        names: dict[str, int] = {}
+        for i, sink in enumerate(self.sink):
+            if sink.name in names:
+                problems.append(
+                    (
+                        ("sink", i, "name"),
+                        f"{sink.name!r} is already sink[{names[sink.name]}]'s name",
+                    )
+                )
+            names.setdefault(sink.name, i)
+        known = ", ".join([LOCAL_SINK, *names])
+        chosen: list[tuple[tuple[str | int, ...], str | None]] = [
+            (("daemon", "default_sink"), self.daemon.default_sink),
+            *((("vm", i, "sink"), v.sink) for i, v in enumerate(self.vm)),
+            *((("discover", i, "sink"), d.sink) for i, d in enumerate(self.discover)),
+        ]
+        for loc, name in chosen:
+            if name is not None and name != LOCAL_SINK and name not in names:
+                problems.append((loc, f"no [[sink]] named {name!r} (known: {known})"))
+        return problems
+
+    def sink_named(self, name: str | None) -> SinkConfig | None:
+        """The ``[[sink]]`` called ``name``; None for None or ``"local"``.
+
+        Raises :class:`UsageError` for a name that is not configured.
+        """
+        if name is None or name == LOCAL_SINK:
+            return None
+        for sink in self.sink:
+            if sink.name == name:
+                return sink
+        known = ", ".join([LOCAL_SINK, *(s.name for s in self.sink)])
+        raise UsageError(f"no sink named {name!r} (known: {known})")
+
+    def _defaults(self, entry: _DumpDefaults) -> tuple[EngineName, DumpFormat, SpecMode]:
         d = self.daemon
         return (
             entry.engine or d.default_engine,
@@ -453,6 +585,7 @@ class Config(_Strict):
 
     def _resolve(self, entry: _DumpDefaults, name: str, qmp: str, origin: str) -> ResolvedVM:
         engine, fmt, mode = self._defaults(entry)
+        sink = entry.sink or self.daemon.default_sink
         return ResolvedVM(
             name=name,
             qmp=qmp,
@@ -462,6 +595,7 @@ class Config(_Strict):
             retention=entry.retention.over(self.retention),
             dump_dir=self.daemon.dump_dir / name,
             origin=origin,
+            sink=None if sink == LOCAL_SINK else sink,
         )
 
     def static_vms(self) -> list[ResolvedVM]:
@@ -578,7 +712,7 @@ def format_validation_error(err: ValidationError, data: Any = None) -> list[str]
             problem = "required, but missing"
         elif kind in ("value_error", "assertion_error"):
             problem = str(cause) if cause is not None else e["msg"]
-        elif kind == "list_type" and loc in (("vm",), ("discover",)):
+        elif kind == "list_type" and loc in (("vm",), ("discover",), ("sink",)):
             problem = f"must be an array of tables: write [[{loc[0]}]], not [{loc[0]}]"
         else:
             msg = e["msg"]
@@ -664,6 +798,20 @@ format = "kdump-zlib"
 [vm.retention]                      # per-VM overrides of [retention], key by key
 keep_count = 3
 keep_bytes = "unlimited"
+
+# Dumps may go to an S3 bucket instead of dump_dir: a VM says sink = "NAME" (or set
+# default_sink under [daemon]); a request may name a sink too, or "local". Credentials come
+# only from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the unit's
+# environment, /etc/qmpdump/aws.env, or AWS_PROFILE and the shared credentials file), never
+# from this file; endpoint and region default to AWS_ENDPOINT_URL and AWS_REGION.
+# [[sink]]
+# name = "evidence"
+# bucket = "incident-dumps"
+# prefix = "hv01/"                  # objects are PREFIX/VM-TIMESTAMP-JOB.EXT (+ .json)
+# endpoint = "https://s3.example.net"
+# region = "eu-west-1"
+# part_size = "16MiB"               # memory: about 3 x part_size x max_in_flight
+# max_in_flight = 4
 
 # Every socket matching the glob is a VM; its name is the file name without its suffix
 # ("stem") or the name of its directory ("parent"). A [[vm]] with the same name or the same

@@ -15,8 +15,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from qmpdump.engines.spec import DumpFormat, EngineName, Mode
 from qmpdump.report import MapReport
 
 __all__ = [
@@ -32,8 +33,6 @@ __all__ = [
     "VMView",
 ]
 
-EngineName = Literal["auto", "backend", "qemu"]
-ModeName = Literal["consistent", "live"]
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -64,33 +63,49 @@ class VMView(_Strict):
     running_job: str | None = None
     queued_jobs: int = 0
     default_engine: EngineName
-    default_format: str
-    default_mode: ModeName
+    default_format: DumpFormat
+    default_mode: Mode
+    #: the ``[[sink]]`` its dumps go to by default; None: the dump folder
+    default_sink: str | None = None
 
 
 class DumpRequest(_Strict):
-    """``POST /v1/vms/{vm}/dumps``: every field optional; the VM's defaults fill the rest."""
+    """``POST /v1/vms/{vm}/dumps``: every field optional; the VM's defaults fill the rest.
+
+    Which combinations are valid is the dump specification's rule
+    (:class:`qmpdump.engines.spec.DumpSpec`): a 400 names the problem. ``sink`` names a
+    configured ``[[sink]]`` (or ``"local"``: the dump folder); the object's name is chosen by
+    the service, as a file's is.
+    """
 
     engine: EngineName | None = None
-    format: str | None = None
-    mode: ModeName | None = None
+    format: DumpFormat | None = None
+    mode: Mode | None = None
+    sink: str | None = Field(default=None, max_length=64)
 
 
 class ProgressView(_Strict):
-    """Bytes written so far, and the expected total when known."""
+    """Where a running dump stands: ``completed`` of ``total`` guest bytes (the percentage),
+    and ``written`` bytes of output so far (fewer for compressed formats)."""
 
     written: int = 0
     total: int | None = None
+    completed: int = 0
+    #: for a dump going to a sink: bytes the object store has acknowledged
+    uploaded: int | None = None
 
 
 class JobResultView(_Strict):
-    """What a succeeded job produced (``file`` is a name in the VM's dump folder)."""
+    """What a succeeded job produced: ``file`` is a name in the VM's dump folder, or, when
+    ``url`` is set, the object's name in its sink (``s3://bucket/prefix/file``)."""
 
     file: str
     size: int
     sha256: str
-    engine: str
+    #: the engine that ran (``auto`` resolved)
+    engine: EngineName
     paused_s: float | None
+    url: str | None = None
 
 
 class JobErrorView(_Strict):
@@ -107,8 +122,9 @@ class JobView(_Strict):
     id: str
     vm: str
     engine: EngineName
-    format: str
-    mode: ModeName
+    format: DumpFormat
+    mode: Mode
+    sink: str | None = None
     state: JobStateName
     created: str
     started: str | None = None
@@ -155,7 +171,7 @@ class ServiceCore(Protocol):
         """A fresh memory map of a connected VM; NotFound, Unavailable."""
         ...
 
-    def submit(self, name: str, request: DumpRequest) -> JobView:
+    async def submit(self, name: str, request: DumpRequest) -> JobView:
         """Queue a dump; NotFound, Conflict (queue full), UsageError (bad engine/format)."""
         ...
 
@@ -167,7 +183,7 @@ class ServiceCore(Protocol):
         """One job; NotFound."""
         ...
 
-    def cancel(self, job_id: str) -> JobView:
+    async def cancel(self, job_id: str) -> JobView:
         """Cancel a queued or running job; NotFound, Conflict if already finished."""
         ...
 
