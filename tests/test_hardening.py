@@ -782,11 +782,10 @@ async def test_idle_connections_are_capped_and_new_clients_still_served(
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
     setup = write_config(tmp_path, {"v": tmp_path / "absent.qmp"})
     svc = await daemons.start(setup)
-    held: list[asyncio.StreamWriter] = []
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         for _ in range(1300):
-            _reader, writer = await asyncio.open_unix_connection(str(setup.api_socket))
-            held.append(writer)
+            held.append(await asyncio.open_unix_connection(str(setup.api_socket)))
         await asyncio.sleep(1.0)
         t0 = time.monotonic()
         health = await curl(setup.api_socket, "GET", "/healthz")
@@ -794,12 +793,16 @@ async def test_idle_connections_are_capped_and_new_clients_still_served(
         print(f"healthz with 1,300 idle connections open: {health.status} in {took * 1000:.0f} ms")
         assert health.status == 200, health
         fds = len(os.listdir(f"/proc/{svc.pid}/fd"))
-        print(f"daemon fds: {fds}")
+        closed = sum(reader.at_eof() for reader, _ in held)
+        print(f"daemon fds: {fds}; connections the daemon closed: {closed}")
         assert fds <= MAX_CONNECTIONS_CAP + 64, fds
-        over = svc.log_text().count("over the cap")
-        assert 1 <= over <= 5, over
+        # The excess goes: closed at the cap (or by the idle timeout, when opening 1,300 took
+        # longer than it on a loaded machine; the rest wait in the listen backlog); the cap
+        # says so in a few lines, not one a connection.
+        assert closed >= 1, closed
+        assert svc.log_text().count("over the cap") <= 5
     finally:
-        for writer in held:
+        for _, writer in held:
             writer.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
