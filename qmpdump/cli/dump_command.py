@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from qmpdump.cli.progress import ProgressBar
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
+from qmpdump.engines.base import Progress, ProgressCallback
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, Mode
 from qmpdump.errors import UsageError
@@ -26,8 +27,8 @@ from qmpdump.output import dump_name
 from qmpdump.qmp.session import QMPSession, parse_address
 from qmpdump.service.config import VM_NAME_PATTERN
 from qmpdump.service.store import new_job_id
-from qmpdump.sinks.deliver import SinkOutcome, dump_to_s3
-from qmpdump.sinks.s3 import S3Location
+from qmpdump.sinks.deliver import SinkOutcome, dump_to_s3, then
+from qmpdump.sinks.s3 import S3Location, UploadProgress
 from qmpdump.sizes import format_size, parse_size
 
 __all__ = ["add_parser", "run"]
@@ -206,17 +207,22 @@ async def _dump_to_bucket(
     async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
         with ProgressBar("dump") as bar:
 
-            async def write(target: Path) -> DumpOutcome:
-                return await run_dump(
-                    session, target, spec, progress=lambda p: bar.show(p.completed, p.total)
-                )
+            def progress(p: Progress) -> None:
+                bar.show(p.completed, p.total)
+
+            async def write(target: Path, tap: ProgressCallback) -> DumpOutcome:
+                return await run_dump(session, target, spec, progress=then(progress, tap))
+
+            def uploaded(u: UploadProgress) -> None:
+                if u.total is not None:  # parts sent while the dump runs: its bar stays
+                    bar.show(u.uploaded, u.total, "upload")
 
             done = await dump_to_s3(
                 write,
                 location=location,
                 name=name,
                 spool_root=args.spool_dir,
-                progress=lambda u: bar.show(u.uploaded, u.total, "upload"),
+                progress=uploaded,
             )
     stored.append(done)
     return done.dump

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from qmpdump.engines.base import PauseHooks, Progress
+from qmpdump.engines.base import PauseHooks, Progress, ProgressCallback
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import DumpSpec
 from qmpdump.errors import DumpCancelled, QmpdumpError
@@ -32,7 +32,7 @@ from qmpdump.service.metrics import DaemonMetrics
 from qmpdump.service.retention import retention_victims
 from qmpdump.service.store import Job, JobError, JobResult, JobState, JobStore
 from qmpdump.service.supervisor import VMSupervisor
-from qmpdump.sinks.deliver import dump_to_s3
+from qmpdump.sinks.deliver import dump_to_s3, then
 from qmpdump.sinks.s3 import StoredObject, UploadProgress
 
 __all__ = ["JobRunner", "spool_dir"]
@@ -240,6 +240,7 @@ class JobRunner:
         spec = DumpSpec.checked(engine=job.engine, format=job.format, mode=job.mode)
         last = 0.0
         pending: set[asyncio.Future[bool]] = set()
+        sent: list[int | None] = [None]  # bytes uploaded so far (parts go while dumping)
 
         def progress(p: Progress) -> None:
             nonlocal last
@@ -251,7 +252,7 @@ class JobRunner:
                 last = now
                 update = self.store.update_progress
                 done = asyncio.ensure_future(
-                    self.db(update, job.id, p.written, p.total or None, p.completed)
+                    self.db(update, job.id, p.written, p.total or None, p.completed, sent[0])
                 )
                 pending.add(done)
                 done.add_done_callback(pending.discard)
@@ -263,26 +264,35 @@ class JobRunner:
             await self.db(self.store.clear_pause, vm.name)
 
         def upload_progress(u: UploadProgress) -> None:
-            # the dump is complete once its upload begins
+            # parts go while the dump runs (u.total None until it ends): its own counters stay
             nonlocal last
+            sent[0] = u.uploaded
             now = time.monotonic()
             if now - last >= _PROGRESS_EVERY_S or u.uploaded == u.total:
                 last = now
-                p = self.running[job.id].last if job.id in self.running else None
-                total = p.total if p is not None and p.total else u.total
-                update = self.store.update_progress
+                running = self.running.get(job.id)
+                p = (running.last if running else None) or Progress(0, 0, 0)
+                total = p.total or u.total
+                ended = u.total is not None  # the dump's size is known: it is complete
                 done = asyncio.ensure_future(
-                    self.db(update, job.id, u.total, total, total, u.uploaded)
+                    self.db(
+                        self.store.update_progress,
+                        job.id,
+                        u.total if ended else p.written,
+                        total or None,
+                        total if ended else p.completed,
+                        u.uploaded,
+                    )
                 )
                 pending.add(done)
                 done.add_done_callback(pending.discard)
 
-        async def write(target: Path) -> DumpOutcome:
+        async def write(target: Path, tap: ProgressCallback | None = None) -> DumpOutcome:
             return await run_dump(
                 session,
                 target,
                 spec,
-                progress=progress,
+                progress=progress if tap is None else then(progress, tap),
                 hooks=PauseHooks(before_pause, after_resume),
                 timeout_s=self.settings.dump_timeout_s,
             )
