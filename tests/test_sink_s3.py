@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import socket
 import tomllib
@@ -24,6 +25,7 @@ from qmpdump.engines.base import ProgressCallback
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName
 from qmpdump.errors import DumpCancelled, SinkCredentials, SinkUnreachable, UsageError
+from qmpdump.memmap.ranges import RangeSet
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.client import ApiClient
 from qmpdump.service.config import parse_config
@@ -32,6 +34,7 @@ from qmpdump.sinks.deliver import SinkOutcome, dump_to_s3
 from qmpdump.sinks.s3 import (
     S3Location,
     S3Settings,
+    StreamedUpload,
     UploadProgress,
     check_bucket,
     open_client,
@@ -266,6 +269,106 @@ async def test_credentials_from_the_shared_file_and_none_at_all(
         async with open_client(S3Settings()) as client:
             await check_bucket(client, S3Location("dumps"))
     assert caught.value.exit_code == 61
+
+
+# ================================================================ the stream, with our own writer
+
+
+class FakeWriter:
+    """A writer shaped like the engines (why not a real one: a real engine cannot be held
+    mid-dump, so only this one makes the order of events certain rather than likely): its
+    first 64 KiB are a header written last (as the kdump writer's tables are), the data behind
+    it is written in 3 MiB steps and reported settled after each; once two 5 MiB parts' worth
+    is settled it waits until the sink has stored a part."""
+
+    HEADER = 64 << 10
+    STEP = 3 << 20
+
+    def __init__(self, path: Path, steps: int) -> None:
+        self.path = path
+        self.size = self.HEADER + steps * self.STEP + 12345  # a short last part
+        self.content = bytearray(os.urandom(self.size))
+        self.events: list[str] = []
+        self.stored = asyncio.Event()
+
+    def on_progress(self, p: UploadProgress) -> None:
+        self.events.append("part stored, dump running" if p.total is None else "part stored")
+        self.stored.set()
+
+    async def write(self, upload: StreamedUpload) -> str:
+        with self.path.open("wb") as out:
+            out.write(bytes(self.HEADER))  # a placeholder, rewritten at the end
+            done = self.HEADER
+            while done < self.size:
+                step = self.content[done : done + self.STEP]
+                out.write(step)
+                out.flush()
+                done += len(step)
+                upload.settle(self.path, RangeSet.of(self.HEADER, done - self.HEADER), self.size)
+                if done == self.HEADER + 4 * self.STEP:  # part 2 (5 to 10 MiB) is settled
+                    await self.stored.wait()  # parts go while the "dump" runs
+                await asyncio.sleep(0)
+            out.seek(0)
+            out.write(self.content[: self.HEADER])
+        self.events.append("dump ended")
+        upload.finish(self.path, self.size)
+        return hashlib.sha256(self.content).hexdigest()
+
+
+@pytest.mark.parametrize("copy_limit", [5 << 30, 1], ids=["copy-object", "multipart-copy"])
+async def test_stream_uploads_settled_parts_first_and_rewritten_ones_last(
+    s3: S3Server, aws_env: dict[str, str], tmp_path: Path, copy_limit: int
+) -> None:
+    """Parts of settled ranges go before the writer ends; the part holding the rewritten
+    header goes after; the object equals the file; the metadata (given by a copy onto itself,
+    multipart above the copy limit) holds its sha256."""
+    writer = FakeWriter(tmp_path / "dump.partial", steps=8)
+    settings = S3Settings(
+        part_size=5 << 20, max_in_flight=2, copy_limit=copy_limit, copy_part_size=5 << 20
+    )
+    location = S3Location("dumps", f"fake-{copy_limit}/")
+    async with open_client(settings) as client:
+        upload = StreamedUpload(client, location, "d.elf", settings, writer.on_progress)
+        async with upload:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(upload.pump())
+                digest = await writer.write(upload)
+            stored = await upload.publish(sha256=digest, sidecar={"sha256": digest})
+    first = writer.events.index("part stored, dump running")
+    assert first < writer.events.index("dump ended")
+    assert stored.early_parts > 0
+    assert stored.parts == -(-writer.size // (5 << 20))
+    body, metadata = await asyncio.to_thread(get, s3, stored.key)
+    assert body == writer.content
+    assert metadata["sha256"] == digest == hashlib.sha256(body).hexdigest()
+    assert keys(s3, location.prefix) == [stored.key, stored.key + ".json"]
+    assert pending_uploads(s3) == []
+
+
+async def test_stream_cancelled_while_the_writer_runs_leaves_nothing(
+    s3: S3Server, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A cancel after parts were stored, before the dump ended: the upload is aborted."""
+    writer = FakeWriter(tmp_path / "dump.partial", steps=8)
+    settings = S3Settings(part_size=5 << 20, max_in_flight=1)
+    location = S3Location("dumps", "fake-cancel/")
+
+    async def run() -> None:
+        async with open_client(settings) as client:
+            upload = StreamedUpload(client, location, "d.elf", settings, writer.on_progress)
+            async with upload, asyncio.TaskGroup() as group:
+                group.create_task(upload.pump())
+                await writer.write(upload)
+                await asyncio.Event().wait()  # never: cancelled before
+
+    task = asyncio.create_task(run())
+    await writer.stored.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "dump ended" not in writer.events
+    assert keys(s3, location.prefix) == []
+    assert pending_uploads(s3) == []
 
 
 # ================================================================ real QEMU, real S3
