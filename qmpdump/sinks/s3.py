@@ -1,5 +1,6 @@
-"""Store a finished dump in an S3-compatible bucket: multipart upload, bounded memory, abort on
-any failure, the sha256 in the object's metadata, the sidecar beside it as ``NAME.json``.
+"""Store a dump in an S3-compatible bucket while it is written: multipart upload, bounded
+memory, abort on any failure, the sha256 in the object's metadata, the sidecar beside it as
+``NAME.json``.
 
 Client: **aiobotocore** (botocore on aiohttp). qmpdump already runs on asyncio and aiohttp, and
 botocore brings what this module must not write itself: SigV4 signing, the standard AWS
@@ -12,26 +13,43 @@ nor profiles, and reports errors as strings. Credentials never come from qmpdump
 configuration; a ``[[sink]]`` may name an endpoint and region (several sinks cannot all share
 one ``AWS_ENDPOINT_URL``), else the AWS chain decides.
 
-Why "dump locally, then upload" (the issue allows "instead of (or after) the local dump folder")
-rather than piping the engine's bytes straight into the upload:
+Streamed (:class:`StreamedUpload`): the engine writes into a local spool file, and every part
+of the multipart upload whose bytes the engine has *settled* goes while it writes the rest, so
+a dump to S3 takes about max(dump, upload), not their sum. Part ``n`` holds the file's bytes
+``[(n - 1) * P, n * P)``; the engines' progress reports (:class:`qmpdump.engines.base.Progress`)
+say which byte ranges are final and bound the file's size, which fixes ``P`` before the first
+part goes (16 MiB, larger only for dumps above 156 GiB). The backend's ELF is final below the
+mark its own hasher follows (header first, data in file order); its kdump is final in its head
+and in the page data below the cursor, while the 2nd bitmap and the page descriptors come
+last: the parts holding them go when the engine ends, as does the short last part. Nothing is
+uploaded twice, and an engine that reports nothing (QEMU's) is uploaded whole when it ends.
+The spool stays the scratch space: it is what lets the engines write at offsets and rewrite
+their tables at the end, and what a part is read from (``pread``, page cache). Rejected: a
+truly sequential stream from the writer into the upload, without a spool. The kdump layouts
+are not sequential, and back pressure would tie the engine to the network: a slow store would
+keep the VM paused longer. With the spool the engine keeps its speed (the VM's pause is the
+same as with ``-o``) and the upload only follows it.
 
-* S3 takes an object's metadata only when the upload begins (``CreateMultipartUpload``); the
-  sha256 of the whole dump is known only when the engine ends. Streaming would need a second,
-  server-side copy of the object to attach it.
-* No engine produces a final sequential stream: the backend engine writes its planned ELF with
-  ``pwrite`` at offsets (the header first, data in parallel copies), QEMU's ELF header is fixed
-  after the fact, and ``--seekable`` kdump is rebuilt at offsets.
-* The engine keeps its own speed (and its pause of the VM stays as short as today): the upload
-  begins once the VM runs again. The spool is a private 0700 folder, removed whatever happens.
+The sha256: S3 takes an object's metadata only in ``CreateMultipartUpload``, and the sha256
+of the dump is known only when the engine ends. So the upload is created with the final key
+and no sha256; once complete, the object is copied onto itself with ``MetadataDirective
+REPLACE`` and the metadata (``sha256``, ``engine``, ``format``): a metadata-only request (10
+ms on SeaweedFS for 256 MiB, measured; server-side on AWS), then the sidecar follows, as
+before. Above CopyObject's 5 GiB limit the copy onto itself is a multipart ``UploadPartCopy``
+(server-side too). Rejected, measured: completing under a hidden temporary key and copying to
+the final key costs a full server-side data copy (12 s for 768 MiB on SeaweedFS here, a third
+of the upload itself: slower than not streaming). What this costs: the object is visible for
+the few milliseconds between ``CompleteMultipartUpload`` and the copy without its sha256, and
+without its sidecar until that is stored (as before): the sidecar is the sign of a complete
+dump. A failure or cancel in that window deletes the object again.
 
-Memory stays bounded: the file is read one part at a time (``part_size``), and at most
-``max_in_flight`` parts are in memory or on the wire (botocore holds about one more copy of a
-part while it signs and sends it: ``bench/s3_upload.py`` measures the peak). The sha256 in the
+Memory stays bounded: parts are read one at a time (``part_size``), and at most
+``max_in_flight`` are in memory or on the wire (botocore holds about one more copy of a part
+while it signs and sends it: ``bench/s3_upload.py`` measures the peak). The sha256 in the
 metadata is the engine's, which every engine computes over the bytes it wrote into this very
-file; it is not computed a second time (that pass costs as much CPU as the upload's own
-signing), but the file's size must not change while it is uploaded. Any failure or cancel
-aborts the multipart upload, so no part stays stored and nothing is visible; a sidecar that
-cannot be stored removes the object again.
+file; it is not computed a second time. A failure or cancel of the dump or of the upload ends
+both (one task group): the multipart upload is aborted, so no part stays stored and nothing is
+visible; a sidecar that cannot be stored removes the object again.
 """
 
 from __future__ import annotations
@@ -374,6 +392,9 @@ class StreamedUpload:
             self.part_size = self.settings.part_size_for(size)
         self.size = size
         self._wake.set()
+        if self.progress is not None and len(self.etags) == max(1, -(-size // self.part_size)):
+            # every part went while the dump ran: report the total once it is known
+            self.progress(UploadProgress(self.uploaded, size))
 
     def _ready(self) -> list[int]:
         """Part numbers that can go now and have not been taken (part ``n`` holds bytes
