@@ -48,13 +48,14 @@ __all__ = ["SinkOutcome", "Write", "dump_to_s3", "then"]
 Write = Callable[[Path, ProgressCallback], Awaitable[DumpOutcome]]
 
 
-def then(first: ProgressCallback | None, tap: ProgressCallback) -> ProgressCallback:
-    """A progress callback calling ``first`` (if any), then ``tap``."""
+def then(first: ProgressCallback | None, tap: ProgressCallback | None) -> ProgressCallback:
+    """A progress callback calling ``first``, then ``tap`` (each if any)."""
 
     def both(p: Progress) -> None:
         if first is not None:
             first(p)
-        tap(p)
+        if tap is not None:
+            tap(p)
 
     return both
 
