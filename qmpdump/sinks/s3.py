@@ -378,7 +378,10 @@ class StreamedUpload:
         if self.size is not None:
             return
         if self._fd < 0:
-            self._fd = os.open(spool_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._fd = os.open(spool_file, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return  # not there (yet): the parts go when the dump ends, not a failure of it
         if self.part_size is None:
             self.part_size = self.settings.part_size_for(size_bound)
         self._settled = settled
