@@ -185,12 +185,17 @@ class S3Settings:
     #: a multipart copy in parts of ``copy_part_size``
     copy_limit: int = 5 << 30
     copy_part_size: int = 1 << 30
+    #: parts in flight while the dump is still being written (0: none, upload after the dump):
+    #: on a host short of CPU the upload slows the engine, and a stopped VM stays paused longer
+    stream_in_flight: int = 1
 
     def __post_init__(self) -> None:
         if self.part_size < MIN_PART_SIZE:
             raise UsageError(f"the part size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
         if self.max_in_flight < 1 or (self.max_attempts is not None and self.max_attempts < 1):
             raise UsageError("uploads in flight and attempts must be at least 1")
+        if not 0 <= self.stream_in_flight <= self.max_in_flight:
+            raise UsageError("parts in flight while dumping must be 0 to max_in_flight")
 
     def part_size_for(self, size: int) -> int:
         """The part size for an object of ``size`` bytes: ours, grown to stay within 10,000."""
@@ -375,7 +380,7 @@ class StreamedUpload:
     def settle(self, spool_file: Path, settled: RangeSet, size_bound: int) -> None:
         """The engine wrote ``settled`` of ``spool_file`` for good (cumulative), and the file
         will not grow past ``size_bound``: the parts inside it may go now."""
-        if self.size is not None:
+        if self.size is not None or not self.settings.stream_in_flight:
             return
         if self._fd < 0:
             try:
@@ -428,19 +433,23 @@ class StreamedUpload:
         """Upload parts as they become ready, up to ``max_in_flight`` at once, until every part
         of the finished dump is stored. The first failure ends it (raised as itself)."""
         slots = asyncio.Semaphore(self.settings.max_in_flight)
+        early = asyncio.Semaphore(max(1, self.settings.stream_in_flight))
         try:
             async with asyncio.TaskGroup() as group:
                 while True:
                     self._wake.clear()
                     for number in self._ready():
-                        await slots.acquire()
+                        held = [slots] if self.size is not None else [early, slots]
+                        for slot in held:
+                            await slot.acquire()
                         self.taken.add(number)
                         try:
                             data = await asyncio.to_thread(self._read, number)
                         except BaseException:
-                            slots.release()
+                            for slot in held:
+                                slot.release()
                             raise
-                        group.create_task(self._send(number, data, slots))
+                        group.create_task(self._send(number, data, held))
                     if self.size is not None and not self._ready():
                         break
                     await self._wake.wait()
@@ -458,7 +467,7 @@ class StreamedUpload:
             raise SinkError(f"the spooled dump is shorter than announced (at {offset:#x})")
         return data
 
-    async def _send(self, number: int, data: bytes, slots: asyncio.Semaphore) -> None:
+    async def _send(self, number: int, data: bytes, slots: list[asyncio.Semaphore]) -> None:
         assert self.upload_id is not None
         early = self.size is None
         try:
@@ -473,7 +482,8 @@ class StreamedUpload:
                 ),
             )
         finally:
-            slots.release()
+            for slot in slots:
+                slot.release()
         self.etags[number] = reply["ETag"]
         self.uploaded += len(data)
         self.early_parts += early
