@@ -71,6 +71,7 @@ from qmpdump.qmp.session import QMPAddress, parse_address
 from qmpdump.sinks.s3 import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_PART_SIZE,
+    DEFAULT_STREAM_IN_FLIGHT,
     MIN_PART_SIZE,
     S3Location,
     S3Settings,
@@ -358,10 +359,13 @@ class SinkConfig(_Strict):
     region: str | None = None
     part_size: Annotated[int, BeforeValidator(_part_size)] = DEFAULT_PART_SIZE
     max_in_flight: Annotated[int, Field(ge=1, le=64)] = DEFAULT_MAX_IN_FLIGHT
+    stream_in_flight: Annotated[int, Field(ge=0, le=64)] = DEFAULT_STREAM_IN_FLIGHT
 
     @model_validator(mode="after")
     def _where(self) -> SinkConfig:
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.stream_in_flight > self.max_in_flight:
+            problems.append((("stream_in_flight",), "may not exceed max_in_flight"))
         try:
             S3Location.of(self.bucket)
         except UsageError as err:
@@ -385,6 +389,7 @@ class SinkConfig(_Strict):
             region=self.region,
             part_size=self.part_size,
             max_in_flight=self.max_in_flight,
+            stream_in_flight=self.stream_in_flight,
         )
 
 
@@ -812,6 +817,7 @@ keep_bytes = "unlimited"
 # region = "eu-west-1"
 # part_size = "16MiB"               # memory: about 3 x part_size x max_in_flight
 # max_in_flight = 4
+# stream_in_flight = 1              # parts sent while the dump runs (0: upload after it)
 
 # Every socket matching the glob is a VM; its name is the file name without its suffix
 # ("stem") or the name of its directory ("parent"). A [[vm]] with the same name or the same

@@ -94,6 +94,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_PART_SIZE",
+    "DEFAULT_STREAM_IN_FLIGHT",
     "S3Location",
     "S3Settings",
     "StoredObject",
@@ -107,6 +108,8 @@ __all__ = [
 #: 16 MiB parts: 10,000 parts (S3's limit) cover 156 GiB; a larger dump gets larger parts.
 DEFAULT_PART_SIZE = 16 << 20
 DEFAULT_MAX_IN_FLIGHT = 4
+#: one part in flight while the engine writes: more slows the engine (bench/s3_upload.py)
+DEFAULT_STREAM_IN_FLIGHT = 1
 MIN_PART_SIZE = 5 << 20  # S3: every part but the last is at least 5 MiB
 CONTENT_TYPE = "application/octet-stream"
 MAX_PARTS = 10_000
@@ -187,7 +190,7 @@ class S3Settings:
     copy_part_size: int = 1 << 30
     #: parts in flight while the dump is still being written (0: none, upload after the dump):
     #: on a host short of CPU the upload slows the engine, and a stopped VM stays paused longer
-    stream_in_flight: int = 1
+    stream_in_flight: int = DEFAULT_STREAM_IN_FLIGHT
 
     def __post_init__(self) -> None:
         if self.part_size < MIN_PART_SIZE:
