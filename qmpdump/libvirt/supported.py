@@ -65,7 +65,14 @@ from qmpdump.qmp.plugged import _read_prefix
 from qmpdump.report import VMSummary
 from qmpdump.sizes import format_size
 
-__all__ = ["FORMATS", "RegionFacts", "SupportedMap", "dump_supported", "map_supported"]
+__all__ = [
+    "FORMATS",
+    "STATE_NAMES",
+    "RegionFacts",
+    "SupportedMap",
+    "dump_supported",
+    "map_supported",
+]
 
 #: qmpdump's format names -> libvirt's ``VIR_DOMAIN_CORE_DUMP_FORMAT_*`` names
 FORMATS = {
@@ -77,6 +84,8 @@ FORMATS = {
 }
 _POLL_S = 0.25
 _STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shut off"}
+#: libvirt's ``virDomainState`` values by name
+STATE_NAMES = _STATES
 
 
 def _iso(t: float) -> str:
