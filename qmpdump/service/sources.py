@@ -4,8 +4,9 @@
   the socket is shared with other tools, so the daemon holds no connection. A job or a map
   request connects, uses the session, and disconnects when done (a job and a map request at the
   same time share one session). QEMU serves one client per QMP socket and leaves a second one
-  waiting for its greeting: a greeting that does not come within :data:`ON_DEMAND_GREETING_S`
-  means another client holds the socket; the connect is retried with backoff
+  waiting for its greeting (and, once its listen backlog is full, refuses with EAGAIN): a
+  greeting that does not come within :data:`ON_DEMAND_GREETING_S` means another client holds
+  the socket; the connect is retried with backoff
   (``reconnect_min_s`` doubled up to ``reconnect_max_s``) for up to ``[daemon]
   on_demand_wait_s``, and the VM's ``reason`` says that the socket is busy. What events would
   have told a connected supervisor (run state, a pause the daemon journalled) is read again on
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +40,7 @@ from qmpdump.engines.run import DumpOutcome, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, Mode
 from qmpdump.errors import (
     DumpFailed,
+    QMPConnectError,
     QmpdumpError,
     QMPTimeout,
     Unavailable,
@@ -74,6 +77,13 @@ def make_supervisor(
     if vm.on_demand:
         return OnDemandSupervisor(vm, settings, on_connect=on_connect)
     return VMSupervisor(vm, settings, on_connect=on_connect)
+
+
+def _backlog_full(err: QMPConnectError) -> bool:
+    """Whether connect() failed because QEMU's listen backlog is full (EAGAIN on a UNIX
+    socket): connections wait there while another client holds the monitor."""
+    cause = err.__cause__
+    return isinstance(cause, OSError) and cause.errno == errno.EAGAIN
 
 
 class OnDemandSupervisor(VMSupervisor):
@@ -125,8 +135,13 @@ class OnDemandSupervisor(VMSupervisor):
         while True:
             attempt += 1
             try:
-                await self._connect_once()
-                return
+                try:
+                    await self._connect_once()
+                    return
+                except QMPConnectError as err:
+                    if not _backlog_full(err):
+                        raise
+                    raise QMPTimeout("connect (the socket's backlog is full)", 0.0) from err
             except QMPTimeout as err:  # no greeting: another client holds the socket
                 self.busy_retries += 1
                 self.reason = (
