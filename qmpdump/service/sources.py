@@ -213,6 +213,9 @@ class LibvirtSupervisor(VMSupervisor):
         super().__init__(vm, daemon, on_connect=on_connect)
         assert vm.libvirt is not None
         self.where = vm.libvirt
+        from qmpdump.libvirt.supported import use_fifo_dir  # noqa: PLC0415 - optional extra
+
+        use_fifo_dir(daemon.state_dir)  # not the unit's private /tmp: libvirtd opens the FIFO
         self.ref = DomainRef(vm.libvirt.uri, vm.libvirt.domain)
 
     @property
