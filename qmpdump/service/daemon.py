@@ -120,6 +120,10 @@ class Daemon:
             vm.name: make_supervisor(vm, self.settings, on_connect=self._on_connect_hook(vm.name))
             for vm in self.resolved
         }
+        if config.libvirt:
+            from qmpdump.libvirt.connection import libvirt_module  # noqa: PLC0415
+
+            libvirt_module()  # a UsageError now, not a retry loop, without the extra
         self.watchers = [
             LibvirtWatcher(config, i, appear=self.add_vm, gone=self.remove_vm)
             for i in range(len(config.libvirt))
