@@ -98,8 +98,10 @@ async def run_libvirt_part(folder: Path, step: int) -> int:
     libvirtd = Libvirtd()
     try:
         await asyncio.to_thread(libvirtd.start)
+        # sizes that tell the backends apart in QEMU's mappings (the supported map finds them
+        # by size)
         spec = DomainSpec(
-            name=DOMAIN, ram_size=1 * GiB, virtio_mem_size=1 * GiB, virtio_mem_requested=256 * MiB
+            name=DOMAIN, ram_size=1 * GiB, virtio_mem_size=2 * GiB, virtio_mem_requested=256 * MiB
         )
         domain = await libvirtd.boot(spec)
         _say(
