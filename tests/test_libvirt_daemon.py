@@ -21,8 +21,16 @@ from qmpdump.report import MapReport
 from qmpdump.service.client import ApiClient
 from qmpdump.service.views import ConnectionState, DumpRequest, LibvirtMapView, VMView
 from qmpdump.testbed.libvirtd import DomainSpec, Libvirtd, TestDomain, libvirt_available
-from qmpdump.testbed.vm import MiB
-from tests.test_daemon import Daemons, Setup, daemons, eventually, wait_job, write_config
+from qmpdump.testbed.vm import GiB, MiB
+from tests.test_daemon import (
+    Daemons,
+    Setup,
+    daemons,
+    eventually,
+    wait_job,
+    wait_written,
+    write_config,
+)
 from tests.test_dump_backend import check_our_layout, compare_cores, read_core
 
 __all__ = ["daemons"]  # the fixture, imported for this module's tests
@@ -195,15 +203,22 @@ async def test_daemon_serves_libvirt_domains_in_both_monitor_modes(
             assert libvirtd.virsh("resume", dom.name).returncode == 0
 
         # a domain started while the daemon runs appears; destroyed, it disappears
-        late = await asyncio.to_thread(
-            libvirtd.create, DomainSpec(name="qmpdump-lvd-s2", guest=False, virtio_mem_size=0)
-        )
+        spec = DomainSpec(name="qmpdump-lvd-s2", guest=False, ram_size=2 * GiB, virtio_mem_size=0)
+        late = await asyncio.to_thread(libvirtd.create, spec)
         doms.append(late)
         late_view = await wait_vm(api, late.name)
         assert late_view is not None
         assert late_view.origin == "libvirt[0]"
         assert late_view.pid == late.pid
+        # destroyed mid-dump: the job fails saying so, no partial file stays, the VM goes
+        job = await api.request(late.name)
+        await wait_written(api, job.id)
         assert libvirtd.virsh("destroy", late.name).returncode == 0
+        failed = await wait_job(api, job.id, timeout_s=120.0)
+        assert failed.state == "failed", failed
+        assert failed.error is not None
+        assert "stopped during the dump" in failed.error.message
+        assert list(setup.vm_dir(late.name).iterdir()) == []
         await wait_vm(api, late.name, present=False)
         assert libvirtd.proc is not None
         assert libvirtd.proc.poll() is None  # libvirtd survived all of it
