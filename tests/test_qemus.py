@@ -10,6 +10,7 @@ import pytest
 
 from qmpdump.errors import UsageError
 from qmpdump.qmp.session import QMPSession
+from qmpdump.testbed import qemus
 from qmpdump.testbed.qemus import (
     BINARY_ENV,
     BUILD_ENV,
@@ -81,6 +82,15 @@ async def test_selected_build_is_the_qemu_that_runs(
     # Both builds on every run, whatever QMPDUMP_QEMU_BUILD says: the selector itself is tested.
     monkeypatch.delenv(BINARY_ENV, raising=False)
     install = resolve(build)
+
+    def no_apt(argv: list[str], **_: object) -> str:
+        raise AssertionError(f"ran {argv} although the cache holds the answer")
+
+    # The next launch asks no apt: the version comes from the memo beside the lists.
+    monkeypatch.setattr(qemus, "_run", no_apt)
+    assert resolve(build) == install
+    monkeypatch.undo()
+    monkeypatch.delenv(BINARY_ENV, raising=False)
     if build is QemuBuild.BACKPORTS_10_0:
         binary = Path(install.binary)
         assert binary.is_file()

@@ -19,6 +19,7 @@ A file lock makes concurrent fetches (two test runs, the demo) safe, as for the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -156,10 +157,6 @@ class _PrivateApt:
             f"Dir::State::Lists={self.lists}",
             "-o",
             f"Dir::Cache={self.root / 'cache'}",
-            "-o",
-            "Dir::Cache::pkgcache=",
-            "-o",
-            "Dir::Cache::srcpkgcache=",
             # apt's sandbox user may not write root's cache; these are root's own files anyway.
             "-o",
             "APT::Sandbox::User=root",
@@ -171,9 +168,28 @@ class _PrivateApt:
     def update(self) -> None:
         _run(["apt-get", "-q", *self.options(), "update"])
 
+    def _lists_key(self) -> list[list[object]]:
+        return sorted(
+            [p.name, p.stat().st_mtime_ns, p.stat().st_size]
+            for p in self.lists.iterdir()
+            if p.is_file() and p.name != "lock"
+        )
+
     def versions(self, package: str) -> list[tuple[str, str]]:
-        """(version, suite) of every version the private lists know, newest first."""
-        return parse_madison(_run(["apt-cache", *self.options(), "madison", package]), package)
+        """(version, suite) of every version the private lists know, newest first.
+
+        ``apt-cache madison`` parses every list (about a second); its answer depends on the
+        lists only, so it is kept beside them, keyed by their names, sizes and times.
+        """
+        memo = self.root / f"madison-{package}.json"
+        key = self._lists_key()
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            saved = json.loads(memo.read_text())
+            if saved["key"] == key:
+                return [(str(v), str(s)) for v, s in saved["versions"]]
+        found = parse_madison(_run(["apt-cache", *self.options(), "madison", package]), package)
+        memo.write_text(json.dumps({"key": key, "versions": found}))
+        return found
 
     def download(self, packages: list[str], into: Path) -> None:
         _run(["apt-get", "-q", *self.options(), "download", *packages], cwd=into)
