@@ -8,9 +8,12 @@ fail with EPIPE; the dump ends ``failed`` and QEMU restores the run state).
 
 QEMU 7.2 writes kdump formats only in makedumpfile's *flattened* layout, into a pipe or a file
 alike (measured: a seekable fd changes nothing). ``seekable=True`` asks for the standard layout,
-which crash and makedumpfile read directly: the relay places each flattened record at its offset
-(:func:`qmpdump.engines.relay.unflatten`, what ``makedumpfile -R`` does) and the file is hashed
-once complete; cancel and progress work as for the other formats.
+which crash and makedumpfile read directly. Where QEMU offers the matching ``kdump-raw-*`` format
+(QEMU 8.2 and later; 10.0 here), QEMU writes that layout itself into a sealable memfd
+(:mod:`qmpdump.engines.sealsink`: it refuses a pipe, and sealing is how a cancel stops it) that
+is copied into the file once QEMU is done. Elsewhere (7.2) the relay places each flattened record
+at its offset (:func:`qmpdump.engines.relay.unflatten`, what ``makedumpfile -R`` does) and the
+file is hashed once complete. Cancel and progress work the same on every path.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import functools
 import hashlib
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from qmpdump.engines.relay import CHUNK, RelayState, relay, unflatten
+from qmpdump.engines.sealsink import SealSink
 from qmpdump.errors import (
     DumpBusy,
     DumpCancelled,
@@ -48,6 +53,8 @@ __all__ = ["Progress", "QemuDumpRequest", "QemuDumpResult", "dump_with_qemu", "q
 
 PIPE_SIZE = 1 << 20  # /proc/sys/fs/pipe-max-size's default: fewer wake-ups per MiB
 POLL_S = 0.25
+#: QEMU's formats that write the standard kdump layout themselves (QEMU 8.2, qapi/dump.json)
+RAW_KDUMP_PREFIX = "kdump-raw-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +87,32 @@ class QemuDumpRequest:
         if self.seekable and not self.format.startswith("kdump"):
             raise UsageError("seekable (the standard kdump layout) is for the kdump formats only")
 
-    def arguments(self, fdname: str) -> dict[str, Any]:
-        """The ``dump-guest-memory`` arguments."""
+    @property
+    def standard_layout(self) -> bool:
+        """Whether a kdump comes out in the standard layout (else makedumpfile's flattened)."""
+        return self.seekable or self.format.startswith(RAW_KDUMP_PREFIX)
+
+    def qemu_format(self, formats: list[str]) -> str:
+        """The format to ask QEMU for: a seekable ``kdump-X`` is QEMU's own ``kdump-raw-X``
+        where QEMU offers it, so that QEMU writes the standard layout itself."""
+        if self.seekable and self.format.startswith("kdump-") and not self.is_raw(self.format):
+            raw = RAW_KDUMP_PREFIX + self.format.removeprefix("kdump-")
+            if raw in formats:
+                return raw
+        return self.format
+
+    @staticmethod
+    def is_raw(fmt: str) -> bool:
+        """Whether QEMU writes ``fmt`` only into a seekable file (``kdump-raw-*``)."""
+        return fmt.startswith(RAW_KDUMP_PREFIX)
+
+    def arguments(self, fdname: str, qemu_format: str | None = None) -> dict[str, Any]:
+        """The ``dump-guest-memory`` arguments (``qemu_format``: see :meth:`qemu_format`)."""
         args: dict[str, Any] = {
             "paging": self.paging,
             "protocol": f"fd:{fdname}",
             "detach": True,
-            "format": self.format,
+            "format": qemu_format or self.format,
         }
         if self.begin is not None:
             args["begin"] = self.begin
@@ -112,6 +138,8 @@ class QemuDumpResult:
     #: seconds the VM was paused by the dump (None if it was not running)
     paused_s: float | None
     total: int
+    #: the format QEMU was asked for (``kdump-raw-*`` for a seekable kdump where offered)
+    qemu_format: str = ""
 
 
 async def qemu_formats(session: QMPSession) -> list[str]:
@@ -133,11 +161,13 @@ class _Watch:
         self.completed: dict[str, Any] | None = None
         self.stop_at: float | None = None
         self.resume_at: float | None = None
+        self.done = asyncio.Event()
 
     def take(self, event: dict[str, Any]) -> None:
         name = event.get("event")
         if name == "DUMP_COMPLETED":
             self.completed = event
+            self.done.set()
         elif name == "STOP" and self.stop_at is None:
             self.stop_at = _event_time(event)
         elif name == "RESUME" and self.stop_at is not None:
@@ -176,7 +206,9 @@ async def dump_with_qemu(
     Raises a :class:`~qmpdump.errors.DumpError` subclass on every failure; the run state of
     the VM is then what it was before.
     """
-    request.check(await qemu_formats(session))
+    formats = await qemu_formats(session)
+    request.check(formats)
+    qemu_format = request.qemu_format(formats)
     status = parse_reply(StatusInfo, await session.execute("query-status"), "query-status")
     if status.status == "inmigrate":
         raise DumpError("the VM is in incoming migration: its memory is not complete yet")
@@ -190,11 +222,15 @@ async def dump_with_qemu(
         progress=progress,
         cancel=cancel or asyncio.Event(),
         timeout_s=timeout_s,
+        qemu_format=qemu_format,
     )
     with session.listen("DUMP_COMPLETED", "STOP", "RESUME") as listener:
         pump = asyncio.create_task(_pump(listener, run.watch), name="dump-events")
         try:
-            size, digest = await run.piped()
+            if request.is_raw(qemu_format):
+                size, digest = await run.sealed()
+            else:
+                size, digest = await run.piped()
         finally:
             # Still listening: QEMU sends RESUME after DUMP_COMPLETED, and before the
             # query-status reply that shows the VM running again.
@@ -204,7 +240,13 @@ async def dump_with_qemu(
             await asyncio.wait([pump])
             for event in listener.clear():
                 run.watch.take(dict(event))
-    return QemuDumpResult(size=size, sha256=digest, paused_s=run.watch.paused_s, total=run.total)
+    return QemuDumpResult(
+        size=size,
+        sha256=digest,
+        paused_s=run.watch.paused_s,
+        total=run.total,
+        qemu_format=qemu_format,
+    )
 
 
 async def _pump(listener: Any, watch: _Watch) -> None:
@@ -239,10 +281,12 @@ class _QemuDump:
         progress: Callable[[Progress], None] | None,
         cancel: asyncio.Event,
         timeout_s: float,
+        qemu_format: str,
     ) -> None:
         self.session = session
         self.output = output
         self.request = request
+        self.qemu_format = qemu_format
         self.progress = progress
         self.cancel = cancel
         self.deadline = time.monotonic() + timeout_s
@@ -255,7 +299,9 @@ class _QemuDump:
     async def _start(self, fd: int) -> None:
         fdname = await _pass_fd(self.session, fd)
         try:
-            await self.session.execute("dump-guest-memory", self.request.arguments(fdname))
+            await self.session.execute(
+                "dump-guest-memory", self.request.arguments(fdname, self.qemu_format)
+            )
         except QMPCommandError as err:
             await _closefd(self.session, fdname)
             if dump_busy(err):
@@ -343,6 +389,51 @@ class _QemuDump:
         # End of data: QEMU closed its end. Now its verdict.
         await self._verdict(30.0)
         return await self._finish(state)
+
+    async def sealed(self) -> tuple[int, str]:
+        """QEMU -> sealable memfd (kdump-raw-*: a seekable fd) -> file, once QEMU is done."""
+        sink = SealSink.create()
+        try:
+            await self._start(sink.fd)
+            try:
+                while self.watch.completed is None:
+                    if self.cancel.is_set():
+                        raise DumpCancelled("the dump was cancelled")
+                    self._check_alive()
+                    await self._report(sink.size())
+                    await self._until_completed(POLL_S)
+                await self._verdict(0.0)
+            except BaseException:
+                sink.seal()  # QEMU's next write fails: the dump stops, the VM runs again
+                with contextlib.suppress(DumpError):
+                    await self._verdict(10.0)
+                raise
+            # QEMU is done and the VM runs again; the copy costs no pause.
+            stop = threading.Event()
+            copier = asyncio.create_task(
+                asyncio.to_thread(sink.copy_into, self.output.fd, stop), name="dump-copy"
+            )
+            try:
+                while not (await asyncio.wait([copier], timeout=POLL_S))[0]:
+                    if self.cancel.is_set():
+                        raise DumpCancelled("the dump was cancelled")
+                size, digest = copier.result()
+            except OSError as err:
+                raise write_error(err, self.output.final) from err
+            finally:
+                stop.set()
+                await asyncio.wait([copier])
+        finally:
+            sink.close()
+        if self.progress is not None:
+            done = self.total or size
+            self.progress(Progress(size, done, done))
+        return size, digest
+
+    async def _until_completed(self, timeout_s: float) -> None:
+        """Sleep up to ``timeout_s``, less if DUMP_COMPLETED arrives."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.watch.done.wait(), timeout_s)
 
     async def _finish(self, state: RelayState) -> tuple[int, str]:
         """Size and sha256 of the complete file; the last progress report."""

@@ -108,7 +108,8 @@ async def run_dump(
                 "begin": qemu.begin,
                 "length": qemu.length,
                 "elf_header_fixed": qemu.fix_elf_header and qemu.format == "elf",
-                "kdump_layout": "standard" if qemu.seekable else "flattened",
+                "kdump_layout": "standard" if qemu.standard_layout else "flattened",
+                "qemu_format": q.qemu_format,
                 "qemu_total": q.total,
             }
             fmt = qemu.format
