@@ -10,7 +10,9 @@ neither read nor changed) picks the newest 10.0 version the archive offers
 (``apt-cache madison``), ``apt-get download`` fetches ``qemu-system-x86``, ``qemu-system-common``
 and ``qemu-system-data`` at that version, and ``dpkg -x`` unpacks them into the cache. The binary
 then runs with ``-L`` at its own ``usr/share/qemu`` (option ROMs, keymaps) and at Debian's
-``/usr/share/seabios`` (the BIOS, which the backports data package does not carry).
+``/usr/share/seabios`` (the BIOS, which the backports data package does not carry), and with
+``QEMU_MODULE_DIR`` at its own loadable modules (10.0 fails to load 7.2's; GL and spice modules,
+in other packages, are absent, and the testbed's VMs use none).
 
 Environment: ``QMPDUMP_QEMU_BUILD`` (``7.2`` or ``10.0``) chooses the build for the tests and the
 demo; ``QMPDUMP_QEMU`` still names a binary to run instead, as is (no ``-L``).
@@ -56,6 +58,7 @@ DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 #: The three packages that make a working x86 system emulator (binary, helpers, ROMs).
 PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data")
 BACKPORTS_SUITE = "bookworm-backports"
+MULTIARCH = "x86_64-linux-gnu"
 
 
 class QemuBuild(StrEnum):
@@ -72,12 +75,15 @@ class QemuBuild(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class QemuInstall:
-    """A runnable QEMU: the binary, its data folders (``-L``) and its Debian version."""
+    """A runnable QEMU: the binary, its data folders (``-L``), environment and Debian version."""
 
     build: QemuBuild | None  # None: a binary named by QMPDUMP_QEMU
     binary: str
     data_dirs: tuple[Path, ...] = ()
     version: str = ""
+    #: environment to add for QEMU: its own loadable modules (``QEMU_MODULE_DIR``), so that an
+    #: unpacked QEMU never looks at the installed QEMU's modules
+    env: tuple[tuple[str, str], ...] = ()
 
     def argv_prefix(self) -> list[str]:
         """The start of a QEMU command line: the binary and its ``-L`` folders."""
@@ -234,11 +240,13 @@ def _install_at(target: Path) -> QemuInstall | None:
     if not manifest.exists():
         return None
     meta = json.loads(manifest.read_text())
+    root = target / "root"
     return QemuInstall(
         build=QemuBuild(meta["build"]),
-        binary=str(target / "root" / "usr" / "bin" / SYSTEM_BINARY),
-        data_dirs=(target / "root" / "usr" / "share" / "qemu", SEABIOS_DIR),
+        binary=str(root / "usr" / "bin" / SYSTEM_BINARY),
+        data_dirs=(root / "usr" / "share" / "qemu", SEABIOS_DIR),
         version=meta["version"],
+        env=(("QEMU_MODULE_DIR", str(root / "usr" / "lib" / MULTIARCH / "qemu")),),
     )
 
 
