@@ -257,21 +257,29 @@ def _backports(build: QemuBuild, cache: Path) -> QemuInstall:
         apt.prepare()
         if not apt.has_lists():
             apt.update()
-        version = _pick_version(apt, build)
-        if version is None:  # lists older than the archive's move to a new version
-            apt.update()
+        for attempt in range(2):
             version = _pick_version(apt, build)
-        if version is None:
-            raise QemuFetchError(
-                f"{BACKPORTS_SUITE} offers no qemu-system-x86 {build.upstream}.x ({DEBIAN_MIRROR})"
-            )
-        target = base / re.sub(r"[^\w.+-]", "_", version)
-        found = _install_at(target)
-        if found is not None:
-            return found
-        if not SEABIOS_DIR.is_dir():
-            raise QemuFetchError(f"{SEABIOS_DIR} is missing; install seabios (comes with QEMU)")
-        return _fetch_into(apt, build, version, target)
+            if version is None and attempt == 0:  # lists older than the archive's new version
+                apt.update()
+                continue
+            if version is None:
+                raise QemuFetchError(
+                    f"{BACKPORTS_SUITE} offers no qemu-system-x86 {build.upstream}.x "
+                    f"({DEBIAN_MIRROR})"
+                )
+            target = base / re.sub(r"[^\w.+-]", "_", version)
+            found = _install_at(target)
+            if found is not None:
+                return found
+            if not SEABIOS_DIR.is_dir():
+                raise QemuFetchError(f"{SEABIOS_DIR} is missing; install seabios (comes with QEMU)")
+            try:
+                return _fetch_into(apt, build, version, target)
+            except QemuFetchError:
+                if attempt:
+                    raise
+                apt.update()  # the archive may have replaced that version: refresh, pick again
+        raise AssertionError("unreachable")
 
 
 def _fetch_into(apt: _PrivateApt, build: QemuBuild, version: str, target: Path) -> QemuInstall:
@@ -280,12 +288,7 @@ def _fetch_into(apt: _PrivateApt, build: QemuBuild, version: str, target: Path) 
         work = Path(tmp)
         debs = work / "debs"
         debs.mkdir()
-        wanted = [f"{name}={version}" for name in PACKAGES]
-        try:
-            apt.download(wanted, debs)
-        except QemuFetchError:  # the archive may have dropped an old file: refresh once
-            apt.update()
-            apt.download(wanted, debs)
+        apt.download([f"{name}={version}" for name in PACKAGES], debs)
         out = work / "out"
         (out / "root").mkdir(parents=True)
         for deb in sorted(debs.glob("*.deb")):
