@@ -11,6 +11,7 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
 
     QmpdumpError
      +-- UsageError              bad arguments or configuration (exit 2)
+ |    +-- FdPassingUnavailable  the engine must pass an fd, and QMP runs over TCP (exit 2)
      +-- TestbedError            the built-in test/demo VMs (exit 10)
      |    +-- GuestBuildError    the guest kernel/initramfs could not be built
      |    +-- QemuFetchError     the cached QEMU build could not be fetched or unpacked
@@ -51,6 +52,7 @@ __all__ = [
     "DumpError",
     "DumpFailed",
     "ElfFormatError",
+    "FdPassingUnavailable",
     "GuestBuildError",
     "GuestTimeout",
     "HostAccessError",
@@ -86,6 +88,20 @@ class UsageError(QmpdumpError):
     """Raised when arguments or configuration are invalid; nothing was started."""
 
     exit_code = 2
+
+
+class FdPassingUnavailable(UsageError):
+    """Raised when a dump needs to pass a pipe to QEMU and the QMP session runs over TCP (file
+    descriptors travel only over UNIX sockets, ``SCM_RIGHTS``)."""
+
+    def __init__(self, address: str, engine: str | None = None) -> None:
+        self.address = address
+        self.engine = engine
+        who = f"the {engine} engine" if engine else "this dump"
+        super().__init__(
+            f"{address}: {who} passes a pipe to QEMU, which QMP over TCP cannot carry; "
+            "give qmpdump QEMU's UNIX QMP socket"
+        )
 
 
 class TestbedError(QmpdumpError):

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from qmpdump.engines.qemu import Progress, QemuDumpRequest
-from qmpdump.engines.run import run_qemu_dump
+from qmpdump.engines.base import Progress
+from qmpdump.engines.run import DumpTask
+from qmpdump.engines.spec import DumpFormat
 from qmpdump.errors import DumpCancelled
 from qmpdump.qmp.session import QMPSession
 from qmpdump.testbed.guest import build_guest
@@ -35,6 +36,8 @@ from .test_dump_qemu import (
     dump_status,
     files_in,
     mode_of,
+    qemu_spec,
+    run_qemu_dump,
     run_state,
     run_tool,
     scratch_dir,
@@ -148,26 +151,27 @@ async def test_cancel_of_a_seekable_kdump_leaves_nothing_and_the_vm_runs(
 ) -> None:
     # On 10.0 this is QEMU's kdump-raw-zlib into a memfd that the cancel seals (QEMU has no
     # cancel command); on 7.2 the flattened stream through the pipe that the cancel closes.
-    spec = VMSpec(name="bare-kdump-cancel", guest=False, ram_backend=Backend.FILE, ram_size=1 * GiB)
-    vm = await vm_factory(spec)
+    vm_spec = VMSpec(
+        name="bare-kdump-cancel", guest=False, ram_backend=Backend.FILE, ram_size=1 * GiB
+    )
+    vm = await vm_factory(vm_spec)
     await asyncio.to_thread(fill_random, vm.backing_file("ram0"), 16 * MiB, 384 * MiB)
     assert vm.qmp is not None
     await vm.qmp.execute("cont")
-    cancel = asyncio.Event()
     seen: list[Progress] = []
+    tasks: list[DumpTask] = []
 
     def progress(p: Progress) -> None:
         seen.append(p)
         if p.written > 0:
-            cancel.set()
+            tasks[0].cancel()
 
-    request = QemuDumpRequest(format="kdump-zlib", seekable=True)
+    spec = qemu_spec(format=DumpFormat.KDUMP_ZLIB, seekable=True)
     with scratch_dir("kdump-cancel") as folder:
         async with QMPSession(str(vm.qmp_path)) as qmp:
+            tasks.append(DumpTask(run_qemu_dump(qmp, folder / "vm.kdump", spec, progress=progress)))
             with pytest.raises(DumpCancelled):
-                await run_qemu_dump(
-                    qmp, folder / "vm.kdump", request, progress=progress, cancel=cancel
-                )
+                await tasks[0].result()
             assert seen[-1].written > 0
             assert seen[-1].completed < seen[-1].total
             assert files_in(folder) == []
@@ -175,7 +179,7 @@ async def test_cancel_of_a_seekable_kdump_leaves_nothing_and_the_vm_runs(
             assert await dump_status(vm) == "failed"
             # QEMU is not stuck: the next dump runs to the end.
             again = await run_qemu_dump(
-                qmp, folder / "again.elf", QemuDumpRequest(begin=0, length=1 * MiB)
+                qmp, folder / "again.elf", qemu_spec(begin=0, length=1 * MiB)
             )
         assert again.size > 1 * MiB
     assert await run_state(vm) == "running"

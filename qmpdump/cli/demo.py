@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qmpdump.cli.map_command import format_size, render_text
+from qmpdump.cli.map_command import render_text
 from qmpdump.errors import Unavailable
 from qmpdump.mapsvg import render_svg
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.client import ApiClient
+from qmpdump.sizes import format_size
 from qmpdump.survey import survey
 from qmpdump.testbed.guest import cache_dir
 from qmpdump.testbed.qemus import BUILD_ENV, QemuBuild, default_build

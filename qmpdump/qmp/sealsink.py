@@ -10,10 +10,12 @@ QEMU fail with EPERM (memfd_create(2)): the dump ends ``failed`` within a millis
 resumes the VM (measured on 10.0: sealed 16 MiB into a 2 GiB dump, DUMP_COMPLETED failed
 0.5 ms later).
 
-Once QEMU reports the dump completed (the VM already runs again), :meth:`SealSink.copy_into`
-moves the bytes into the output file and hashes them, in one pass of bounded chunks that a stop
-request interrupts. The cost: the compressed dump sits in shared memory until then (for the
-4 GiB reference VM, kdump-zlib is about 70 MiB; incompressible guest memory costs its size).
+:func:`qmpdump.qmp.guestdump.guest_dump` uses one in place of its pipe when asked for a seekable
+target. Once QEMU reports the dump completed (the VM already runs again),
+:meth:`SealSink.copy_into` moves the bytes into the output file and hashes them, in one pass of
+bounded chunks that a stop request interrupts. The cost: the compressed dump sits in shared
+memory until then (for the 4 GiB reference VM, kdump-zlib is about 70 MiB; incompressible guest
+memory costs its size).
 """
 
 from __future__ import annotations
