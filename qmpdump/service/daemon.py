@@ -56,7 +56,6 @@ from qmpdump.service.views import (
     DumpView,
     HealthView,
     JobErrorView,
-    JobResultView,
     JobView,
     ProgressView,
     VMView,
@@ -345,13 +344,13 @@ class Daemon:
                 ),
                 "result": None
                 if job.result is None
-                else JobResultView(
-                    file=job.result.path.name,
-                    size=job.result.size,
-                    sha256=job.result.sha256,
-                    engine=job.result.engine,
-                    paused_s=job.result.paused_s,
-                ),
+                else {
+                    "file": job.result.path.name,
+                    "size": job.result.size,
+                    "sha256": job.result.sha256,
+                    "engine": job.result.engine,
+                    "paused_s": job.result.paused_s,
+                },
                 "error": None
                 if job.error is None
                 else JobErrorView(

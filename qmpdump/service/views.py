@@ -94,7 +94,8 @@ class JobResultView(_Strict):
     file: str
     size: int
     sha256: str
-    engine: str
+    #: the engine that ran (``auto`` resolved)
+    engine: EngineName
     paused_s: float | None
 
 
