@@ -114,8 +114,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--seekable",
         action="store_true",
-        help="kdump: write the standard layout that crash and makedumpfile read directly, "
-        "rebuilt from QEMU's flattened stream as makedumpfile -R does (hashed at the end)",
+        help="kdump: write the standard layout that crash and makedumpfile read directly: "
+        "QEMU's own kdump-raw-* where it offers it (10.0), else rebuilt from QEMU's flattened "
+        "stream as makedumpfile -R does (7.2); hashed at the end",
     )
     parser.add_argument(
         "--zero-pages",

@@ -1,13 +1,20 @@
 """Read a VM's memory layout over QMP and build the pure :class:`~qmpdump.memmap.layout.Layout`.
 
-Sources, each of QEMU 7.2:
+Sources, the same on QEMU 7.2 and 10.0:
 
 * ``info mtree -f`` (HMP): the system FlatView's RAM pieces (:mod:`qmpdump.qmp.mtree`);
 * ``qom-list /objects`` and ``qom-get`` of ``size``, ``share``, ``mem-path``: the memory backend
   objects (``backends/hostmem*.c``; ``query-memdev`` carries neither type nor path);
-* ``info ramblock`` (HMP): sizes of RAM that is no backend object (``pc.bios``, ``pc.rom``);
+* ``info ramblock`` (HMP): sizes of RAM that is no backend object (``pc.bios``, ``pc.rom``), and
+  on QEMU 10.0 each block's host virtual address;
 * ``query-memory-devices``: virtio-mem devices;
-* ``gpa2hva`` (HMP): QEMU's host virtual address of a region, to find its file or pages.
+* ``gpa2hva`` (HMP): QEMU's host virtual address of a region where ``info ramblock`` lacks it
+  (7.2), to find its file or pages.
+
+QEMU 10.0 has no structured QMP command for any of the HMP text read here: ``x-query-ramblock``
+and the other ``x-query-*`` commands return the same text (``HumanReadableText``), and there is
+no QMP form of ``info mtree`` or ``gpa2hva``. So the HMP path serves both versions, its text
+parsed by meaning (header names, region names), not by column position.
 
 Nothing here reads guest memory or pauses the VM.
 """
@@ -17,15 +24,27 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from qmpdump.errors import LayoutError, QMPCommandError
+from qmpdump.errors import LayoutError, QMPCommandError, QMPReplyError
 from qmpdump.memmap.layout import Backend, BackendType, Layout, Piece, VirtioMem, build_layout
 from qmpdump.memmap.ranges import Range
-from qmpdump.qmp.models import StatusInfo, VersionInfo, parse_memory_devices, parse_reply
+from qmpdump.qmp.models import (
+    CpuInfoFast,
+    StatusInfo,
+    VersionInfo,
+    parse_memory_devices,
+    parse_reply,
+)
 from qmpdump.qmp.mtree import parse_system_flatview
 from qmpdump.qmp.ramblock import parse_ramblocks, ramblock_for_region
 from qmpdump.qmp.session import QMPSession
 
-__all__ = ["VMFacts", "read_layout", "read_vm_facts", "region_host_addresses"]
+__all__ = [
+    "VMFacts",
+    "read_layout",
+    "read_vm_facts",
+    "region_host_addresses",
+    "vcpu_thread_ids",
+]
 
 _BACKEND_TYPES = {
     "memory-backend-memfd": BackendType.MEMFD,
@@ -133,13 +152,28 @@ async def read_layout(session: QMPSession) -> Layout:
     return build_layout(pieces, devices)
 
 
-async def region_host_addresses(session: QMPSession, layout: Layout) -> dict[str, int]:
-    """QEMU's host virtual address of offset 0 of every RAM region (one ``gpa2hva`` each).
+async def vcpu_thread_ids(session: QMPSession) -> tuple[int, ...]:
+    """The host thread ids of the VM's vCPUs (``query-cpus-fast``): threads of QEMU's process."""
+    raw = await session.execute("query-cpus-fast")
+    if not isinstance(raw, list):
+        raise QMPReplyError("query-cpus-fast", f"expected a list, got {type(raw).__name__}")
+    return tuple(parse_reply(CpuInfoFast, cpu, "query-cpus-fast").thread_id for cpu in raw)
 
-    A RAM block is one contiguous host mapping, so one address per region is enough.
+
+async def region_host_addresses(session: QMPSession, layout: Layout) -> dict[str, int]:
+    """QEMU's host virtual address of offset 0 of every RAM region.
+
+    A RAM block is one contiguous host mapping, so one address per region is enough. QEMU 10.0
+    prints it in ``info ramblock`` (``HVA``), all regions in one command; where that column is
+    missing (7.2), one ``gpa2hva`` per region gives it.
     """
+    blocks = parse_ramblocks(await session.hmp("info ramblock"))
     bases: dict[str, int] = {}
     for backend in layout.backends:
+        block = ramblock_for_region(blocks, backend.region)
+        if block is not None and block.hva is not None:
+            bases[backend.region] = block.hva
+            continue
         piece = layout.pieces_of(backend.region)[0]
         try:
             text = await session.hmp(f"gpa2hva {piece.gpa.start:#x}")

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from qmpdump.engines.base import PauseHooks, Progress, ProgressCallback
-from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
+from qmpdump.engines.run import DumpOutcome, DumpTask
 from qmpdump.engines.spec import DumpSpec
 from qmpdump.errors import DumpCancelled, QmpdumpError
 from qmpdump.output import dump_name, sidecar_path
-from qmpdump.qmp.session import QMPSession
 from qmpdump.service.config import DaemonConfig, ResolvedVM, SinkConfig
 from qmpdump.service.metrics import DaemonMetrics
 from qmpdump.service.retention import retention_victims
@@ -113,13 +112,19 @@ class JobRunner:
             await self._wake.wait()
             self._wake.clear()
             while self.accepting and len(self.running) < self.settings.max_concurrent_dumps:
-                busy = {r.job.vm for r in self.running.values()}
+                busy = {r.job.vm for r in self.running.values()} | self._absent_vms()
                 job = self.store.next_queued(busy=busy)
                 if job is None:
                     break
                 job = await self.db(self.store.mark_running, job.id)
                 running = self.running[job.id] = _Running(job)
                 running.task = jobs.create_task(self._run_job(job), name=f"job-{job.id}")
+
+    def _absent_vms(self) -> set[str]:
+        """VMs with queued jobs that the daemon does not serve now (a libvirt domain that is
+        not running): their jobs wait."""
+        queued = self.store.list(state=JobState.QUEUED, limit=100000)
+        return {j.vm for j in queued if j.vm not in self.supervisors}
 
     def cancel(self, job_id: str, reason: str = "the dump was cancelled") -> bool:
         """Cancel a running job; False if it is not running here."""
@@ -235,8 +240,8 @@ class JobRunner:
         self.metrics.dumped(vm.name, outcome.size, outcome.duration_s, outcome.paused_s)
 
     async def _dump(self, job: Job, vm: ResolvedVM) -> DumpOutcome:
-        """The dump itself: wait for the VM's session, then run it (cancellable as a whole)."""
-        session = await self._session_for(vm.name)
+        """The dump itself, through the VM's supervisor (cancellable as a whole)."""
+        supervisor = self.supervisors[vm.name]
         spec = DumpSpec.checked(engine=job.engine, format=job.format, mode=job.mode)
         last = 0.0
         pending: set[asyncio.Future[bool]] = set()
@@ -288,8 +293,7 @@ class JobRunner:
                 done.add_done_callback(pending.discard)
 
         async def write(target: Path, tap: ProgressCallback | None = None) -> DumpOutcome:
-            return await run_dump(
-                session,
+            return await supervisor.dump(
                 target,
                 spec,
                 progress=progress if tap is None else then(progress, tap),
@@ -315,10 +319,6 @@ class JobRunner:
         finally:
             if pending:
                 await asyncio.wait(pending)
-
-    async def _session_for(self, name: str) -> QMPSession:
-        """The VM's session once connected (up to qmp_timeout_s)."""
-        return await self.supervisors[name].wait_connected(self.settings.qmp_timeout_s)
 
     def _apply_retention(self, vm: ResolvedVM) -> None:
         """Remove the dumps retention gives up (blocking: run through :meth:`db`)."""
