@@ -17,14 +17,14 @@ import socket
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from qmpdump.engines.base import ProgressCallback
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName
-from qmpdump.errors import DumpCancelled, SinkCredentials, SinkUnreachable, UsageError
+from qmpdump.errors import DumpCancelled, SinkCredentials, SinkError, SinkUnreachable, UsageError
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.client import ApiClient
@@ -97,6 +97,23 @@ def test_part_size_grows_to_stay_within_s3_limits() -> None:
     assert -(-big // s.part_size_for(big)) <= 10_000
     with pytest.raises(UsageError):
         S3Settings(part_size=1 << 20)
+
+
+def test_parts_go_only_when_every_byte_is_settled() -> None:
+    """Part n holds [(n-1)P, nP): early, only those wholly inside the settled ranges (a kdump's
+    head and page data, not the descriptors between); at the end, all the others."""
+    mib = 1 << 20
+    up = StreamedUpload(cast(Any, None), S3Location("dumps"), "d", S3Settings(part_size=5 * mib))
+    assert up._ready() == []  # nothing reported yet
+    up.part_size = 5 * mib
+    up._settled = RangeSet.of(0, 7 * mib) | RangeSet.of(12 * mib, 14 * mib)
+    assert up._ready() == [1, 4, 5]  # [0,5), [15,20), [20,25); not [10,15) nor [25,30)
+    up.taken.update({1, 4})
+    up.size = 27 * mib + 1
+    assert up._ready() == [2, 3, 5, 6]
+    up.taken.add(7)  # a part beyond the final size: the engine's bound was wrong
+    with pytest.raises(SinkError, match="not what its engine announced"):
+        up._ready()
 
 
 def _config(extra: str) -> str:
