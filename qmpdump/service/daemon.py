@@ -8,7 +8,9 @@ even if an earlier one failed, and every failure is logged (as aiohttp's runner 
    failed, ``.partial`` files under ``dump_dir`` and spooled dumps under ``dump_dir/.spool``
    removed: S3 shows nothing of an upload a crash cut short); the signal handlers;
 2. one task group for the long-lived tasks: one
-   :class:`~qmpdump.service.supervisor.VMSupervisor` per VM, the watchdog, and the
+   :class:`~qmpdump.service.supervisor.VMSupervisor` per VM, one
+   :class:`~qmpdump.service.sources.LibvirtWatcher` per ``[[libvirt]]`` entry (which adds and
+   removes the VMs of running domains at run time), the watchdog, and the
    :class:`~qmpdump.service.jobs.JobRunner`, whose jobs live in a task group of their own;
 3. the API socket; ``READY=1``.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import shutil
@@ -57,6 +60,7 @@ from qmpdump.service import sdnotify
 from qmpdump.service.config import LOCAL_SINK, Config, ResolvedVM
 from qmpdump.service.jobs import JobRunner, spool_dir
 from qmpdump.service.metrics import DaemonMetrics
+from qmpdump.service.sources import LibvirtSupervisor, LibvirtWatcher, make_supervisor
 from qmpdump.service.store import Job, JobError, JobState, JobStore
 from qmpdump.service.supervisor import VMSupervisor
 from qmpdump.service.views import (
@@ -66,10 +70,10 @@ from qmpdump.service.views import (
     HealthView,
     JobErrorView,
     JobView,
+    LibvirtMapView,
     ProgressView,
     VMView,
 )
-from qmpdump.survey import survey
 
 __all__ = ["Daemon"]
 
@@ -119,10 +123,22 @@ class Daemon:
         self.config = config
         self.settings = config.daemon
         self.resolved: list[ResolvedVM] = config.resolve_vms()
-        if not self.resolved and not config.discover:
+        if not self.resolved and not config.libvirt and not config.discover:
             raise UsageError("the configuration names no VM (no [[vm]], no socket discovered)")
         self.by_name = {vm.name: vm for vm in self.resolved}
-        self.supervisors = {vm.name: self._new_supervisor(vm) for vm in self.resolved}
+        self.supervisors: dict[str, VMSupervisor] = {
+            vm.name: self._new_supervisor(vm) for vm in self.resolved
+        }
+        if config.libvirt:
+            from qmpdump.libvirt.connection import libvirt_module  # noqa: PLC0415
+
+            libvirt_module()  # a UsageError now, not a retry loop, without the extra
+        self.watchers = [
+            LibvirtWatcher(config, i, appear=self.add_vm, gone=self.remove_vm)
+            for i in range(len(config.libvirt))
+        ]
+        self._group: asyncio.TaskGroup | None = None
+        self._vm_tasks: dict[str, asyncio.Task[None]] = {}
         self.metrics_data = DaemonMetrics(
             connected=lambda: {
                 n: s.state is ConnectionState.CONNECTED for n, s in self.supervisors.items()
@@ -134,18 +150,15 @@ class Daemon:
         self._stop = asyncio.Event()
 
     def _new_supervisor(self, vm: ResolvedVM) -> VMSupervisor:
-        return VMSupervisor(
-            vm,
-            self.settings,
-            on_connect=self._on_connect_hook(vm.name),
-            on_resume=self._on_resume_hook(vm.name),
-        )
+        sup = make_supervisor(vm, self.settings, on_connect=self._on_connect_hook(vm.name))
+        sup.on_resume = self._on_resume_hook(vm.name)
+        return sup
 
-    async def _rediscover(self, group: asyncio.TaskGroup, tasks: list[asyncio.Task[None]]) -> None:
+    async def _rediscover(self) -> None:
         """Expand the ``[[discover]]`` globs again every :data:`DISCOVER_EVERY_S` (the
-        configuration's "at run time"): a socket that appears later becomes a VM, with its
-        supervisor in the daemon's task group. A VM whose socket goes stays, disconnected, and
-        says why (its jobs and dumps stay reachable)."""
+        configuration's "at run time"): a socket that appears later becomes a VM
+        (:meth:`add_vm`). A VM whose socket goes stays, disconnected, and says why (its jobs
+        and dumps stay reachable)."""
         if not self.config.discover:
             return
         while True:
@@ -156,14 +169,8 @@ class Daemon:
                 log.warning("[[discover]]: %s", err)
                 continue
             for vm in found.vms:
-                if vm.name in self.supervisors:
-                    continue
-                await asyncio.to_thread(_make_vm_dir, vm)
-                self.resolved.append(vm)
-                self.by_name[vm.name] = vm
-                sup = self.supervisors[vm.name] = self._new_supervisor(vm)
-                tasks.append(group.create_task(sup.run(), name=f"vm-{vm.name}"))
-                log.info("VM %s: discovered at %s (%s)", vm.name, vm.qmp, vm.origin)
+                if vm.name not in self.supervisors:
+                    self.add_vm(vm)
 
     @property
     def jobs_runner(self) -> JobRunner:
@@ -267,6 +274,8 @@ class Daemon:
             await asyncio.to_thread(self._prepare_dirs)
             lock_fd = await asyncio.to_thread(self._take_lock)
             stack.callback(undo.sync("releasing the lock", lambda: os.close(lock_fd)))
+            if self.watchers:
+                stack.push_async_callback(undo.wrap("releasing libvirt", _release_libvirt))
             store = await asyncio.to_thread(self._open_store)
             stack.callback(undo.sync("closing the job store", store.close))
             runner = JobRunner(
@@ -287,10 +296,13 @@ class Daemon:
                 group.create_task(s.run(), name=f"vm-{s.vm.name}")
                 for s in self.supervisors.values()
             ]
+            self._group = group
+            tasks += [group.create_task(w.run(), name=f"libvirt-{w.index}") for w in self.watchers]
+            stack.callback(lambda: [t.cancel() for t in self._vm_tasks.values()])
             tasks.append(group.create_task(self._watchdog(), name="watchdog"))
             tasks.append(group.create_task(runner.run(), name="jobs"))
             tasks.append(group.create_task(runner.prune_forever(), name="prune"))
-            tasks.append(group.create_task(self._rediscover(group, tasks), name="discover"))
+            tasks.append(group.create_task(self._rediscover(), name="discover"))
             # Undone before the group exits: tasks cancelled once the jobs have drained.
             stack.callback(undo.sync("cancelling tasks", lambda: [t.cancel() for t in tasks]))
             stack.push_async_callback(
@@ -311,6 +323,52 @@ class Daemon:
             log.info("qmpdump %s serving on %s", __version__, self.settings.api_socket)
             await self._stop.wait()
         return 1 if undo.failures else 0
+
+    def add_vm(self, vm: ResolvedVM) -> bool:
+        """Serve a VM found at run time (a libvirt domain that runs); False if a VM of that name
+        is served already (a ``[[vm]]``, a discovered socket or an earlier ``[[libvirt]]`` wins)."""
+        if vm.name in self.supervisors or self._group is None or self.stopping:
+            if vm.name in self.supervisors:
+                log.info(
+                    "domain %s (%s): a VM of that name is served already (%s)",
+                    vm.name,
+                    vm.origin,
+                    self.by_name[vm.name].origin,
+                )
+            return False
+        vm.dump_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        vm.dump_dir.chmod(0o700)
+        sup = self._new_supervisor(vm)
+        self.by_name[vm.name] = vm
+        self.supervisors[vm.name] = sup
+        self._vm_tasks[vm.name] = self._group.create_task(sup.run(), name=f"vm-{vm.name}")
+        log.info("VM %s: appeared (%s, %s)", vm.name, vm.origin, vm.qmp)
+        if self._runner is not None:
+            self._runner.wake()  # its queued jobs may start
+        return True
+
+    async def remove_vm(self, name: str, reason: str) -> None:
+        """Stop serving a VM found at run time (its domain stopped); its queued jobs fail, a
+        running one ends as its dump does (the domain is gone)."""
+        sup = self.supervisors.get(name)
+        if not isinstance(sup, LibvirtSupervisor):
+            return
+        task = self._vm_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+        del self.supervisors[name]
+        del self.by_name[name]
+        log.info("VM %s: gone (%s)", name, reason)
+        if self._runner is None:
+            return
+        err = JobError(
+            message=f"VM {name} went away before the dump started: {reason}",
+            error_class="Unavailable",
+            exit_code=Unavailable.exit_code,
+        )
+        for job in self.store.list(vm=name, state=JobState.QUEUED, limit=1000):
+            await self._runner.db(self.store.finish, job.id, JobState.FAILED, error=err)
+            self.metrics_data.ended(name, "failed")
 
     def _stopping(self) -> None:
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
@@ -354,9 +412,12 @@ class Daemon:
             if pause.vm != name or pause.job_id in runner.running:
                 continue
             try:
-                if pause.qemu_pid is not None and (
-                    session.pid != pause.qemu_pid
-                    or await asyncio.to_thread(process_start_ticks, pause.qemu_pid)
+                # The process the daemon paused, named by pid and start time, is gone: this
+                # is another QEMU (a restart on the same socket), not ours to resume. (Its pid,
+                # not the session's peer: through libvirt's proxy the peer is not QEMU.)
+                if (
+                    pause.qemu_pid is not None
+                    and await asyncio.to_thread(process_start_ticks, pause.qemu_pid)
                     != pause.qemu_start
                 ):
                     log.warning(
@@ -412,10 +473,9 @@ class Daemon:
     def vm(self, name: str) -> VMView:
         return self._vm_view(self._supervisor(name))
 
-    async def vm_map(self, name: str) -> MapReport:
-        session = self._supervisor(name).require_session()
+    async def vm_map(self, name: str) -> MapReport | LibvirtMapView:
         try:
-            return (await survey(session)).report()
+            return await self._supervisor(name).map()
         except QMPTimeout as err:
             raise GatewayTimeout(
                 f"VM {name}: QEMU did not answer in time (is it hung?): {err}"
@@ -549,17 +609,21 @@ class Daemon:
         return self.metrics_data.text()
 
 
-def _make_vm_dir(vm: ResolvedVM) -> None:
-    vm.dump_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    vm.dump_dir.chmod(0o700)
-
-
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     """The exceptions in a (nested) exception group."""
     out: list[BaseException] = []
     for exc in group.exceptions:
         out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return out
+
+
+async def _release_libvirt() -> None:
+    """Free libvirt connections that only garbage (an exception's frames) still holds while the
+    loop runs: libvirt closes them through its event loop (``libvirtaio``), which fails with a
+    traceback on stderr once the asyncio loop is closed."""
+    await asyncio.sleep(0)
+    gc.collect()
+    await asyncio.sleep(0.1)  # the handle removals libvirt scheduled on the loop
 
 
 def partial_remove(loop: asyncio.AbstractEventLoop, sig: int) -> Callable[[], object]:
