@@ -333,7 +333,11 @@ async def test_a_full_state_dir_never_leaves_a_job_running(
     setup = write_config(tmp_path, {"f": vm.qmp_path}, state_dir=small_fs / "state")
     svc = await daemons.start(setup, connected=1)
     job = await svc.api.request("f", DumpRequest(engine=EngineName.QEMU))
-    await wait_job(svc.api, job.id, states=("running",))
+
+    async def writing() -> int | None:
+        return (await svc.api.job(job.id)).progress.written or None
+
+    await eventually(writing, "the dump under way", interval_s=0.02)
     filler = fill_up(small_fs)
 
     async def degraded() -> dict[str, object] | None:
@@ -793,7 +797,11 @@ async def test_idle_connections_are_capped_and_new_clients_still_served(
         print(f"healthz with 1,300 idle connections open: {health.status} in {took * 1000:.0f} ms")
         assert health.status == 200, health
         fds = len(os.listdir(f"/proc/{svc.pid}/fd"))
-        closed = sum(reader.at_eof() for reader, _ in held)
+
+        async def some_closed() -> int | None:
+            return sum(reader.at_eof() for reader, _ in held) or None
+
+        closed = await eventually(some_closed, "the daemon closing connections", timeout_s=30)
         print(f"daemon fds: {fds}; connections the daemon closed: {closed}")
         assert fds <= MAX_CONNECTIONS_CAP + 64, fds
         # The excess goes: closed at the cap (or by the idle timeout, when opening 1,300 took

@@ -299,7 +299,7 @@ class JobRunner:
                 ),
             )
 
-        await self.db(record)
+        await self.persist(record)
         self.metrics.ended(vm.name, "succeeded")
         self.metrics.dumped(vm.name, outcome.size, outcome.duration_s, outcome.paused_s)
 
