@@ -32,6 +32,8 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
           +-- QEMUGone           QEMU exited or the QMP connection dropped mid-dump (exit 42)
           +-- DiskFull           the target filesystem is full (exit 43)
           +-- DumpFailed         QEMU reported the dump as failed (exit 44)
+          +-- MigrationStreamError  QEMU's migration stream cannot be read (exit 45)
+          +-- SnapshotRefused    the snapshot engine will not run on this VM (exit 46)
      +-- ServiceError            the daemon's answers (exit 50..53; HTTP status on the class)
           +-- NotFound           no such VM, job or dump (404)
           +-- Conflict           the request conflicts with the state (409)
@@ -55,6 +57,7 @@ __all__ = [
     "HostAccessError",
     "LaunchError",
     "LayoutError",
+    "MigrationStreamError",
     "NotFound",
     "NotQEMU",
     "QEMUGone",
@@ -65,6 +68,7 @@ __all__ = [
     "QMPTimeout",
     "QmpdumpError",
     "ServiceError",
+    "SnapshotRefused",
     "SocketMissing",
     "SocketPermission",
     "TestbedError",
@@ -275,3 +279,15 @@ class Unavailable(ServiceError):
 
     exit_code = 53
     http_status = 503
+
+
+class MigrationStreamError(DumpError, ValueError):
+    """Raised when QEMU's migration stream is not what the snapshot engine can read."""
+
+    exit_code = 45
+
+
+class SnapshotRefused(DumpError):
+    """Raised when the snapshot engine will not run on this VM (QEMU version, host memory)."""
+
+    exit_code = 46
