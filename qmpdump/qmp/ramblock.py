@@ -20,7 +20,7 @@ __all__ = ["RamBlock", "parse_ramblocks", "ramblock_for_region"]
 
 _LINE = re.compile(
     r"^\s*(?P<name>\S.*?)\s+(?P<psize>\d+(?:\.\d+)?\s*[KMGT]?i?B)\s+"
-    r"0x(?P<offset>[0-9a-fA-F]+)\s+0x(?P<used>[0-9a-fA-F]+)\s+0x(?P<total>[0-9a-fA-F]+)\s*$"
+    r"0x(?P<offset>[0-9a-fA-F]+)\s+0x(?P<used>[0-9a-fA-F]+)\s+0x(?P<total>[0-9a-fA-F]+)(?:\s+\S+)*\s*$"
 )
 
 

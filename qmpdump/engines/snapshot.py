@@ -1,0 +1,721 @@
+"""Engine 3: a point-in-time dump through QEMU's background snapshot, the guest paused briefly.
+
+QEMU's ``background-snapshot`` migration capability (QEMU 6.0+, safe from 8.1: see below)
+write-protects guest RAM with userfaultfd at the snapshot point and resumes the guest at once;
+a page the guest is about to write is sent before the write lands, the rest in order. The
+stream goes into a pipe qmpdump passed over QMP (``getfd``, ``migrate fd:NAME``); a worker
+thread parses it (:mod:`qmpdump.migstream`) and writes each page of populated memory to its
+place in an ELF core planned beforehand (:mod:`qmpdump.elf.plan`).
+
+The instant, and notes of that instant:
+
+1. Before the pause: the layout (:func:`qmpdump.survey.survey`), a pipe handed to QEMU, the
+   migration capabilities and parameters saved and set.
+2. ``stop``. While stopped: the populated memory of every region is scanned again from the host
+   (SEEK_DATA, PAGEMAP_SCAN: milliseconds), and QEMU's dump headers are read
+   (:func:`qmpdump.survey.probe_prefix_without_growth`): the CPU state and VMCOREINFO notes and
+   QEMU's PT_LOAD coverage, *of the stopped VM*. The core is planned from them.
+3. ``migrate``. QEMU saves the device state, write-protects RAM, and starts sending pages. With
+   the VM stopped by us, the snapshot point lies inside our pause, so the notes, the coverage
+   and the populated set describe the same instant as the pages.
+4. ``cont`` as soon as the first page arrives (pages come only after write-protection is on).
+   QEMU's own resume (``bg_migration_vm_start_bh``: ``vm_resume`` of the state it found, i.e.
+   paused) may run after our ``cont`` in theory and would mark the running VM paused; the run
+   state is checked after ``cont`` and ``cont`` repeated if so.
+
+QEMU 7.2 (and anything before 8.1) is refused: a background snapshot that fails or is cancelled
+after write-protection started leaves the guest blocked on its next write there (fixed by
+"migration: Handle block device inactivation failures better"-era cleanups in 8.1, where
+``ram_write_tracking_stop`` runs on every exit path).
+
+Never a wrong dump: every page of QEMU's coverage must arrive exactly once; a page that holds
+data where the host said the memory was unpopulated, a stream that stops early, or a
+migration that does not end ``completed`` fails the dump.
+
+Host memory: QEMU reads every page before write-protecting it (``ram_write_tracking_prepare``),
+which on anonymous memory maps the shared zero page (no growth) but allocates every hole of
+shmem-backed RAM (memfd, files in tmpfs). The growth is predicted before starting (the holes of
+plugged fd-backed RAM), refused above ``max_host_growth``, and measured afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import os
+import secrets
+import socket
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+from qmpdump.elf.format import parse_header
+from qmpdump.elf.plan import DEFAULT_MAX_PHDRS, CorePlan, notes_payload, plan_core, segment_for
+from qmpdump.engines.qemu import Progress
+from qmpdump.errors import (
+    DumpBusy,
+    DumpCancelled,
+    DumpError,
+    DumpFailed,
+    MigrationStreamError,
+    QMPCommandError,
+    QMPDisconnected,
+    QMPTimeout,
+    SnapshotRefused,
+)
+from qmpdump.memmap.layout import Layout
+from qmpdump.memmap.populated import compute_population
+from qmpdump.memmap.ranges import RangeSet
+from qmpdump.migstream import PAGE_SIZE, MigrationStream, Page, RamBlocks, RamDone
+from qmpdump.output import DumpFile, write_error
+from qmpdump.qmp.plugged import dump_loads
+from qmpdump.qmp.session import QMPSession
+from qmpdump.survey import Survey, probe_prefix_without_growth, region_population, survey
+
+__all__ = [
+    "MIN_QEMU",
+    "SnapshotDumpRequest",
+    "SnapshotDumpResult",
+    "dump_with_snapshot",
+    "predict_growth",
+    "snapshot_supported",
+]
+
+#: The first QEMU whose failed or cancelled background snapshot releases the guest.
+MIN_QEMU: Final = (8, 1)
+#: Capabilities that change the stream's layout, or that background-snapshot excludes.
+_FORMAT_CAPS: Final = frozenset(
+    {
+        "xbzrle",
+        "compress",
+        "multifd",
+        "postcopy-ram",
+        "x-ignore-shared",
+        "mapped-ram",
+        "rdma-pin-all",
+        "postcopy-preempt",
+        "zero-copy-send",
+        "dirty-bitmaps",
+        "return-path",
+        "x-colo",
+    }
+)
+_ACTIVE: Final = frozenset(
+    {
+        "setup",
+        "active",
+        "cancelling",
+        "pre-switchover",
+        "device",
+        "wait-unplug",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover-setup",
+        "postcopy-recover",
+        "colo",
+    }
+)
+_FINAL: Final = frozenset({"completed", "failed", "cancelled"})
+_SOCKET_BUFFER: Final = 4 << 20
+_READ_BUFFER: Final = 4 << 20
+_FLUSH: Final = 1 << 20
+POLL_S: Final = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDumpRequest:
+    """How to run the snapshot engine."""
+
+    max_phdrs: int = DEFAULT_MAX_PHDRS
+    #: refuse when QEMU's pre-touch would allocate more host memory than this (bytes)
+    max_host_growth: int = 256 << 20
+    #: called before ``stop`` (the daemon journals its intent here) and after ``cont``
+    on_pause: Callable[[], None] | None = None
+    on_resume: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDumpResult:
+    """A finished snapshot dump (committed by the caller)."""
+
+    size: int
+    sha256: str
+    #: from QEMU's STOP to its RESUME event (QEMU's clock), or our own clock without events
+    paused_s: float | None
+    plan: CorePlan
+    copied: int
+    survey: Survey
+    stream_bytes: int
+    predicted_growth: int
+    measured_growth: int
+    qemu_downtime_ms: int | None
+    zero_pages: int
+    data_pages: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def snapshot_supported(qemu_version: str) -> tuple[bool, str]:
+    """Whether this QEMU version may run a background snapshot without risk to the guest."""
+    try:
+        major, minor = (int(p) for p in qemu_version.split(".")[:2])
+    except ValueError:
+        return False, f"QEMU version {qemu_version!r} is not understood"
+    if (major, minor) < MIN_QEMU:
+        return False, (
+            f"QEMU {qemu_version} leaves the guest blocked on its next write when a background "
+            "snapshot fails or is cancelled (fixed in 8.1)"
+        )
+    return True, f"QEMU {qemu_version} supports background snapshots"
+
+
+def predict_growth(before: Survey) -> int:
+    """Bytes of host memory QEMU's pre-touch would allocate: holes of plugged fd-backed RAM.
+
+    Main RAM is plugged whole; a virtio-mem device's plugged size is ``size`` (QEMU reads only
+    plugged blocks: ``ram_block_populate_read`` follows the RamDiscardManager).
+    """
+    growth = 0
+    layout = before.layout
+    for backend in layout.backends:
+        if not backend.type.has_fd:
+            continue
+        region = before.population.regions.get(backend.region)
+        populated = region.offsets.total if region is not None else 0
+        device = layout.device_for(backend.region)
+        plugged = device.size if device is not None else backend.size
+        growth += max(0, plugged - populated)
+    return growth
+
+
+def _fd_populated(result: Survey) -> int:
+    total = 0
+    for backend in result.layout.backends:
+        region = result.population.regions.get(backend.region)
+        if backend.type.has_fd and region is not None:
+            total += region.offsets.total
+    return total
+
+
+# -- pure: stream pages to guest-physical addresses and file offsets -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _BlockMap:
+    """Where one RAM block's offsets lie in guest-physical space (sorted by block offset)."""
+
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    gpas: tuple[int, ...]
+
+    def gpa(self, offset: int) -> int | None:
+        i = bisect_right(self.starts, offset) - 1
+        if i >= 0 and offset < self.ends[i]:
+            return self.gpas[i] + (offset - self.starts[i])
+        return None
+
+
+def block_maps(layout: Layout, blocks: RamBlocks) -> dict[str, _BlockMap]:
+    """Map each stream block to the layout's region; blocks that are not guest RAM map nowhere.
+
+    A block's idstr is the region name, prefixed with the owning device's path (``0000:00:01.0/
+    mem-vmem0``). Raises :class:`MigrationStreamError` when a region of the layout has no block,
+    or its block's size differs from the region's.
+    """
+    by_name = {b.idstr: b for b in blocks.blocks}
+    maps: dict[str, _BlockMap] = {}
+    for backend in layout.backends:
+        matches = [
+            b
+            for b in blocks.blocks
+            if b.idstr == backend.region or b.idstr.endswith("/" + backend.region)
+        ]
+        if len(matches) != 1:
+            raise MigrationStreamError(
+                f"RAM region {backend.region} matches {len(matches)} blocks of the stream "
+                f"({', '.join(sorted(by_name))})"
+            )
+        block = matches[0]
+        if block.used_length != backend.size:
+            raise MigrationStreamError(
+                f"RAM block {block.idstr} has {block.used_length:#x} bytes in the stream, "
+                f"the region {backend.size:#x}"
+            )
+        pieces = sorted(layout.pieces_of(backend.region), key=lambda p: p.region_offset)
+        maps[block.idstr] = _BlockMap(
+            tuple(p.region_offset for p in pieces),
+            tuple(p.region_offset + p.gpa.size for p in pieces),
+            tuple(p.gpa.start for p in pieces),
+        )
+    return maps
+
+
+# -- the reader thread -------------------------------------------------------------------------
+
+
+@dataclass
+class _Reader:
+    """Parses the stream and writes pages into the output (runs in a worker thread)."""
+
+    read_fd: int
+    out_fd: int
+    layout: Layout
+    stop: threading.Event = field(default_factory=threading.Event)
+    #: set once the first page arrived (write-protection is on)
+    first_page: threading.Event = field(default_factory=threading.Event)
+    #: set by the owner once the plan is ready (pages wait for it)
+    plan_ready: threading.Event = field(default_factory=threading.Event)
+    plan: CorePlan | None = None
+    coverage: RangeSet = field(default_factory=RangeSet.empty)
+    base: int = 0
+    seen: bytearray = field(default_factory=bytearray)
+    received: int = 0
+    stream_bytes: int = 0
+    data_pages: int = 0
+    zero_pages: int = 0
+    copied: int = 0
+    done: bool = False
+
+    def run(self) -> None:
+        """Read the whole stream (raises :class:`MigrationStreamError` or ``OSError``)."""
+        raw = io.FileIO(self.read_fd, "rb", closefd=False)
+        source = _Counting(io.BufferedReader(raw, _READ_BUFFER), self)
+        parser = MigrationStream(source)
+        maps: dict[str, _BlockMap] = {}
+        pending = _Pending(self.out_fd)
+        for record in parser.records():
+            if self.stop.is_set():
+                raise _Stopped
+            if isinstance(record, Page):
+                if not self.first_page.is_set():
+                    self.first_page.set()
+                    while not self.plan_ready.wait(0.1):
+                        if self.stop.is_set():
+                            raise _Stopped
+                self._page(record, maps, pending)
+            elif isinstance(record, RamBlocks):
+                maps = block_maps(self.layout, record)
+            elif isinstance(record, RamDone):
+                pending.flush()
+                self.done = True
+        pending.flush()
+        self._check_complete()
+        # Drain the device state so that QEMU completes (it is not part of the dump).
+        while source.read(_READ_BUFFER):
+            if self.stop.is_set():
+                raise _Stopped
+
+    def _page(self, page: Page, maps: Mapping[str, _BlockMap], pending: _Pending) -> None:
+        where = maps.get(page.block)
+        gpa = where.gpa(page.offset) if where is not None else None
+        if gpa is None or not self.coverage.contains(gpa):
+            return  # ROM blobs, hidden parts of main RAM: not in QEMU's dump either
+        index = (gpa - self.base) // PAGE_SIZE
+        if self.seen[index]:
+            raise MigrationStreamError(f"the page at {gpa:#x} was sent twice")
+        self.seen[index] = 1
+        self.received += 1
+        if page.data is None:
+            self.zero_pages += 1
+            return
+        self.data_pages += 1
+        assert self.plan is not None
+        seg = segment_for(self.plan, gpa)
+        if seg is None or seg.file_offset is None or gpa + PAGE_SIZE > seg.gpa + seg.filesz:
+            raise MigrationStreamError(
+                f"the page at {gpa:#x} holds data, but the host reported that memory "
+                "unpopulated at the snapshot point"
+            )
+        pending.add(seg.file_offset + (gpa - seg.gpa), page.data)
+        self.copied += PAGE_SIZE
+
+    def set_coverage(self, coverage: RangeSet) -> None:
+        """The guest-physical pages QEMU's dump holds: each must arrive exactly once."""
+        self.coverage = coverage
+        bounds = coverage.bounds
+        self.base = bounds.start if bounds is not None else 0
+        self.seen = bytearray(bounds.size // PAGE_SIZE if bounds is not None else 0)
+
+    def _check_complete(self) -> None:
+        if not self.done:
+            raise MigrationStreamError("the migration stream ended before every page was sent")
+        expected = self.coverage.total // PAGE_SIZE
+        if self.received != expected:
+            missing = next(
+                (
+                    gpa
+                    for rng in self.coverage
+                    for gpa in range(rng.start, rng.end, PAGE_SIZE)
+                    if not self.seen[(gpa - self.base) // PAGE_SIZE]
+                ),
+                None,
+            )
+            where = f", the first at {missing:#x}" if missing is not None else ""
+            raise MigrationStreamError(
+                f"QEMU sent {self.received} of the {expected} pages of its dump coverage{where}"
+            )
+
+
+class _Stopped(Exception):
+    """The owner asked the reader to stop."""
+
+
+class _Counting:
+    def __init__(self, inner: io.BufferedReader, reader: _Reader) -> None:
+        self.inner = inner
+        self.reader = reader
+
+    def read(self, size: int, /) -> bytes:
+        data = self.inner.read(size)
+        self.reader.stream_bytes += len(data)
+        return data
+
+
+class _Pending:
+    """Joins pages that land next to each other in the file into one ``pwrite``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.offset = -1
+        self.buf = bytearray()
+
+    def add(self, offset: int, data: bytes) -> None:
+        if self.buf and (offset != self.offset + len(self.buf) or len(self.buf) >= _FLUSH):
+            self.flush()
+        if not self.buf:
+            self.offset = offset
+        self.buf += data
+
+    def flush(self) -> None:
+        view = memoryview(self.buf)
+        offset = self.offset
+        while view:
+            done = os.pwrite(self.fd, view, offset)
+            view = view[done:]
+            offset += done
+        self.buf = bytearray()
+
+
+def _hash_file(fd: int, size: int) -> str:
+    digest = hashlib.sha256()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        got = os.preadv(fd, [view[: min(len(buf), size - done)]], done)
+        if got == 0:
+            raise OSError(0, f"the output ended at {done:#x} while hashing")
+        digest.update(view[:got])
+        done += got
+    return digest.hexdigest()
+
+
+# -- QMP side ----------------------------------------------------------------------------------
+
+
+class _Migration:
+    """Capabilities and parameters set for the snapshot, and put back as they were."""
+
+    def __init__(self, session: QMPSession) -> None:
+        self.session = session
+        self.caps_before: dict[str, bool] = {}
+        self.changed = False
+
+    async def prepare(self) -> None:
+        status = await self.session.execute("query-migrate")
+        state = status.get("status") if isinstance(status, dict) else None
+        if state in _ACTIVE:
+            raise DumpBusy(f"a migration is already running on this VM (status {state})")
+        caps = await self.session.execute("query-migrate-capabilities")
+        self.caps_before = {c["capability"]: bool(c["state"]) for c in caps}
+        on = sorted(c for c, v in self.caps_before.items() if v and c in _FORMAT_CAPS)
+        if on:
+            raise SnapshotRefused(
+                f"migration capabilities {', '.join(on)} are on: the snapshot engine reads only "
+                "plain RAM streams (turn them off, or use another engine)"
+            )
+        if "background-snapshot" not in self.caps_before:
+            raise SnapshotRefused("this QEMU has no background-snapshot capability")
+        if not self.caps_before["background-snapshot"]:
+            await self._set_caps(True)
+            self.changed = True
+
+    async def _set_caps(self, state: bool) -> None:
+        await self.session.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "background-snapshot", "state": state}]},
+        )
+
+    async def restore(self) -> None:
+        if self.changed and self.session.connected:
+            with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
+                await self._set_caps(False)
+                self.changed = False
+
+
+async def _final_status(session: QMPSession, timeout_s: float) -> dict[str, Any]:
+    """Wait until the migration is completed, failed or cancelled; its query-migrate reply."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status: dict[str, Any] = await session.execute("query-migrate")
+        if status.get("status") in _FINAL:
+            return status
+        if time.monotonic() > deadline:
+            raise QMPTimeout("the end of the background snapshot", timeout_s)
+        await asyncio.sleep(POLL_S)
+
+
+def _event_time(event: Mapping[str, Any]) -> float:
+    stamp = event.get("timestamp", {})
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+
+
+async def dump_with_snapshot(
+    session: QMPSession,
+    output: DumpFile,
+    request: SnapshotDumpRequest,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: asyncio.Event | None = None,
+    before: Survey | None = None,
+    timeout_s: float = 3600.0,
+) -> SnapshotDumpResult:
+    """Write a point-in-time ELF core of the VM into ``output`` (the caller commits it)."""
+    cancel = cancel or asyncio.Event()
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    before = before or await survey(session)
+    ok, why = snapshot_supported(before.facts.qemu_version)
+    if not ok:
+        raise SnapshotRefused(f"the snapshot engine will not run here: {why}")
+    for backend in before.layout.backends:
+        region = before.population.regions.get(backend.region)
+        if region is None or not region.known:
+            raise SnapshotRefused(f"the population of {backend.region} is unknown")
+    predicted = predict_growth(before)
+    if predicted > request.max_host_growth:
+        raise SnapshotRefused(
+            f"QEMU would allocate {predicted / 2**20:.0f} MiB of host memory for the holes of "
+            f"shmem-backed RAM (limit {request.max_host_growth / 2**20:.0f} MiB)"
+        )
+    migration = _Migration(session)
+    await migration.prepare()
+    # A socket, not a pipe: shutdown() unblocks both our reader and QEMU's writer on abort
+    # (QEMU's migrate_cancel cannot shut a pipe down, and a blocked writer blocks the guest).
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    read_fd, write_fd = ours.fileno(), theirs.fileno()
+    fdname = f"qmpdump-snap-{secrets.token_hex(4)}"
+    reader = _Reader(read_fd, output.fd, before.layout)
+    worker: asyncio.Task[None] | None = None
+    running = before.facts.running
+    stopped_at: float | None = None
+    resumed = False
+    migrating = False
+    final: dict[str, Any] | None = None
+    try:
+        with contextlib.suppress(OSError):
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        session.client.send_fd_scm(write_fd)
+        await session.execute("getfd", {"fdname": fdname})
+        theirs.close()
+        timings["prepare_s"] = time.monotonic() - t0
+        with session.listen("STOP", "RESUME") as listener:
+            if running:
+                if request.on_pause is not None:
+                    request.on_pause()
+                stopped_at = time.monotonic()
+                await session.execute("stop")
+            # At the snapshot point: what is populated, QEMU's notes and coverage.
+            result = await _rescan(session, before)
+            prefix = await probe_prefix_without_growth(
+                session,
+                replace(result.facts, running=False, run_state="paused"),
+                result.layout,
+                result.population.regions,
+                result.access,
+            )
+            timings["scan_probe_s"] = time.monotonic() - (stopped_at or t0)
+            worker = asyncio.create_task(asyncio.to_thread(reader.run), name="snapshot-read")
+            try:
+                await session.execute("migrate", {"uri": f"fd:{fdname}"})
+            except QMPCommandError as err:
+                raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
+            migrating = True
+            coverage = dump_loads(prefix)
+            data = (result.population.populated | result.population.unknown) & coverage
+            plan = plan_core(
+                notes_payload(prefix),
+                data,
+                coverage - data,
+                machine=parse_header(prefix).machine,
+                max_phdrs=request.max_phdrs,
+            )
+            os.pwrite(output.fd, plan.header, 0)
+            os.ftruncate(output.fd, plan.file_size)
+            reader.plan = plan
+            reader.set_coverage(coverage)
+            reader.plan_ready.set()
+            await _wait_first_page(reader, worker, session, timeout_s=30.0)
+            timings["to_first_page_s"] = time.monotonic() - (stopped_at or t0)
+            if running:
+                await _resume(session)
+                resumed = True
+                if request.on_resume is not None:
+                    request.on_resume()
+            paused_clock = time.monotonic() - stopped_at if stopped_at is not None else None
+            heard = [dict(e) for e in listener.clear()]
+        await _follow(reader, worker, plan, progress, cancel)
+        final = await _final_status(session, timeout_s)
+        migrating = False
+        if final.get("status") != "completed":
+            raise DumpFailed(
+                f"the background snapshot ended {final.get('status')}: "
+                f"{final.get('error-desc', 'no reason given')}"
+            )
+        timings["stream_s"] = time.monotonic() - t0
+        digest = await asyncio.to_thread(_finish_output, output.fd, plan.file_size)
+    except OSError as err:
+        raise write_error(err, output.final) from err
+    finally:
+        reader.stop.set()
+        reader.plan_ready.set()
+        with contextlib.suppress(OSError):
+            ours.shutdown(socket.SHUT_RDWR)
+        if running and stopped_at is not None and not resumed:
+            await asyncio.shield(_resume(session))
+        if migrating:
+            await asyncio.shield(_cancel_migration(session))
+        if worker is not None:
+            await asyncio.wait([worker])
+            if not worker.cancelled():
+                worker.exception()
+        ours.close()
+        theirs.close()
+        await asyncio.shield(migration.restore())
+        with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
+            await session.execute("closefd", {"fdname": fdname}, timeout_s=2.0)
+    after = await survey(session)
+    measured = max(0, _fd_populated(after) - _fd_populated(result))
+    paused_s = _paused_from_events(heard)
+    if paused_s is None:
+        paused_s = paused_clock
+    if progress is not None:
+        progress(Progress(plan.file_size, reader.copied, reader.copied))
+    return SnapshotDumpResult(
+        size=plan.file_size,
+        sha256=digest,
+        paused_s=paused_s,
+        plan=plan,
+        copied=reader.copied,
+        survey=result,
+        stream_bytes=reader.stream_bytes,
+        predicted_growth=predicted,
+        measured_growth=measured,
+        qemu_downtime_ms=final.get("downtime") if final is not None else None,
+        zero_pages=reader.zero_pages,
+        data_pages=reader.data_pages,
+        timings=timings,
+    )
+
+
+def _finish_output(fd: int, size: int) -> str:
+    os.fdatasync(fd)
+    return _hash_file(fd, size)
+
+
+def _paused_from_events(heard: list[dict[str, Any]]) -> float | None:
+    stop = next((e for e in heard if e.get("event") == "STOP"), None)
+    resume = next((e for e in heard if e.get("event") == "RESUME"), None)
+    if stop is None or resume is None:
+        return None
+    return max(0.0, _event_time(resume) - _event_time(stop))
+
+
+async def _rescan(session: QMPSession, before: Survey) -> Survey:
+    """The survey's population read again from the host (the layout is unchanged: stopped)."""
+    pid = before.facts.pid
+    found = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                region_population,
+                pid,
+                b,
+                before.access[b.region].hva if b.region in before.access else None,
+            )
+            for b in before.layout.backends
+        )
+    )
+    regions = {pop.region: pop for pop, _ in found}
+    for backend in before.layout.backends:
+        region = regions[backend.region]
+        if not region.known:
+            raise SnapshotRefused(f"the population of {backend.region} is unknown: {region.note}")
+    population = compute_population(before.layout, regions, None)
+    facts = replace(before.facts, running=False, run_state="paused")
+    return Survey(facts, population, before.access)
+
+
+async def _wait_first_page(
+    reader: _Reader, worker: asyncio.Task[None], session: QMPSession, *, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not reader.first_page.is_set():
+        if worker.done():
+            worker.result()
+            raise MigrationStreamError("the migration stream ended before its first page")
+        if time.monotonic() > deadline:
+            raise QMPTimeout("the first page of the background snapshot", timeout_s)
+        status = await session.execute("query-migrate")
+        if status.get("status") in ("failed", "cancelled"):
+            raise DumpFailed(
+                f"the background snapshot {status.get('status')}: "
+                f"{status.get('error-desc', 'no reason given')}"
+            )
+        await asyncio.wait([worker], timeout=0.001)
+
+
+async def _resume(session: QMPSession) -> None:
+    """``cont``, and again if QEMU's own resume marked the running VM paused after ours."""
+    for _ in range(3):
+        try:
+            await session.execute("cont")
+        except QMPCommandError as err:
+            raise DumpError(f"could not resume the VM after the snapshot point: {err}") from err
+        status = await session.execute("query-status")
+        if status.get("running"):
+            return
+        await asyncio.sleep(0.01)
+    raise DumpError("the VM did not run again after the snapshot point")
+
+
+async def _cancel_migration(session: QMPSession) -> None:
+    if not session.connected:
+        return
+    with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
+        await session.execute("migrate_cancel")
+        await _final_status(session, 30.0)
+
+
+async def _follow(
+    reader: _Reader,
+    worker: asyncio.Task[None],
+    plan: CorePlan,
+    progress: Callable[[Progress], None] | None,
+    cancel: asyncio.Event,
+) -> None:
+    expected = plan.data.total
+    try:
+        while not worker.done():
+            await asyncio.wait([worker], timeout=0.1)
+            if cancel.is_set():
+                raise DumpCancelled("the dump was cancelled")
+            if progress is not None:
+                progress(Progress(reader.copied, reader.copied, expected))
+        worker.result()
+    except _Stopped as err:
+        raise DumpCancelled("the dump was cancelled") from err
