@@ -20,6 +20,7 @@ from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.qemu import QemuDumpRequest
 from qmpdump.engines.run import DumpOutcome, run_dump
+from qmpdump.engines.snapshot import SnapshotDumpRequest
 from qmpdump.errors import UsageError
 from qmpdump.qmp.session import QMPSession, parse_address
 
@@ -52,11 +53,20 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
     parser.add_argument(
         "--engine",
-        choices=["auto", "backend", "qemu"],
+        choices=["auto", "backend", "qemu", "snapshot"],
         default="auto",
         help="backend: qmpdump's sparse reader (ELF of populated memory only); qemu: QEMU's "
-        "dump-guest-memory; auto (default): backend when it can read every RAM region and the "
-        "format is elf, else qemu",
+        "dump-guest-memory; snapshot: one instant through QEMU's background snapshot, the VM "
+        "paused for milliseconds (QEMU 8.1+); auto (default): backend when it can read every "
+        "RAM region and the format is elf, else qemu",
+    )
+    parser.add_argument(
+        "--max-host-growth",
+        type=_size,
+        default=SnapshotDumpRequest().max_host_growth,
+        metavar="SIZE",
+        help="snapshot: refuse when QEMU would allocate more host memory than this for the "
+        "holes of shmem-backed RAM (default 256M)",
     )
     parser.add_argument(
         "--live",
@@ -149,6 +159,10 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                         live=args.live,
                         zero_pages=args.zero_pages,
                         max_phdrs=args.max_program_headers,
+                    ),
+                    snapshot=SnapshotDumpRequest(
+                        max_phdrs=args.max_program_headers,
+                        max_host_growth=args.max_host_growth,
                     ),
                     overwrite=args.overwrite,
                     progress=lambda p: bar.show(p.completed, p.total),

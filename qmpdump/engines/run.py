@@ -19,7 +19,12 @@ from typing import Any
 from qmpdump import __version__
 from qmpdump.engines.backend import BackendDumpRequest, dump_with_backend, readable
 from qmpdump.engines.qemu import Progress, QemuDumpRequest, dump_with_qemu
-from qmpdump.errors import UsageError
+from qmpdump.engines.snapshot import (
+    SnapshotDumpRequest,
+    dump_with_snapshot,
+    snapshot_supported,
+)
+from qmpdump.errors import SnapshotRefused, UsageError
 from qmpdump.output import DumpFile, sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
@@ -60,15 +65,26 @@ def map_summary(report: MapReport) -> dict[str, Any]:
 
 
 def choose_engine(engine: str, before: Survey, fmt: str) -> tuple[str, str]:
-    """Resolve ``auto``: the sparse reader when it can produce what is asked, else QEMU's."""
+    """Resolve ``auto``: the sparse reader when it can produce what is asked, else QEMU's.
+
+    ``auto`` never picks the snapshot engine: it changes the VM's migration capabilities for
+    the dump's duration, which an operator should ask for.
+    """
     if engine == "qemu":
         return "qemu", "asked for"
+    if engine == "snapshot":
+        if fmt != "elf":
+            raise UsageError(f"the snapshot engine writes ELF only, not {fmt!r}")
+        ok, why = snapshot_supported(before.facts.qemu_version)
+        if not ok:
+            raise SnapshotRefused(f"the snapshot engine will not run here: {why}")
+        return "snapshot", "asked for"
     if engine == "backend":
         if fmt != "elf":
             raise UsageError(f"the backend engine writes ELF only, not {fmt!r}")
         return "backend", "asked for"
     if engine != "auto":
-        raise UsageError(f"unknown engine {engine!r} (qemu, backend or auto)")
+        raise UsageError(f"unknown engine {engine!r} (qemu, backend, snapshot or auto)")
     if fmt != "elf":
         return "qemu", f"the backend engine writes ELF only, and {fmt} was asked for"
     ok, why = readable(before)
@@ -82,6 +98,7 @@ async def run_dump(
     engine: str = "auto",
     qemu: QemuDumpRequest | None = None,
     backend: BackendDumpRequest | None = None,
+    snapshot: SnapshotDumpRequest | None = None,
     overwrite: bool = False,
     progress: Callable[[Progress], None] | None = None,
     cancel: asyncio.Event | None = None,
@@ -90,6 +107,7 @@ async def run_dump(
     """Dump the VM into ``target`` with the chosen engine; commit it with its sidecar."""
     qemu = qemu or QemuDumpRequest()
     backend = backend or BackendDumpRequest()
+    snapshot = snapshot or SnapshotDumpRequest()
     before = await survey(session)
     chosen, reason = choose_engine(engine, before, qemu.format)
     report = before.report()
@@ -112,6 +130,38 @@ async def run_dump(
                 "qemu_total": q.total,
             }
             fmt = qemu.format
+        elif chosen == "snapshot":
+            s = await dump_with_snapshot(
+                session,
+                output,
+                snapshot,
+                progress=progress,
+                cancel=cancel,
+                before=before,
+                timeout_s=timeout_s,
+            )
+            size, digest, paused = s.size, s.sha256, s.paused_s
+            report = s.survey.report()
+            details = {
+                "format": "elf",
+                "mode": "snapshot",
+                "program_headers": s.plan.phnum,
+                "pn_xnum": s.plan.uses_pn_xnum,
+                "data_bytes": s.plan.data.total,
+                "zero_fill_bytes": s.plan.zero_fill.total,
+                "copied_bytes": s.copied,
+                "stream_bytes": s.stream_bytes,
+                "data_pages": s.data_pages,
+                "zero_pages": s.zero_pages,
+                "qemu_downtime_ms": s.qemu_downtime_ms,
+                "host_growth": {
+                    "predicted_bytes": s.predicted_growth,
+                    "measured_bytes": s.measured_growth,
+                    "limit_bytes": snapshot.max_host_growth,
+                },
+                "timings_s": {k: round(v, 6) for k, v in s.timings.items()},
+            }
+            fmt = "elf"
         else:
             b = await dump_with_backend(
                 session, output, backend, progress=progress, cancel=cancel, before=before

@@ -474,21 +474,8 @@ def _event_time(event: Mapping[str, Any]) -> float:
     return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
 
 
-async def dump_with_snapshot(
-    session: QMPSession,
-    output: DumpFile,
-    request: SnapshotDumpRequest,
-    *,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: asyncio.Event | None = None,
-    before: Survey | None = None,
-    timeout_s: float = 3600.0,
-) -> SnapshotDumpResult:
-    """Write a point-in-time ELF core of the VM into ``output`` (the caller commits it)."""
-    cancel = cancel or asyncio.Event()
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
-    before = before or await survey(session)
+def _check_request(before: Survey, request: SnapshotDumpRequest) -> int:
+    """Refuse what the engine will not do here; the predicted host memory growth (bytes)."""
     ok, why = snapshot_supported(before.facts.qemu_version)
     if not ok:
         raise SnapshotRefused(f"the snapshot engine will not run here: {why}")
@@ -502,125 +489,195 @@ async def dump_with_snapshot(
             f"QEMU would allocate {predicted / 2**20:.0f} MiB of host memory for the holes of "
             f"shmem-backed RAM (limit {request.max_host_growth / 2**20:.0f} MiB)"
         )
-    migration = _Migration(session)
-    await migration.prepare()
-    # A socket, not a pipe: shutdown() unblocks both our reader and QEMU's writer on abort
-    # (QEMU's migrate_cancel cannot shut a pipe down, and a blocked writer blocks the guest).
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    read_fd, write_fd = ours.fileno(), theirs.fileno()
-    fdname = f"qmpdump-snap-{secrets.token_hex(4)}"
-    reader = _Reader(read_fd, output.fd, before.layout)
-    worker: asyncio.Task[None] | None = None
-    running = before.facts.running
-    stopped_at: float | None = None
-    resumed = False
-    migrating = False
-    final: dict[str, Any] | None = None
-    try:
+    return predicted
+
+
+class _Run:
+    """One snapshot dump: the socket, the reader thread, the pause, and the unwinding."""
+
+    def __init__(
+        self, session: QMPSession, output: DumpFile, request: SnapshotDumpRequest, before: Survey
+    ) -> None:
+        self.session = session
+        self.output = output
+        self.request = request
+        self.before = before
+        self.timings: dict[str, float] = {}
+        # A socket, not a pipe: shutdown() unblocks both our reader and QEMU's writer on
+        # abort (QEMU's migrate_cancel cannot shut a pipe down, and a blocked writer blocks
+        # every guest write to a page not yet sent).
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.fdname = f"qmpdump-snap-{secrets.token_hex(4)}"
+        self.reader = _Reader(self.ours.fileno(), output.fd, before.layout)
+        self.worker: asyncio.Task[None] | None = None
+        self.migration = _Migration(session)
+        self.running = before.facts.running
+        self.stopped_at: float | None = None
+        self.resumed = False
+        self.migrating = False
+        self.heard: list[dict[str, Any]] = []
+        self.paused_clock: float | None = None
+
+    async def hand_over_socket(self) -> None:
         with contextlib.suppress(OSError):
-            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-        session.client.send_fd_scm(write_fd)
-        await session.execute("getfd", {"fdname": fdname})
-        theirs.close()
-        timings["prepare_s"] = time.monotonic() - t0
-        with session.listen("STOP", "RESUME") as listener:
-            if running:
-                if request.on_pause is not None:
-                    request.on_pause()
-                stopped_at = time.monotonic()
-                await session.execute("stop")
-            # At the snapshot point: what is populated, QEMU's notes and coverage.
-            result = await _rescan(session, before)
+            self.theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        self.session.client.send_fd_scm(self.theirs.fileno())
+        await self.session.execute("getfd", {"fdname": self.fdname})
+        self.theirs.close()
+
+    async def snapshot_point(self) -> tuple[Survey, CorePlan]:
+        """Stop, read the instant's facts, start the snapshot, resume at its first page."""
+        t0 = time.monotonic()
+        with self.session.listen("STOP", "RESUME") as listener:
+            if self.running:
+                if self.request.on_pause is not None:
+                    self.request.on_pause()
+                self.stopped_at = time.monotonic()
+                await self.session.execute("stop")
+            result = await _rescan(self.before)
             prefix = await probe_prefix_without_growth(
-                session,
-                replace(result.facts, running=False, run_state="paused"),
+                self.session,
+                result.facts,
                 result.layout,
                 result.population.regions,
                 result.access,
             )
-            timings["scan_probe_s"] = time.monotonic() - (stopped_at or t0)
-            worker = asyncio.create_task(asyncio.to_thread(reader.run), name="snapshot-read")
+            self.timings["scan_probe_s"] = time.monotonic() - t0
+            self.worker = asyncio.create_task(
+                asyncio.to_thread(self.reader.run), name="snapshot-read"
+            )
             try:
-                await session.execute("migrate", {"uri": f"fd:{fdname}"})
+                await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
             except QMPCommandError as err:
                 raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
-            migrating = True
-            coverage = dump_loads(prefix)
-            data = (result.population.populated | result.population.unknown) & coverage
-            plan = plan_core(
-                notes_payload(prefix),
-                data,
-                coverage - data,
-                machine=parse_header(prefix).machine,
-                max_phdrs=request.max_phdrs,
-            )
-            os.pwrite(output.fd, plan.header, 0)
-            os.ftruncate(output.fd, plan.file_size)
-            reader.plan = plan
-            reader.set_coverage(coverage)
-            reader.plan_ready.set()
-            await _wait_first_page(reader, worker, session, timeout_s=30.0)
-            timings["to_first_page_s"] = time.monotonic() - (stopped_at or t0)
-            if running:
-                await _resume(session)
-                resumed = True
-                if request.on_resume is not None:
-                    request.on_resume()
-            paused_clock = time.monotonic() - stopped_at if stopped_at is not None else None
-            heard = [dict(e) for e in listener.clear()]
-        await _follow(reader, worker, plan, progress, cancel)
-        final = await _final_status(session, timeout_s)
-        migrating = False
+            self.migrating = True
+            plan = self._plan(prefix, result)
+            await _wait_first_page(self.reader, self.worker, self.session, timeout_s=30.0)
+            self.timings["to_first_page_s"] = time.monotonic() - t0
+            if self.running:
+                await _resume(self.session)
+                self.resumed = True
+                self.paused_clock = time.monotonic() - t0
+                if self.request.on_resume is not None:
+                    self.request.on_resume()
+            self.heard = [dict(e) for e in listener.clear()]
+        return result, plan
+
+    def _plan(self, prefix: bytes, result: Survey) -> CorePlan:
+        coverage = dump_loads(prefix)
+        data = (result.population.populated | result.population.unknown) & coverage
+        plan = plan_core(
+            notes_payload(prefix),
+            data,
+            coverage - data,
+            machine=parse_header(prefix).machine,
+            max_phdrs=self.request.max_phdrs,
+        )
+        os.pwrite(self.output.fd, plan.header, 0)
+        os.ftruncate(self.output.fd, plan.file_size)
+        self.reader.plan = plan
+        self.reader.set_coverage(coverage)
+        self.reader.plan_ready.set()
+        return plan
+
+    async def finish(self, timeout_s: float) -> dict[str, Any]:
+        """Wait for QEMU's verdict on the snapshot; its final query-migrate reply."""
+        final = await _final_status(self.session, timeout_s)
+        self.migrating = False
         if final.get("status") != "completed":
             raise DumpFailed(
                 f"the background snapshot ended {final.get('status')}: "
                 f"{final.get('error-desc', 'no reason given')}"
             )
-        timings["stream_s"] = time.monotonic() - t0
+        return final
+
+    async def unwind(self) -> None:
+        """Whatever happened: reader stopped, VM running as before, migration over, caps back."""
+        self.reader.stop.set()
+        self.reader.plan_ready.set()
+        with contextlib.suppress(OSError):
+            self.ours.shutdown(socket.SHUT_RDWR)
+        if self.running and self.stopped_at is not None and not self.resumed:
+            await asyncio.shield(_resume(self.session))
+            if self.request.on_resume is not None:
+                self.request.on_resume()
+        if self.migrating:
+            await asyncio.shield(_cancel_migration(self.session))
+        if self.worker is not None:
+            await asyncio.wait([self.worker])
+            if not self.worker.cancelled():
+                self.worker.exception()
+        self.ours.close()
+        self.theirs.close()
+        await asyncio.shield(self.migration.restore())
+        with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
+            await self.session.execute("closefd", {"fdname": self.fdname}, timeout_s=2.0)
+
+
+async def dump_with_snapshot(
+    session: QMPSession,
+    output: DumpFile,
+    request: SnapshotDumpRequest,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    cancel: asyncio.Event | None = None,
+    before: Survey | None = None,
+    timeout_s: float = 3600.0,
+) -> SnapshotDumpResult:
+    """Write a point-in-time ELF core of the VM into ``output`` (the caller commits it)."""
+    cancel = cancel or asyncio.Event()
+    t0 = time.monotonic()
+    before = before or await survey(session)
+    predicted = _check_request(before, request)
+    run = _Run(session, output, request, before)
+    try:
+        await run.migration.prepare()
+        await run.hand_over_socket()
+        result, plan = await run.snapshot_point()
+        assert run.worker is not None
+        await _follow(run.reader, run.worker, plan, progress, cancel)
+        final = await run.finish(timeout_s)
+        run.timings["stream_s"] = time.monotonic() - t0
         digest = await asyncio.to_thread(_finish_output, output.fd, plan.file_size)
+        run.timings["hashed_s"] = time.monotonic() - t0
     except OSError as err:
         raise write_error(err, output.final) from err
     finally:
-        reader.stop.set()
-        reader.plan_ready.set()
-        with contextlib.suppress(OSError):
-            ours.shutdown(socket.SHUT_RDWR)
-        if running and stopped_at is not None and not resumed:
-            await asyncio.shield(_resume(session))
-        if migrating:
-            await asyncio.shield(_cancel_migration(session))
-        if worker is not None:
-            await asyncio.wait([worker])
-            if not worker.cancelled():
-                worker.exception()
-        ours.close()
-        theirs.close()
-        await asyncio.shield(migration.restore())
-        with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
-            await session.execute("closefd", {"fdname": fdname}, timeout_s=2.0)
-    after = await survey(session)
-    measured = max(0, _fd_populated(after) - _fd_populated(result))
-    paused_s = _paused_from_events(heard)
-    if paused_s is None:
-        paused_s = paused_clock
+        await run.unwind()
+    after = await asyncio.to_thread(_rescan_fd_only, result)
+    paused_s = _paused_from_events(run.heard)
     if progress is not None:
-        progress(Progress(plan.file_size, reader.copied, reader.copied))
+        progress(Progress(plan.file_size, run.reader.copied, run.reader.copied))
     return SnapshotDumpResult(
         size=plan.file_size,
         sha256=digest,
-        paused_s=paused_s,
+        paused_s=paused_s if paused_s is not None else run.paused_clock,
         plan=plan,
-        copied=reader.copied,
+        copied=run.reader.copied,
         survey=result,
-        stream_bytes=reader.stream_bytes,
+        stream_bytes=run.reader.stream_bytes,
         predicted_growth=predicted,
-        measured_growth=measured,
-        qemu_downtime_ms=final.get("downtime") if final is not None else None,
-        zero_pages=reader.zero_pages,
-        data_pages=reader.data_pages,
-        timings=timings,
+        measured_growth=max(0, after - _fd_populated(result)),
+        qemu_downtime_ms=final.get("downtime"),
+        zero_pages=run.reader.zero_pages,
+        data_pages=run.reader.data_pages,
+        timings=run.timings,
     )
+
+
+def _rescan_fd_only(result: Survey) -> int:
+    """Populated bytes of fd-backed RAM now (after QEMU's pre-touch), from the host."""
+    total = 0
+    for backend in result.layout.backends:
+        if not backend.type.has_fd:
+            continue
+        access = result.access.get(backend.region)
+        pop, _ = region_population(
+            result.facts.pid, backend, access.hva if access is not None else None
+        )
+        total += pop.offsets.total
+    return total
 
 
 def _finish_output(fd: int, size: int) -> str:
@@ -636,7 +693,7 @@ def _paused_from_events(heard: list[dict[str, Any]]) -> float | None:
     return max(0.0, _event_time(resume) - _event_time(stop))
 
 
-async def _rescan(session: QMPSession, before: Survey) -> Survey:
+async def _rescan(before: Survey) -> Survey:
     """The survey's population read again from the host (the layout is unchanged: stopped)."""
     pid = before.facts.pid
     found = await asyncio.gather(

@@ -95,7 +95,7 @@ QEMU_FORMATS = (
     "win-dmp",
 )
 
-Engine = Literal["auto", "backend", "qemu"]
+Engine = Literal["auto", "backend", "qemu", "snapshot"]
 Mode = Literal["consistent", "live"]
 
 # --- field validators: they raise ValueError, whose text becomes the problem's line as is ---
@@ -237,9 +237,12 @@ def _combination(
     did not set (its value is inherited) is given as "" and is not blamed if another can be.
     """
     engine_key, format_key, mode_key = keys
-    if engine == "backend" and fmt != "elf":
+    if engine in ("backend", "snapshot") and fmt != "elf":
         blame, other = format_key or engine_key, (engine_key, format_key)
-        why = f"the backend engine writes ELF only, not {fmt!r}"
+        why = f"the {engine} engine writes ELF only, not {fmt!r}"
+    elif engine == "snapshot" and mode == "live":
+        blame, other = mode_key or engine_key, (engine_key, mode_key)
+        why = "the snapshot engine dumps one instant: live mode is for the backend engine"
     elif engine == "qemu" and mode == "live":
         blame, other = mode_key or engine_key, (engine_key, mode_key)
         why = "QEMU's dump-guest-memory stops the VM: a live dump needs engine backend or auto"

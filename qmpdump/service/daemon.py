@@ -35,6 +35,7 @@ from qmpdump import __version__
 from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.qemu import Progress, QemuDumpRequest
 from qmpdump.engines.run import DumpOutcome, run_dump
+from qmpdump.engines.snapshot import SnapshotDumpRequest
 from qmpdump.errors import (
     Conflict,
     DumpCancelled,
@@ -312,6 +313,7 @@ class Daemon:
                 backend=BackendDumpRequest(
                     live=job.mode == "live", on_pause=on_pause, on_resume=on_resume
                 ),
+                snapshot=SnapshotDumpRequest(on_pause=on_pause, on_resume=on_resume),
                 progress=progress,
                 cancel=running.cancel,
                 timeout_s=self.settings.dump_timeout_s,
@@ -423,8 +425,10 @@ class Daemon:
         engine = request.engine or vm.engine
         fmt = request.format or vm.format
         mode = request.mode or vm.mode
-        if engine == "backend" and fmt != "elf":
-            raise UsageError(f"the backend engine writes ELF only, not {fmt!r}")
+        if engine in ("backend", "snapshot") and fmt != "elf":
+            raise UsageError(f"the {engine} engine writes ELF only, not {fmt!r}")
+        if engine == "snapshot" and mode == "live":
+            raise UsageError("live mode is for the backend engine (a snapshot is one instant)")
         if engine == "qemu" and mode == "live":
             raise UsageError("live mode is for the backend engine (QEMU pauses the VM to dump)")
         if len(self.store.list(vm=name, state=JobState.QUEUED, limit=1000)) >= MAX_QUEUED_PER_VM:

@@ -32,7 +32,7 @@ __all__ = [
     "VMView",
 ]
 
-EngineName = Literal["auto", "backend", "qemu"]
+EngineName = Literal["auto", "backend", "qemu", "snapshot"]
 ModeName = Literal["consistent", "live"]
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
