@@ -68,6 +68,7 @@ from qmpdump.errors import (
     QMPTimeout,
     SnapshotRefused,
 )
+from qmpdump.host.procmem import read_process_memory
 from qmpdump.memmap.layout import Layout
 from qmpdump.memmap.populated import compute_population
 from qmpdump.memmap.ranges import RangeSet
@@ -122,6 +123,7 @@ _ACTIVE: Final = frozenset(
 )
 _FINAL: Final = frozenset({"completed", "failed", "cancelled"})
 _SOCKET_BUFFER: Final = 4 << 20
+_TOUCH_CHUNK: Final = 8 << 20
 _READ_BUFFER: Final = 4 << 20
 _FLUSH: Final = 1 << 20
 POLL_S: Final = 0.05
@@ -134,6 +136,8 @@ class SnapshotDumpRequest:
     max_phdrs: int = DEFAULT_MAX_PHDRS
     #: refuse when QEMU's pre-touch would allocate more host memory than this (bytes)
     max_host_growth: int = 256 << 20
+    #: allocate the holes QEMU would allocate before pausing the guest (shmem-backed RAM)
+    preallocate: bool = True
     #: called before ``stop`` (the daemon journals its intent here) and after ``cont``
     on_pause: Callable[[], None] | None = None
     on_resume: Callable[[], None] | None = None
@@ -190,6 +194,58 @@ def predict_growth(before: Survey) -> int:
         plugged = device.size if device is not None else backend.size
         growth += max(0, plugged - populated)
     return growth
+
+
+def _plugged_holes(before: Survey) -> dict[str, RangeSet]:
+    """Per fd-backed region: the holes (region offsets) QEMU's pre-touch would allocate."""
+    holes: dict[str, RangeSet] = {}
+    layout = before.layout
+    for backend in layout.backends:
+        region = before.population.regions.get(backend.region)
+        if not backend.type.has_fd or region is None:
+            continue
+        device = next(
+            (d for d in before.population.devices if d.device.memdev == backend.region), None
+        )
+        plugged = (
+            layout.gpa_to_region(backend.region, device.plugged)
+            if device is not None
+            else RangeSet.of(0, backend.size)
+        )
+        found = plugged - region.offsets
+        if found:
+            holes[backend.region] = found
+    return holes
+
+
+def preallocate(before: Survey) -> int:
+    """Fault in now, with the guest running, the holes QEMU's pre-touch would fault in during
+    our pause (one page fault each: measured 3 s for 440 MiB of memfd holes, 0.5 s when only
+    the allocation was done ahead with ``fallocate``); bytes touched.
+
+    Reading through QEMU's own mapping (``process_vm_readv`` faults pages into QEMU's page
+    tables, as its ``MADV_POPULATE_READ`` would) allocates the same pages QEMU would: only
+    plugged memory (``before`` must know it exactly), holes only; the guest's concurrent
+    writes are unaffected (a read fault on shmem allocates a zero page only where none is).
+    """
+    pid = before.facts.pid
+    if pid is None:
+        return 0
+    buf = bytearray(_TOUCH_CHUNK)
+    view = memoryview(buf)
+    done = 0
+    for region, holes in _plugged_holes(before).items():
+        access = before.access[region]
+        if access.hva is None:
+            continue
+        for hole in holes:
+            at = 0
+            while at < hole.size:
+                size = min(_TOUCH_CHUNK, hole.size - at)
+                read_process_memory(pid, access.hva + hole.start + at, view[:size])
+                at += size
+            done += hole.size
+    return done
 
 
 def _fd_populated(result: Survey) -> int:
@@ -630,7 +686,18 @@ async def dump_with_snapshot(
     t0 = time.monotonic()
     before = before or await survey(session)
     predicted = _check_request(before, request)
+    if predicted and any(
+        d.device.memdev in _plugged_holes(before) and not d.plugged_exact
+        for d in before.population.devices
+    ):
+        # Which virtio-mem blocks are plugged, exactly (a probe of a few milliseconds).
+        before = await survey(session, exact_plug=True)
+        predicted = _check_request(before, request)
+    fd_before = _fd_populated(before)
     run = _Run(session, output, request, before)
+    if predicted and request.preallocate:
+        run.timings["preallocated_bytes"] = await asyncio.to_thread(preallocate, before)
+        run.timings["preallocate_s"] = time.monotonic() - t0
     try:
         await run.migration.prepare()
         await run.hand_over_socket()
@@ -658,7 +725,7 @@ async def dump_with_snapshot(
         survey=result,
         stream_bytes=run.reader.stream_bytes,
         predicted_growth=predicted,
-        measured_growth=max(0, after - _fd_populated(result)),
+        measured_growth=max(0, after - fd_before),
         qemu_downtime_ms=final.get("downtime"),
         zero_pages=run.reader.zero_pages,
         data_pages=run.reader.data_pages,
