@@ -97,6 +97,7 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _EARLY_VMEM = struct.Struct(">QQQIQ")
 _EARLY_VMEM_NAME: Final = "virtio-mem-device-early"
+_CHUNK: Final = 1 << 20
 
 
 class Readable(Protocol):
@@ -156,40 +157,71 @@ class MigrationStream:
 
     def __init__(self, source: Readable) -> None:
         self._src = source
-        #: bytes consumed so far (for error messages)
-        self.position = 0
         self._ram_section: int | None = None
         self._blocks: dict[str, RamBlockInfo] = {}
         self._block: str | None = None
-        self._ahead = b""  # one byte of look-ahead, given back
+        # Read in large chunks, parsed from a buffer: per-record calls into the source would
+        # cost more than the records (a page record is 8 + 4096 bytes, a zero page 9).
+        self._buf = b""
+        self._pos = 0
+        self._base = 0  # stream offset of self._buf[0]
+
+    @property
+    def position(self) -> int:
+        """Bytes of the stream parsed so far (for error messages and tests)."""
+        return self._base + self._pos
+
+    def leftover(self) -> bytes:
+        """Bytes read from the source but not parsed (the start of what follows the RAM)."""
+        return self._buf[self._pos :]
 
     # -- primitives -------------------------------------------------------------------------
+    def _fill(self, size: int) -> None:
+        """Make ``size`` bytes available at ``self._pos``, or raise at the stream's end."""
+        parts = [self._buf[self._pos :]]
+        have = len(parts[0])
+        self._base += self._pos
+        while have < size:
+            chunk = self._src.read(max(size - have, _CHUNK))
+            if not chunk:
+                self._buf, self._pos = b"".join(parts), 0
+                raise MigrationStreamError(
+                    f"the migration stream ended at byte {self._base + have:#x}, "
+                    f"{size - have} bytes short of a complete record"
+                )
+            parts.append(chunk)
+            have += len(chunk)
+        self._buf, self._pos = b"".join(parts), 0
+
     def _read(self, size: int) -> bytes:
-        if self._ahead:
-            data, self._ahead = self._ahead + self._src.read(size - 1), b""
-        else:
-            data = self._src.read(size)
-        if len(data) != size:
-            raise MigrationStreamError(
-                f"the migration stream ended at byte {self.position + len(data):#x}, "
-                f"{size - len(data)} bytes short of a complete record"
-            )
-        self.position += size
+        if self._pos + size > len(self._buf):
+            self._fill(size)
+        data = self._buf[self._pos : self._pos + size]
+        self._pos += size
         return data
 
-    def _unread(self, byte: int) -> None:
-        self._ahead = bytes((byte,))
-        self.position -= 1
+    def _unread(self, _byte: int) -> None:
+        self._pos -= 1  # the byte just read is still in the buffer
 
     def _u8(self) -> int:
-        return self._read(1)[0]
+        if self._pos + 1 > len(self._buf):
+            self._fill(1)
+        value = self._buf[self._pos]
+        self._pos += 1
+        return value
 
     def _be32(self) -> int:
-        value: int = _BE32.unpack(self._read(4))[0]
+        if self._pos + 4 > len(self._buf):
+            self._fill(4)
+        value: int = _BE32.unpack_from(self._buf, self._pos)[0]
+        self._pos += 4
         return value
 
     def _be64(self) -> int:
-        value: int = _BE64.unpack(self._read(8))[0]
+        if self._pos + 8 > len(self._buf):
+            self._fill(8)
+        value: int = _BE64.unpack_from(self._buf, self._pos)[0]
+        self._pos += 8
         return value
 
     def _string(self) -> str:
