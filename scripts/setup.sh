@@ -8,7 +8,7 @@ QMPDUMP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export QMPDUMP_ROOT
 VENV="${QMPDUMP_VENV:-$QMPDUMP_ROOT/.venv}"
 
-debian_packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod python3 python3-venv makedumpfile crash curl binutils)
+debian_packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod python3 python3-venv makedumpfile crash curl binutils gcc libc6-dev)
 
 missing=()
 for pkg in "${debian_packages[@]}"; do

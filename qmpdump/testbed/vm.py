@@ -121,6 +121,8 @@ class VMSpec:
     guest: bool = True
     #: MiB of pattern the guest writes into a tmpfs file after boot.
     pattern_mib: int = 0
+    #: MiB of the consistency writer's buffer (``genstamp.c``), started after the pattern; 0: none
+    writer_mib: int = 0
     name: str = "qmpdump-test"
     boot_timeout_s: float = 180.0
 
@@ -196,7 +198,7 @@ def qemu_argv(
     else:
         append = (
             "console=ttyS0 memhp_default_state=online_movable quiet panic=-1 "
-            f"qmpdump.pattern_mib={spec.pattern_mib}"
+            f"qmpdump.pattern_mib={spec.pattern_mib} qmpdump.writer_mib={spec.writer_mib}"
         )
         argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append]
     return argv
