@@ -597,20 +597,42 @@ async def test_busy_while_another_dump_runs(vm_factory: VMFactory) -> None:
     vm = await running_bare(vm_factory, "bare-busy", 1 * GiB)
     assert vm.qmp is not None
     with scratch_dir("busy") as folder:
-        other = folder / "other.elf"
-        with vm.qmp.listen("DUMP_COMPLETED") as completed:
-            # Someone else's dump (as libvirt would start it): QEMU writes a file itself.
-            await vm.qmp.execute(
-                "dump-guest-memory", {"paging": False, "protocol": f"file:{other}", "detach": True}
-            )
-            code, out, err = await cli(*dump_args(vm, folder / "ours.elf"))
-            assert (code, out) == (40, "")
-            assert err == "qmpdump: error: QEMU is already running a dump of this VM\n"
-            assert files_in(folder) == ["other.elf"]
-            event: dict[str, Any] = dict(await asyncio.wait_for(completed.get(), 60))
+        # Someone else's dump (as libvirt would start it), held in progress for as long as this
+        # test needs: QEMU writes into a pipe that nobody reads until our CLI has run. A dump
+        # into a file can end before the CLI starts on a loaded machine (seen: 1 GiB of holes).
+        read_fd, write_fd = os.pipe()
+        try:
+            with vm.qmp.listen("DUMP_COMPLETED") as completed:
+                vm.qmp.client.send_fd_scm(write_fd)
+                await vm.qmp.execute("getfd", {"fdname": "other-dump"})
+                os.close(write_fd)
+                write_fd = -1
+                await vm.qmp.execute(
+                    "dump-guest-memory",
+                    {"paging": False, "protocol": "fd:other-dump", "detach": True},
+                )
+                code, out, err = await cli(*dump_args(vm, folder / "ours.elf"))
+                assert (code, out) == (40, "")
+                assert err == "qmpdump: error: QEMU is already running a dump of this VM\n"
+                assert files_in(folder) == []
+                # Let the other dump finish: drain the pipe to its end.
+                drained = await asyncio.to_thread(_drain, read_fd)
+                event: dict[str, Any] = dict(await asyncio.wait_for(completed.get(), 60))
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
         assert event["data"]["result"]["status"] == "completed"
-        other.unlink()
+        assert drained >= 1 * GiB
     assert await settled_state(vm) == "running"
+
+
+def _drain(fd: int) -> int:
+    """Read a pipe to its end; the number of bytes read."""
+    total = 0
+    while chunk := os.read(fd, 1 << 20):
+        total += len(chunk)
+    return total
 
 
 @pytest.mark.bare
