@@ -59,6 +59,7 @@ __all__ = [
     "EarlyVirtioMem",
     "MigrationStream",
     "Page",
+    "PageSink",
     "RamBlockInfo",
     "RamBlocks",
     "RamDone",
@@ -98,6 +99,12 @@ _BE64 = struct.Struct(">Q")
 _EARLY_VMEM = struct.Struct(">QQQIQ")
 _EARLY_VMEM_NAME: Final = "virtio-mem-device-early"
 _CHUNK: Final = 1 << 20
+
+
+class PageSink(Protocol):
+    """Receives pages from :meth:`MigrationStream.feed`; ``data`` None means all zero."""
+
+    def page(self, block: str, offset: int, data: bytes | None, /) -> None: ...
 
 
 class Readable(Protocol):
@@ -237,6 +244,14 @@ class MigrationStream:
         Stops at the first device section after the pages (or the ``ram`` END section); what
         follows is not read.
         """
+        return self._walk(None)
+
+    def feed(self, sink: PageSink) -> Iterator[Record]:
+        """As :meth:`records`, but pages go to ``sink.page`` as they are parsed (no object per
+        page: the snapshot engine's hot path) and only the other records are yielded."""
+        return self._walk(sink)
+
+    def _walk(self, sink: PageSink | None) -> Iterator[Record]:
         self._header()
         iterating = False  # a PART section was seen: the setup is over
         while True:
@@ -252,7 +267,10 @@ class MigrationStream:
                 if section_id != self._ram_section:
                     raise self._fail(f"section {section_id} continues, but it is not ram")
                 iterating = True
-                yield from self._ram_body(setup=False)
+                if sink is None:
+                    yield from self._ram_body(setup=False)
+                else:
+                    self._pages(sink)
                 self._footer(section_id)
                 if kind == SECTION_END:
                     yield RamDone()
@@ -377,6 +395,36 @@ class MigrationStream:
                 yield Page(block.idstr, offset, None if fill == 0 else bytes([fill]) * PAGE_SIZE)
             elif flags & FLAG_PAGE:
                 yield Page(block.idstr, offset, self._read(PAGE_SIZE))
+            else:
+                raise self._fail(f"RAM record without a page (flags {flags:#x})")
+
+    def _pages(self, sink: PageSink) -> None:
+        """The records of one PART section, straight to ``sink`` (same checks as _ram_body)."""
+        blocks = self._blocks
+        deliver = sink.page
+        while True:
+            header = self._be64()
+            flags = header & _FLAG_MASK
+            if flags == FLAG_EOS:
+                return
+            offset = header - flags
+            if flags & ~(FLAG_ZERO | FLAG_PAGE | FLAG_CONTINUE):
+                raise self._fail(f"RAM record flags {flags:#x} inside the pages")
+            if not flags & FLAG_CONTINUE:
+                self._block = self._string()
+            name = self._block
+            block = blocks.get(name) if name is not None else None
+            if block is None:
+                raise self._fail(f"a page of RAM block {name!r}, not in the block list")
+            if offset + PAGE_SIZE > block.used_length:
+                raise self._fail(
+                    f"page {offset:#x} lies past the end of {name} ({block.used_length:#x})"
+                )
+            if flags & FLAG_ZERO:
+                fill = self._u8()
+                deliver(block.idstr, offset, None if fill == 0 else bytes([fill]) * PAGE_SIZE)
+            elif flags & FLAG_PAGE:
+                deliver(block.idstr, offset, self._read(PAGE_SIZE))
             else:
                 raise self._fail(f"RAM record without a page (flags {flags:#x})")
 

@@ -211,3 +211,39 @@ def test_malformed_streams_raise_a_clear_error(mutate: str, message: str) -> Non
 def test_not_a_migration_stream() -> None:
     with pytest.raises(MigrationStreamError, match="not a QEMU migration stream"):
         parse(b"\x7fELF" + bytes(60))
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.pages: list[Page] = []
+
+    def page(self, block: str, offset: int, data: bytes | None, /) -> None:
+        self.pages.append(Page(block, offset, data))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1), st.integers(0, 15), st.integers(0, 3)),
+        min_size=1,
+        max_size=30,
+        unique_by=lambda t: (t[0], t[1]),
+    )
+)
+def test_feed_delivers_what_records_yields(pages: list[tuple[int, int, int]]) -> None:
+    names = ["0000:00:01.0/mem-vmem0", "ram0"]
+    w = Writer()
+    w.start_ram([(n, 16 * PAGE_SIZE) for n in names])
+    w.part([(names[b], i * PAGE_SIZE, None if f == 0 else _page(f)) for b, i, f in pages])
+    w.device_state()
+    sink = _Collect()
+    others = list(MigrationStream(io.BytesIO(bytes(w.out))).feed(sink))
+    every = parse(bytes(w.out))
+    assert sink.pages == [r for r in every if isinstance(r, Page)]
+    assert others == [r for r in every if not isinstance(r, Page)]
+
+
+def test_feed_rejects_what_records_rejects() -> None:
+    data = _bad("past-end")
+    with pytest.raises(MigrationStreamError, match="past the end"):
+        list(MigrationStream(io.BytesIO(data)).feed(_Collect()))

@@ -71,8 +71,8 @@ from qmpdump.errors import (
 from qmpdump.host.procmem import read_process_memory
 from qmpdump.memmap.layout import Layout
 from qmpdump.memmap.populated import compute_population
-from qmpdump.memmap.ranges import RangeSet
-from qmpdump.migstream import PAGE_SIZE, MigrationStream, Page, RamBlocks, RamDone
+from qmpdump.memmap.ranges import Range, RangeSet
+from qmpdump.migstream import PAGE_SIZE, MigrationStream, RamBlocks, RamDone
 from qmpdump.output import DumpFile, write_error
 from qmpdump.qmp.plugged import dump_loads
 from qmpdump.qmp.session import QMPSession
@@ -124,6 +124,8 @@ _ACTIVE: Final = frozenset(
 _FINAL: Final = frozenset({"completed", "failed", "cancelled"})
 _SOCKET_BUFFER: Final = 4 << 20
 _TOUCH_CHUNK: Final = 8 << 20
+#: max-bandwidth while the snapshot streams (bytes/s; QEMU's default is 128 MiB/s)
+_BANDWIDTH: Final = 16 << 30
 _READ_BUFFER: Final = 4 << 20
 _FLUSH: Final = 1 << 20
 POLL_S: Final = 0.05
@@ -261,29 +263,33 @@ def _fd_populated(result: Survey) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class _BlockMap:
-    """Where one RAM block's offsets lie in guest-physical space (sorted by block offset)."""
+class Window:
+    """Block offsets ``[start, end)`` are guest-physical ``gpa + (offset - start)``.
 
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
-    gpas: tuple[int, ...]
+    ``covered``: inside QEMU's dump coverage (else the pages are ignored: ROM blobs, parts of
+    main RAM hidden by PCI holes). ``file_offset``: where the window's first byte goes in the
+    core, or -1 where the plan has no bytes (zero-fill, or beyond a joined segment).
+    """
 
-    def gpa(self, offset: int) -> int | None:
-        i = bisect_right(self.starts, offset) - 1
-        if i >= 0 and offset < self.ends[i]:
-            return self.gpas[i] + (offset - self.starts[i])
-        return None
+    start: int
+    end: int
+    gpa: int
+    covered: bool
+    file_offset: int
 
 
-def block_maps(layout: Layout, blocks: RamBlocks) -> dict[str, _BlockMap]:
-    """Map each stream block to the layout's region; blocks that are not guest RAM map nowhere.
+def block_windows(
+    layout: Layout, blocks: RamBlocks, coverage: RangeSet, plan: CorePlan
+) -> dict[str, tuple[Window, ...]]:
+    """For each stream block, its offsets cut into windows (pure; see :class:`Window`).
 
     A block's idstr is the region name, prefixed with the owning device's path (``0000:00:01.0/
-    mem-vmem0``). Raises :class:`MigrationStreamError` when a region of the layout has no block,
-    or its block's size differs from the region's.
+    mem-vmem0``). Blocks of no region of the layout get no windows (their pages are ignored).
+    Raises :class:`MigrationStreamError` when a region of the layout matches no block or
+    several, or its block's size differs from the region's.
     """
-    by_name = {b.idstr: b for b in blocks.blocks}
-    maps: dict[str, _BlockMap] = {}
+    names = sorted(b.idstr for b in blocks.blocks)
+    out: dict[str, tuple[Window, ...]] = {}
     for backend in layout.backends:
         matches = [
             b
@@ -293,7 +299,7 @@ def block_maps(layout: Layout, blocks: RamBlocks) -> dict[str, _BlockMap]:
         if len(matches) != 1:
             raise MigrationStreamError(
                 f"RAM region {backend.region} matches {len(matches)} blocks of the stream "
-                f"({', '.join(sorted(by_name))})"
+                f"({', '.join(names)})"
             )
         block = matches[0]
         if block.used_length != backend.size:
@@ -301,13 +307,40 @@ def block_maps(layout: Layout, blocks: RamBlocks) -> dict[str, _BlockMap]:
                 f"RAM block {block.idstr} has {block.used_length:#x} bytes in the stream, "
                 f"the region {backend.size:#x}"
             )
-        pieces = sorted(layout.pieces_of(backend.region), key=lambda p: p.region_offset)
-        maps[block.idstr] = _BlockMap(
-            tuple(p.region_offset for p in pieces),
-            tuple(p.region_offset + p.gpa.size for p in pieces),
-            tuple(p.gpa.start for p in pieces),
-        )
-    return maps
+        windows: list[Window] = []
+        for piece in sorted(layout.pieces_of(backend.region), key=lambda p: p.region_offset):
+            windows += _piece_windows(piece.region_offset, piece.gpa, coverage, plan)
+        out[block.idstr] = tuple(windows)
+    return out
+
+
+def _piece_windows(
+    region_offset: int, gpas: Range, coverage: RangeSet, plan: CorePlan
+) -> list[Window]:
+    def offset_of(gpa: int) -> int:
+        return region_offset + (gpa - gpas.start)
+
+    windows: list[Window] = []
+    at = gpas.start
+    for run in coverage.clip(gpas):
+        if run.start > at:
+            windows.append(Window(offset_of(at), offset_of(run.start), at, False, -1))
+        cut = run.start
+        while cut < run.end:
+            seg = segment_for(plan, cut)
+            if seg is None:  # the planner dropped this zero-fill range (header cap)
+                nxt = next((s.gpa for s in plan.segments if s.gpa > cut), run.end)
+                end, file = min(run.end, nxt), -1
+            elif seg.file_offset is not None and cut < seg.gpa + seg.filesz:
+                end, file = min(run.end, seg.gpa + seg.filesz), seg.file_offset + cut - seg.gpa
+            else:
+                end, file = min(run.end, seg.end), -1
+            windows.append(Window(offset_of(cut), offset_of(end), cut, True, file))
+            cut = end
+        at = run.end
+    if at < gpas.end:
+        windows.append(Window(offset_of(at), offset_of(gpas.end), at, False, -1))
+    return windows
 
 
 # -- the reader thread -------------------------------------------------------------------------
@@ -335,59 +368,85 @@ class _Reader:
     zero_pages: int = 0
     copied: int = 0
     done: bool = False
+    first_at: float = 0.0
+    done_at: float = 0.0
+    blocks: RamBlocks | None = None
+    windows: dict[str, tuple[Window, ...]] | None = None
+    starts: dict[str, list[int]] = field(default_factory=dict)
+    _last: dict[str, Window] = field(default_factory=dict)
+    pending: _Pending = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pending = _Pending(self.out_fd)
 
     def run(self) -> None:
         """Read the whole stream (raises :class:`MigrationStreamError` or ``OSError``)."""
         raw = io.FileIO(self.read_fd, "rb", closefd=False)
-        source = _Counting(io.BufferedReader(raw, _READ_BUFFER), self)
+        source = _Counting(raw, self)
         parser = MigrationStream(source)
-        maps: dict[str, _BlockMap] = {}
-        pending = _Pending(self.out_fd)
-        for record in parser.records():
-            if self.stop.is_set():
-                raise _Stopped
-            if isinstance(record, Page):
-                if not self.first_page.is_set():
-                    self.first_page.set()
-                    while not self.plan_ready.wait(0.1):
-                        if self.stop.is_set():
-                            raise _Stopped
-                self._page(record, maps, pending)
-            elif isinstance(record, RamBlocks):
-                maps = block_maps(self.layout, record)
+        for record in parser.feed(self):
+            if isinstance(record, RamBlocks):
+                self.blocks = record
             elif isinstance(record, RamDone):
-                pending.flush()
+                self.pending.flush()
                 self.done = True
-        pending.flush()
+                self.done_at = time.monotonic()
+        self.pending.flush()
         self._check_complete()
         # Drain the device state so that QEMU completes (it is not part of the dump).
         while source.read(_READ_BUFFER):
             if self.stop.is_set():
                 raise _Stopped
 
-    def _page(self, page: Page, maps: Mapping[str, _BlockMap], pending: _Pending) -> None:
-        where = maps.get(page.block)
-        gpa = where.gpa(page.offset) if where is not None else None
-        if gpa is None or not self.coverage.contains(gpa):
+    def page(self, block: str, offset: int, data: bytes | None, /) -> None:
+        """One page from the parser (the hot path: a cached window, a few comparisons)."""
+        w = self._last.get(block)
+        if w is None or not w.start <= offset < w.end:
+            w = self._window(block, offset)
+            if w is None:
+                return
+        if not w.covered:
             return  # ROM blobs, hidden parts of main RAM: not in QEMU's dump either
-        index = (gpa - self.base) // PAGE_SIZE
+        delta = offset - w.start
+        index = (w.gpa + delta - self.base) >> 12
         if self.seen[index]:
-            raise MigrationStreamError(f"the page at {gpa:#x} was sent twice")
+            raise MigrationStreamError(f"the page at {w.gpa + delta:#x} was sent twice")
         self.seen[index] = 1
         self.received += 1
-        if page.data is None:
+        if data is None:
             self.zero_pages += 1
             return
-        self.data_pages += 1
-        assert self.plan is not None
-        seg = segment_for(self.plan, gpa)
-        if seg is None or seg.file_offset is None or gpa + PAGE_SIZE > seg.gpa + seg.filesz:
+        if w.file_offset < 0:
             raise MigrationStreamError(
-                f"the page at {gpa:#x} holds data, but the host reported that memory "
+                f"the page at {w.gpa + delta:#x} holds data, but the host reported that memory "
                 "unpopulated at the snapshot point"
             )
-        pending.add(seg.file_offset + (gpa - seg.gpa), page.data)
+        self.data_pages += 1
+        self.pending.add(w.file_offset + delta, data)
         self.copied += PAGE_SIZE
+
+    def _window(self, block: str, offset: int) -> Window | None:
+        if not self.first_page.is_set():
+            self.first_at = time.monotonic()
+            self.first_page.set()
+            while not self.plan_ready.wait(0.1):
+                if self.stop.is_set():
+                    raise _Stopped
+        if self.stop.is_set():
+            raise _Stopped
+        if self.windows is None:
+            assert self.plan is not None
+            assert self.blocks is not None
+            self.windows = block_windows(self.layout, self.blocks, self.coverage, self.plan)
+            self.starts = {name: [w.start for w in ws] for name, ws in self.windows.items()}
+        ws = self.windows.get(block)
+        if not ws:
+            return None
+        i = bisect_right(self.starts[block], offset) - 1
+        if i < 0 or offset >= ws[i].end:
+            return None
+        self._last[block] = ws[i]
+        return ws[i]
 
     def set_coverage(self, coverage: RangeSet) -> None:
         """The guest-physical pages QEMU's dump holds: each must arrive exactly once."""
@@ -421,7 +480,7 @@ class _Stopped(Exception):
 
 
 class _Counting:
-    def __init__(self, inner: io.BufferedReader, reader: _Reader) -> None:
+    def __init__(self, inner: io.FileIO, reader: _Reader) -> None:
         self.inner = inner
         self.reader = reader
 
@@ -480,6 +539,7 @@ class _Migration:
         self.session = session
         self.caps_before: dict[str, bool] = {}
         self.changed = False
+        self.bandwidth_before: int | None = None
 
     async def prepare(self) -> None:
         status = await self.session.execute("query-migrate")
@@ -499,6 +559,13 @@ class _Migration:
         if not self.caps_before["background-snapshot"]:
             await self._set_caps(True)
             self.changed = True
+        # The default cap (128 MiB/s) would make the stream, and the guest's writes to pages
+        # not yet sent, wait for no reason: the reader keeps up with QEMU.
+        params = await self.session.execute("query-migrate-parameters")
+        bandwidth = params.get("max-bandwidth") if isinstance(params, dict) else None
+        if isinstance(bandwidth, int) and bandwidth < _BANDWIDTH:
+            await self.session.execute("migrate-set-parameters", {"max-bandwidth": _BANDWIDTH})
+            self.bandwidth_before = bandwidth
 
     async def _set_caps(self, state: bool) -> None:
         await self.session.execute(
@@ -507,10 +574,17 @@ class _Migration:
         )
 
     async def restore(self) -> None:
-        if self.changed and self.session.connected:
-            with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
+        if not self.session.connected:
+            return
+        with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
+            if self.changed:
                 await self._set_caps(False)
                 self.changed = False
+            if self.bandwidth_before is not None:
+                await self.session.execute(
+                    "migrate-set-parameters", {"max-bandwidth": self.bandwidth_before}
+                )
+                self.bandwidth_before = None
 
 
 async def _final_status(session: QMPSession, timeout_s: float) -> dict[str, Any]:
@@ -685,6 +759,7 @@ async def dump_with_snapshot(
     cancel = cancel or asyncio.Event()
     t0 = time.monotonic()
     before = before or await survey(session)
+    surveyed_s = time.monotonic() - t0
     predicted = _check_request(before, request)
     if predicted and any(
         d.device.memdev in _plugged_holes(before) and not d.plugged_exact
@@ -695,6 +770,7 @@ async def dump_with_snapshot(
         predicted = _check_request(before, request)
     fd_before = _fd_populated(before)
     run = _Run(session, output, request, before)
+    run.timings["surveyed_s"] = surveyed_s
     if predicted and request.preallocate:
         run.timings["preallocated_bytes"] = await asyncio.to_thread(preallocate, before)
         run.timings["preallocate_s"] = time.monotonic() - t0
@@ -704,6 +780,8 @@ async def dump_with_snapshot(
         result, plan = await run.snapshot_point()
         assert run.worker is not None
         await _follow(run.reader, run.worker, plan, progress, cancel)
+        run.timings["read_s"] = time.monotonic() - t0
+        run.timings["pages_s"] = run.reader.done_at - run.reader.first_at
         final = await run.finish(timeout_s)
         run.timings["stream_s"] = time.monotonic() - t0
         digest = await asyncio.to_thread(_finish_output, output.fd, plan.file_size)
