@@ -8,6 +8,8 @@ is tested first on hand-made stamps, one per way a dump can be inconsistent.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,33 @@ async def test_snapshot_dumps_of_the_writer_pass_the_check(
             assert snap.paused_s is not None
             snap.path.unlink()
     assert await status(vm) == "running"
+
+
+@pytest.mark.guest
+@needs_snapshot
+async def test_a_slow_reader_slows_the_guest_but_never_blocks_it(
+    vm_factory: VMFactory,
+    dumps: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reader that stalls (here: every write of the core sleeps; a slow disk cannot be made
+    on demand on this machine) makes QEMU wait on the socket. The guest's writes to pages not
+    yet sent wait with it, the rest of the guest runs; the dump completes and is consistent."""
+    from qmpdump.engines import snapshot as engine  # noqa: PLC0415
+
+    original = engine._Pending.flush
+
+    def slow_flush(self: engine._Pending) -> None:
+        time.sleep(0.02)
+        original(self)
+
+    monkeypatch.setattr(engine._Pending, "flush", slow_flush)
+    vm = await vm_factory(WRITER_GUEST)
+    async with QMPSession(str(vm.qmp_path)) as session:
+        before = vm.serial_text().count("QMPDUMP-GEN")
+        snap = await run_dump(session, dumps / "slow.elf", engine="snapshot")
+        assert await status(vm) == "running"
+        await asyncio.sleep(1.0)
+        assert vm.serial_text().count("QMPDUMP-GEN") > before  # the writer went on
+    verdict = check_cut(stamps_in_core(snap.path), WRITER_MIB * 256)
+    assert verdict.ok, verdict.reason
