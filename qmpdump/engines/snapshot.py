@@ -50,7 +50,7 @@ import socket
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -63,8 +63,10 @@ from qmpdump.errors import (
     DumpError,
     DumpFailed,
     MigrationStreamError,
+    QEMUGone,
     QMPCommandError,
     QMPDisconnected,
+    QmpdumpError,
     QMPTimeout,
     SnapshotRefused,
 )
@@ -722,27 +724,40 @@ class _Run:
             )
         return final
 
-    async def unwind(self) -> None:
-        """Whatever happened: reader stopped, VM running as before, migration over, caps back."""
+    async def unwind(self) -> QmpdumpError | None:
+        """Whatever happened: reader stopped, VM running as before, migration over, caps back.
+
+        Every step runs even when an earlier one failed (QEMU gone, a timeout); the first
+        failure is returned for the caller to raise when the dump itself succeeded.
+        """
+        failures: list[QmpdumpError] = []
+
+        async def step(action: Awaitable[None]) -> None:
+            try:
+                await asyncio.shield(action)
+            except QmpdumpError as err:
+                failures.append(err)
+
         self.reader.stop.set()
         self.reader.plan_ready.set()
         with contextlib.suppress(OSError):
             self.ours.shutdown(socket.SHUT_RDWR)
         if self.running and self.stopped_at is not None and not self.resumed:
-            await asyncio.shield(_resume(self.session))
+            await step(_resume(self.session))
             if self.request.on_resume is not None:
                 self.request.on_resume()
         if self.migrating:
-            await asyncio.shield(_cancel_migration(self.session))
+            await step(_cancel_migration(self.session))
         if self.worker is not None:
             await asyncio.wait([self.worker])
             if not self.worker.cancelled():
                 self.worker.exception()
         self.ours.close()
         self.theirs.close()
-        await asyncio.shield(self.migration.restore())
+        await step(self.migration.restore())
         with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
             await self.session.execute("closefd", {"fdname": self.fdname}, timeout_s=2.0)
+        return failures[0] if failures else None
 
 
 async def dump_with_snapshot(
@@ -779,7 +794,9 @@ async def dump_with_snapshot(
         await run.hand_over_socket()
         result, plan = await run.snapshot_point()
         assert run.worker is not None
-        await _follow(run.reader, run.worker, plan, progress, cancel)
+        await _follow(
+            run.reader, run.worker, plan, progress=progress, cancel=cancel, timeout_s=timeout_s
+        )
         run.timings["read_s"] = time.monotonic() - t0
         run.timings["pages_s"] = run.reader.done_at - run.reader.first_at
         final = await run.finish(timeout_s)
@@ -787,9 +804,19 @@ async def dump_with_snapshot(
         digest = await asyncio.to_thread(_finish_output, output.fd, plan.file_size)
         run.timings["hashed_s"] = time.monotonic() - t0
     except OSError as err:
-        raise write_error(err, output.final) from err
-    finally:
         await run.unwind()
+        raise write_error(err, output.final) from err
+    except MigrationStreamError as err:
+        await run.unwind()
+        if not session.connected:
+            raise QEMUGone(f"QEMU went away during the snapshot: {err}") from err
+        raise
+    except BaseException:
+        await run.unwind()
+        raise
+    failure = await run.unwind()
+    if failure is not None:
+        raise failure
     after = await asyncio.to_thread(_rescan_fd_only, result)
     paused_s = _paused_from_events(run.heard)
     if progress is not None:
@@ -907,15 +934,20 @@ async def _follow(
     reader: _Reader,
     worker: asyncio.Task[None],
     plan: CorePlan,
+    *,
     progress: Callable[[Progress], None] | None,
     cancel: asyncio.Event,
+    timeout_s: float,
 ) -> None:
     expected = plan.data.total
+    deadline = time.monotonic() + timeout_s
     try:
         while not worker.done():
             await asyncio.wait([worker], timeout=0.1)
             if cancel.is_set():
                 raise DumpCancelled("the dump was cancelled")
+            if time.monotonic() > deadline:
+                raise QMPTimeout("the background snapshot's stream", timeout_s)
             if progress is not None:
                 progress(Progress(reader.copied, reader.copied, expected))
         worker.result()
