@@ -372,6 +372,8 @@ class _Reader:
     done: bool = False
     first_at: float = 0.0
     done_at: float = 0.0
+    #: called (in the reader thread) when the first page arrived
+    on_first_page: Callable[[], object] | None = None
     blocks: RamBlocks | None = None
     windows: dict[str, tuple[Window, ...]] | None = None
     starts: dict[str, list[int]] = field(default_factory=dict)
@@ -431,6 +433,8 @@ class _Reader:
         if not self.first_page.is_set():
             self.first_at = time.monotonic()
             self.first_page.set()
+            if self.on_first_page is not None:
+                self.on_first_page()
             while not self.plan_ready.wait(0.1):
                 if self.stop.is_set():
                     raise _Stopped
@@ -892,8 +896,23 @@ async def _rescan(before: Survey) -> Survey:
 async def _wait_first_page(
     reader: _Reader, worker: asyncio.Task[None], session: QMPSession, *, timeout_s: float
 ) -> None:
+    """Return once the reader has the first page; QMP is asked only every 50 ms (each round
+    trip inside the pause costs the guest time when the host is busy)."""
+    loop = asyncio.get_running_loop()
+    arrived: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not arrived.done():
+            arrived.set_result(None)
+
+    reader.on_first_page = lambda: loop.call_soon_threadsafe(wake)
+    if reader.first_page.is_set():
+        return
     deadline = time.monotonic() + timeout_s
     while not reader.first_page.is_set():
+        await asyncio.wait([arrived, worker], timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+        if reader.first_page.is_set():
+            return
         if worker.done():
             worker.result()
             raise MigrationStreamError("the migration stream ended before its first page")
@@ -905,7 +924,6 @@ async def _wait_first_page(
                 f"the background snapshot {status.get('status')}: "
                 f"{status.get('error-desc', 'no reason given')}"
             )
-        await asyncio.wait([worker], timeout=0.001)
 
 
 async def _resume(session: QMPSession) -> None:
