@@ -61,6 +61,7 @@ class Row:
     during: float
     after: float
     cut: str
+    timings: str = ""
 
 
 class Writer:
@@ -161,8 +162,11 @@ async def one_dump(
     target.unlink()
     target.with_name(target.name + ".json").unlink()
     predicted = None
+    timings = ""
     if engine == "snapshot":
-        predicted = outcome.record["request"]["host_growth"]["predicted_bytes"]
+        details = outcome.record["request"]
+        predicted = details["host_growth"]["predicted_bytes"]
+        timings = " ".join(f"{k}={v:.3f}" for k, v in details["timings_s"].items())
     return Row(
         vm=vm.spec.name,
         load=load,
@@ -176,6 +180,7 @@ async def one_dump(
         during=writer.rate(t0, t1),
         after=writer.rate(t1, t1 + WINDOW_S),
         cut="pass" if verdict.ok else f"FAIL ({verdict.reason[:40]})",
+        timings=timings,
     )
 
 
@@ -238,6 +243,7 @@ def print_rows(rows: list[Row]) -> None:
     for r in rows:
         if r.engine != "snapshot":
             continue
+        print(f"{r.vm} {r.load} snapshot steps (s from start): {r.timings}")
         backend = next(
             (x for x in rows if (x.vm, x.load, x.engine) == (r.vm, r.load, "backend")), None
         )
