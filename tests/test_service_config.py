@@ -197,7 +197,8 @@ def test_per_vm_dump_defaults(tmp_path: Path) -> None:
         ),
         (
             DAEMON + 'default_engine = "fast"\n' + MINIMAL.removeprefix(DAEMON),
-            "daemon.default_engine: input should be 'auto', 'backend', 'qemu' or 'snapshot' (got 'fast')",
+            "daemon.default_engine: input should be 'auto', 'backend', 'qemu' or 'snapshot' "
+            "(got 'fast')",
         ),
         (
             DAEMON + 'default_format = "kdmup-zlib"\n' + MINIMAL.removeprefix(DAEMON),
