@@ -663,7 +663,14 @@ class _Run:
         self.theirs.close()
 
     async def snapshot_point(self) -> tuple[Survey, CorePlan]:
-        """Stop, read the instant's facts, start the snapshot, resume at its first page."""
+        """Stop, read the instant's notes, start the snapshot, resume at its first page; then
+        plan the core (the reader holds the pages until the plan is ready).
+
+        Only what must describe the instant happens inside the pause: QEMU's notes and
+        coverage. The populated set is read right after ``cont``: on anonymous RAM it can only
+        have grown since the instant (a superset is a correct plan: pages that arrive as zero
+        stay holes), and on shmem the holes were faulted in before the pause anyway.
+        """
         t0 = time.monotonic()
         with self.session.listen("STOP", "RESUME") as listener:
             if self.running:
@@ -671,15 +678,14 @@ class _Run:
                     self.request.on_pause()
                 self.stopped_at = time.monotonic()
                 await self.session.execute("stop")
-            result = await _rescan(self.before)
             prefix = await probe_prefix_without_growth(
                 self.session,
-                result.facts,
-                result.layout,
-                result.population.regions,
-                result.access,
+                replace(self.before.facts, running=False, run_state="paused"),
+                self.before.layout,
+                self.before.population.regions,
+                self.before.access,
             )
-            self.timings["scan_probe_s"] = time.monotonic() - t0
+            self.timings["probe_s"] = time.monotonic() - t0
             self.worker = asyncio.create_task(
                 asyncio.to_thread(self.reader.run), name="snapshot-read"
             )
@@ -688,16 +694,19 @@ class _Run:
             except QMPCommandError as err:
                 raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
             self.migrating = True
-            plan = self._plan(prefix, result)
             await _wait_first_page(self.reader, self.worker, self.session, timeout_s=30.0)
-            self.timings["to_first_page_s"] = time.monotonic() - t0
+            self.timings["first_page_s"] = time.monotonic() - t0
             if self.running:
                 await _resume(self.session)
                 self.resumed = True
                 self.paused_clock = time.monotonic() - t0
                 if self.request.on_resume is not None:
                     self.request.on_resume()
+            self.timings["resumed_s"] = time.monotonic() - t0
             self.heard = [dict(e) for e in listener.clear()]
+        result = await _rescan(self.before)
+        plan = await asyncio.to_thread(self._plan, prefix, result)
+        self.timings["planned_s"] = time.monotonic() - t0
         return result, plan
 
     def _plan(self, prefix: bytes, result: Survey) -> CorePlan:
