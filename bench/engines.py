@@ -34,9 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qmpdump.engines.backend import BackendDumpRequest
-from qmpdump.engines.qemu import QemuDumpRequest
 from qmpdump.engines.run import run_dump
+from qmpdump.engines.spec import DumpSpec
 from qmpdump.host.extents import path_extents
 from qmpdump.memmap.ranges import Range, RangeSet
 from qmpdump.qmp.session import QMPSession
@@ -133,7 +132,7 @@ async def measure_dump(
     engine: str,
     fmt: str = "elf",
     *,
-    backend: BackendDumpRequest | None = None,
+    zero_pages: bool = False,
 ) -> Row:
     """One dump through qmpdump's own code path, with growth measured around it."""
     async with QMPSession(str(vm.qmp_path), timeout_s=60) as qmp:
@@ -141,13 +140,8 @@ async def measure_dump(
         grown_from = populated_bytes(before)
         shmem_from = shmem_bytes()
         t0 = time.perf_counter()
-        outcome = await run_dump(
-            qmp,
-            target,
-            engine=engine,
-            qemu=QemuDumpRequest(format=fmt),
-            backend=backend or BackendDumpRequest(),
-        )
+        spec = DumpSpec.checked(engine=engine, format=fmt, zero_pages=zero_pages)
+        outcome = await run_dump(qmp, target, spec)
         wall = time.perf_counter() - t0
         after = await survey(qmp)
         growth = populated_bytes(after) - grown_from
@@ -225,7 +219,7 @@ async def main(pattern_mib: int, out_dir: Path) -> int:
                 "backend --zero-pages",
                 out_dir / "z.elf",
                 "backend",
-                backend=BackendDumpRequest(zero_pages=True),
+                zero_pages=True,
             )
         )
         rows.append(

@@ -31,14 +31,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qmpdump.engines.run import run_dump
-from qmpdump.engines.snapshot import SnapshotDumpRequest
+from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.host.extents import path_extents
 from qmpdump.host.procfs import find_mapping_file
+from qmpdump.qmp.events import paused_seconds
 from qmpdump.qmp.session import QMPSession
 from qmpdump.testbed.cutcheck import check_cut, stamps_in_core
 from qmpdump.testbed.vm import VM, Backend, GiB, MiB, VirtioMemSpec, VMSpec, launch
@@ -126,19 +126,6 @@ async def fd_populated(vm: VM) -> int:
     return total
 
 
-def _paused(heard: list[dict[str, Any]]) -> float | None:
-    total, stopped, seen = 0.0, None, False
-    for e in heard:
-        stamp = e["timestamp"]
-        at = stamp["seconds"] + stamp["microseconds"] / 1e6
-        if e["event"] == "STOP":
-            stopped, seen = at, True
-        elif e["event"] == "RESUME" and stopped is not None:
-            total += at - stopped
-            stopped = None
-    return total if seen else None
-
-
 async def one_dump(
     vm: VM, session: QMPSession, writer: Writer, *, engine: str, load: str, folder: Path
 ) -> Row:
@@ -150,12 +137,11 @@ async def one_dump(
         outcome = await run_dump(
             session,
             target,
-            engine=engine,
-            snapshot=SnapshotDumpRequest(max_host_growth=8 * GiB),
+            DumpSpec(engine=EngineName(engine), max_host_growth=8 * GiB),
             overwrite=True,
         )
         t1 = time.monotonic()
-        heard = [dict(e) for e in listener.clear()]
+        heard = listener.drain()
     await asyncio.sleep(WINDOW_S)
     growth = await fd_populated(vm) - growth0
     verdict = check_cut(stamps_in_core(target), WRITER_MIB * 256)
@@ -164,7 +150,7 @@ async def one_dump(
     predicted = None
     timings = ""
     if engine == "snapshot":
-        details = outcome.record["request"]
+        details = outcome.record.request.model_dump()
         predicted = details["host_growth"]["predicted_bytes"]
         timings = " ".join(f"{k}={v:.3f}" for k, v in details["timings_s"].items())
     return Row(
@@ -172,7 +158,7 @@ async def one_dump(
         load=load,
         engine=engine,
         wall_s=t1 - t0,
-        paused_s=_paused(heard),
+        paused_s=paused_seconds(heard),
         size=outcome.size,
         growth=growth,
         predicted=predicted,

@@ -11,8 +11,10 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
 
     QmpdumpError
      +-- UsageError              bad arguments or configuration (exit 2)
+ |    +-- FdPassingUnavailable  the engine must pass an fd, and QMP runs over TCP (exit 2)
      +-- TestbedError            the built-in test/demo VMs (exit 10)
      |    +-- GuestBuildError    the guest kernel/initramfs could not be built
+     |    +-- QemuFetchError     the cached QEMU build could not be fetched or unpacked
      |    +-- LaunchError        QEMU exited or failed to start
      |    +-- GuestTimeout       the guest did not reach a state in time
      +-- QMPConnectError         no QMP session could be opened (exit 20..24)
@@ -52,6 +54,7 @@ __all__ = [
     "DumpError",
     "DumpFailed",
     "ElfFormatError",
+    "FdPassingUnavailable",
     "GuestBuildError",
     "GuestTimeout",
     "HostAccessError",
@@ -66,6 +69,7 @@ __all__ = [
     "QMPDisconnected",
     "QMPReplyError",
     "QMPTimeout",
+    "QemuFetchError",
     "QmpdumpError",
     "ServiceError",
     "SnapshotRefused",
@@ -90,6 +94,20 @@ class UsageError(QmpdumpError):
     exit_code = 2
 
 
+class FdPassingUnavailable(UsageError):
+    """Raised when a dump needs to pass a pipe to QEMU and the QMP session runs over TCP (file
+    descriptors travel only over UNIX sockets, ``SCM_RIGHTS``)."""
+
+    def __init__(self, address: str, engine: str | None = None) -> None:
+        self.address = address
+        self.engine = engine
+        who = f"the {engine} engine" if engine else "this dump"
+        super().__init__(
+            f"{address}: {who} passes a pipe to QEMU, which QMP over TCP cannot carry; "
+            "give qmpdump QEMU's UNIX QMP socket"
+        )
+
+
 class TestbedError(QmpdumpError):
     """Raised by the built-in VM testbed (used by the demo and the test suite)."""
 
@@ -99,6 +117,10 @@ class TestbedError(QmpdumpError):
 
 class GuestBuildError(TestbedError):
     """Raised when the test guest (kernel and initramfs) cannot be fetched or built."""
+
+
+class QemuFetchError(TestbedError):
+    """Raised when a cached QEMU build (bookworm-backports' 10.0) cannot be fetched or unpacked."""
 
 
 class LaunchError(TestbedError):

@@ -16,15 +16,40 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from qmpdump.errors import DiskFull, DumpError, UsageError
 
-__all__ = ["PARTIAL_SUFFIX", "DumpFile", "sidecar_path", "write_error"]
+__all__ = ["PARTIAL_SUFFIX", "DumpFile", "DumpTarget", "sidecar_path", "write_error"]
 
 PARTIAL_SUFFIX = ".partial"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+
+
+class DumpTarget(Protocol):
+    """Where an engine writes a dump: a seekable fd, then committed with its sidecar or discarded.
+
+    :class:`DumpFile` (a local file) is the one target today. A sink elsewhere (object storage)
+    is another implementation: engines write ``fd`` (a local spool), ``commit`` publishes it
+    with its sidecar and returns where it went, ``discard`` removes every trace.
+    """
+
+    #: where the engine writes (seekable: engines may write out of order)
+    fd: int
+
+    @property
+    def final(self) -> Path:
+        """The dump's name, for messages and the sidecar's neighbour."""
+        ...
+
+    def commit(self, sidecar: Mapping[str, Any] | None = None) -> Path:
+        """Make the dump durable and visible; write the sidecar next to it."""
+        ...
+
+    def discard(self) -> None:
+        """Remove whatever was written; idempotent."""
+        ...
 
 
 def sidecar_path(dump: Path) -> Path:

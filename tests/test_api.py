@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
+from qmpdump.engines.spec import DumpFormat, EngineName, Mode
 from qmpdump.errors import (
     Conflict,
     NotFound,
@@ -240,11 +241,11 @@ class FakeCore:
         await asyncio.sleep(0)
         return SAMPLE_MAP
 
-    def submit(self, name: str, request: DumpRequest) -> JobView:
+    async def submit(self, name: str, request: DumpRequest) -> JobView:
         self._enter("submit", name, request)
         vm = self._vm(name)
-        if request.format == "bogus":
-            raise UsageError("format 'bogus' is not one QEMU offers (elf, kdump-zlib, ...)")
+        if request.format == "win-dmp":
+            raise UsageError("format 'win-dmp' is not one this VM offers (elf, kdump-zlib, ...)")
         if name in self.busy:
             raise Conflict(f"VM {name!r} already has a dump queued")
         job = self.add_job(
@@ -313,7 +314,7 @@ class FakeCore:
             self.job_views[job_id] = self.script[job_id].pop(0)
         return self.job_views[job_id]
 
-    def cancel(self, job_id: str) -> JobView:
+    async def cancel(self, job_id: str) -> JobView:
         self._enter("cancel", job_id)
         job = self.job_views.get(job_id)
         if job is None:
@@ -498,7 +499,10 @@ async def test_request_answers_202_with_the_job_and_its_location(served: Served)
     followed = await http(served.sock, "GET", answer.headers["Location"])
     assert followed.status == 200
     assert JobView.model_validate(followed.json()).id == job.id
-    assert served.core.calls[0] == ("submit", ("web1", DumpRequest(engine="qemu", mode="live")))
+    assert served.core.calls[0] == (
+        "submit",
+        ("web1", DumpRequest(engine=EngineName.QEMU, mode=Mode.LIVE)),
+    )
 
 
 @pytest.mark.parametrize("body", [b"", b"  \n", b"{}"])
@@ -510,7 +514,7 @@ async def test_request_with_no_fields_takes_the_defaults(served: Served, body: b
 
 async def test_client_request_job_cancel(served: Served, api: ApiClient) -> None:
     served.core.outcome["web1"] = "never"
-    job = await api.request("web1", DumpRequest(format="kdump-zlib"))
+    job = await api.request("web1", DumpRequest(format=DumpFormat.KDUMP_ZLIB))
     assert job.state == "queued"
     assert job.format == "kdump-zlib"
     running = await api.job(job.id)
@@ -630,8 +634,8 @@ async def test_curl_speaks_to_every_kind_of_route(served: Served) -> None:
         (b'{"engine": "qemu", "output": "x.elf"}', "output", "unknown field"),
         (b'{"engine": "gdb"}', "engine", "auto"),
         (b'{"engine": 1}', "engine", ""),
-        (b'{"format": 5}', "format", "string"),
-        (b'{"format": ["elf"]}', "format", "string"),
+        (b'{"format": 5}', "format", "'kdump-zlib'"),
+        (b'{"format": ["elf"]}', "format", "'kdump-zlib'"),
         (b'{"mode": "fast"}', "mode", "live"),
         (b'{"mode": true}', "mode", ""),
     ],
@@ -709,9 +713,9 @@ async def test_every_bad_query_parameter_is_named(served: Served) -> None:
 
 
 async def test_a_usage_error_of_the_core_is_400(served: Served, api: ApiClient) -> None:
-    with pytest.raises(UsageError, match="format 'bogus' is not one QEMU offers"):
-        await api.request("web1", DumpRequest(format="bogus"))
-    answer = await http(served.sock, "POST", "/v1/vms/web1/dumps", data=b'{"format": "bogus"}')
+    with pytest.raises(UsageError, match="format 'win-dmp' is not one this VM offers"):
+        await api.request("web1", DumpRequest(format=DumpFormat.WIN_DMP))
+    answer = await http(served.sock, "POST", "/v1/vms/web1/dumps", data=b'{"format": "win-dmp"}')
     assert answer.status == 400
     assert answer.error()["fields"] == []
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from qmpdump.engines.spec import DumpFormat, EngineName, Mode
 from qmpdump.service.api import make_app, serve_unix, stop_serving
 from qmpdump.service.views import DumpRequest, JobView
 
@@ -136,13 +137,13 @@ async def test_request_without_wait_prints_the_queued_job(served: Served) -> Non
     job = JobView.model_validate(doc)
     assert (job.state, job.engine, job.format) == ("queued", "qemu", "kdump-zlib")
     assert served.core.calls == [
-        ("submit", ("web1", DumpRequest(engine="qemu", format="kdump-zlib")))
+        ("submit", ("web1", DumpRequest(engine=EngineName.QEMU, format=DumpFormat.KDUMP_ZLIB)))
     ]
     code, out, _ = await cli(served, "request", "web1", "--live")
     assert code == 0
     assert out.startswith("job ")
     assert "queued" in out
-    assert served.core.last_call() == ("submit", ("web1", DumpRequest(mode="live")))
+    assert served.core.last_call() == ("submit", ("web1", DumpRequest(mode=Mode.LIVE)))
 
 
 async def test_request_wait_follows_the_job_to_success(served: Served) -> None:
@@ -257,7 +258,7 @@ async def test_the_progress_bar_goes_to_a_terminal_on_stderr(served: Served) -> 
 
 
 async def test_job_wait_follows_an_existing_job(served: Served) -> None:
-    job = served.core.submit("web1", DumpRequest())
+    job = await served.core.submit("web1", DumpRequest())
     code, out, _ = await cli(served, "job", job.id, "--wait", "--json")
     assert code == 0
     assert JobView.model_validate_json(out).state == "succeeded"
@@ -268,7 +269,7 @@ async def test_job_wait_follows_an_existing_job(served: Served) -> None:
 
 async def test_cancel(served: Served) -> None:
     served.core.outcome["web1"] = "never"
-    job = served.core.submit("web1", DumpRequest())
+    job = await served.core.submit("web1", DumpRequest())
     doc = await cli_json(served, "cancel", job.id)
     assert JobView.model_validate(doc).state == "cancelled"
     assert served.core.last_call() == ("cancel", (job.id,))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qmpdump.engines.backend import BackendDumpRequest
 from qmpdump.engines.run import run_dump
+from qmpdump.engines.spec import DumpSpec, EngineName, Mode
 from qmpdump.qmp.session import QMPSession
 from qmpdump.testbed.cutcheck import Stamp, check_cut, stamps_in_core
 from qmpdump.testbed.vm import Backend, GiB, MiB, VirtioMemSpec, VMSpec
@@ -83,9 +83,11 @@ async def test_live_backend_dump_of_the_writer_fails_the_check(
     assert "QMPDUMP-WRITER run=" in vm.serial_text()
     async with QMPSession(str(vm.qmp_path)) as session:
         live = await run_dump(
-            session, dumps / "live.elf", engine="backend", backend=BackendDumpRequest(live=True)
+            session, dumps / "live.elf", DumpSpec(engine=EngineName.BACKEND, mode=Mode.LIVE)
         )
-        consistent = await run_dump(session, dumps / "stopped.elf", engine="backend")
+        consistent = await run_dump(
+            session, dumps / "stopped.elf", DumpSpec(engine=EngineName.BACKEND)
+        )
     assert await status(vm) == "running"
     fuzzy = check_cut(stamps_in_core(live.path), WRITER_MIB * 256)
     assert not fuzzy.ok, f"a live dump of a running writer looked consistent: {fuzzy}"
@@ -102,7 +104,9 @@ async def test_snapshot_dumps_of_the_writer_pass_the_check(
     vm = await vm_factory(WRITER_GUEST)
     async with QMPSession(str(vm.qmp_path)) as session:
         for n in range(3):
-            snap = await run_dump(session, dumps / f"snap{n}.elf", engine="snapshot")
+            snap = await run_dump(
+                session, dumps / f"snap{n}.elf", DumpSpec(engine=EngineName.SNAPSHOT)
+            )
             verdict = check_cut(stamps_in_core(snap.path), WRITER_MIB * 256)
             assert verdict.ok, f"snapshot {n}: {verdict}"
             assert snap.paused_s is not None
@@ -132,7 +136,7 @@ async def test_a_slow_reader_slows_the_guest_but_never_blocks_it(
     vm = await vm_factory(WRITER_GUEST)
     async with QMPSession(str(vm.qmp_path)) as session:
         before = vm.serial_text().count("QMPDUMP-GEN")
-        snap = await run_dump(session, dumps / "slow.elf", engine="snapshot")
+        snap = await run_dump(session, dumps / "slow.elf", DumpSpec(engine=EngineName.SNAPSHOT))
         assert await status(vm) == "running"
         await asyncio.sleep(1.0)
         assert vm.serial_text().count("QMPDUMP-GEN") > before  # the writer went on

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from qmpdump.engines.spec import DumpFormat, EngineName, Mode
 from qmpdump.errors import Conflict, NotFound, Unavailable, UsageError
 from qmpdump.service.client import ApiClient
 from qmpdump.service.views import ConnectionState, DumpRequest, JobView, VMView
@@ -433,8 +434,8 @@ async def test_two_vms_dump_in_parallel(
     svc = await daemons.start(setup, connected=2)
     api = svc.api
 
-    job_a = await api.request("a", DumpRequest(engine="backend"))
-    job_b = await api.request("b", DumpRequest(engine="qemu"))
+    job_a = await api.request("a", DumpRequest(engine=EngineName.BACKEND))
+    job_b = await api.request("b", DumpRequest(engine=EngineName.QEMU))
     follow = Snapshots([job_a.id, job_b.id])
     job_a, job_b = await follow.follow(api)
     assert ["running", "running"] in follow.seen, follow.seen
@@ -485,7 +486,7 @@ async def test_requests_on_one_vm_run_fifo_one_at_a_time_and_retention_keeps_two
         tmp_path,
         {"q": vm.qmp_path},
         max_concurrent_dumps=2,
-        default_engine="backend",
+        default_engine=EngineName.BACKEND,
         retention={"keep_count": 2},
     )
     svc = await daemons.start(setup, connected=1)
@@ -522,12 +523,49 @@ async def test_requests_on_one_vm_run_fifo_one_at_a_time_and_retention_keeps_two
 
 
 @pytest.mark.bare
+async def test_progress_of_a_compressed_qemu_dump_goes_through_the_middle_to_100(
+    vm_factory: VMFactory, daemons: Daemons, tmp_path: Path
+) -> None:
+    # kdump-zlib writes far fewer bytes than it covers: the job's percentage is guest bytes
+    # done of guest bytes to do (QEMU's counters), never bytes written against that total.
+    vm = await bare_vm(vm_factory, "kdprog", 2 * GiB, backend=Backend.FILE, data=1 * GiB)
+    setup = write_config(
+        tmp_path, {"k": vm.qmp_path}, default_engine=EngineName.QEMU, default_format="kdump-zlib"
+    )
+    svc = await daemons.start(setup, connected=1)
+    job = await svc.api.request("k")
+    seen: list[JobView] = []
+
+    async def check() -> JobView | None:
+        view = await svc.api.job(job.id)
+        seen.append(view)
+        return view if view.state in FINISHED else None
+
+    done = await eventually(check, "the kdump job finished", timeout_s=120.0, interval_s=0.2)
+    assert done.state == "succeeded", done
+    assert done.result is not None
+    final = done.progress
+    assert final.total is not None
+    assert final.completed == final.total >= 2 * GiB - 64 * MiB  # all RAM, as QEMU counts it
+    assert final.written == done.result.size < final.total // 2  # compressed
+    middle = [
+        v.progress
+        for v in seen
+        if v.state == "running" and v.progress.total and 0 < v.progress.completed < v.progress.total
+    ]
+    assert middle, [v.progress for v in seen]
+    fractions = [p.completed / (p.total or 1) for p in middle]
+    assert fractions == sorted(fractions)
+    assert any(p.written < p.completed for p in middle)
+
+
+@pytest.mark.bare
 async def test_cancel_running_queued_and_finished_jobs(
     vm_factory: VMFactory, daemons: Daemons, tmp_path: Path
 ) -> None:
     # QEMU's engine reads all 2 GiB: several seconds, cancelled well before the end.
     vm = await bare_vm(vm_factory, "cancel", 2 * GiB)
-    setup = write_config(tmp_path, {"c": vm.qmp_path}, default_engine="qemu")
+    setup = write_config(tmp_path, {"c": vm.qmp_path}, default_engine=EngineName.QEMU)
     svc = await daemons.start(setup, connected=1)
     api = svc.api
 
@@ -581,7 +619,7 @@ async def kill_while_paused_by_a_dump(daemons: Daemons, svc: Service, vm: VM) ->
     writes (measured here: 1.5 GB/s), against a poll of the run state every 10 ms through the
     testbed's own QMP session; the kill lands early in the copy.
     """
-    job = await svc.api.request("k", DumpRequest(engine="backend", mode="consistent"))
+    job = await svc.api.request("k", DumpRequest(engine=EngineName.BACKEND, mode=Mode.CONSISTENT))
 
     async def paused_by_the_dump() -> str | None:
         if await run_state(vm) == "paused":
@@ -644,7 +682,9 @@ async def test_sigkill_during_a_consistent_dump_then_restart_resumes_the_vm(
     second = await kill_while_paused_by_a_dump(daemons, again, vm)
     assert await run_state(vm) == "paused"
     third = await daemons.start(setup)
-    follow_up = await third.api.request("k", DumpRequest(engine="backend", mode="consistent"))
+    follow_up = await third.api.request(
+        "k", DumpRequest(engine=EngineName.BACKEND, mode=Mode.CONSISTENT)
+    )
     done = await wait_job(third.api, follow_up.id)
     assert done.state == "succeeded", done
     assert done.result is not None
@@ -667,7 +707,7 @@ async def test_qemu_restarted_under_the_daemon_is_reconnected(
     first = await bare_vm(vm_factory, "restart-a", 128 * MiB)
     link = tmp_path / "vm.qmp"
     link.symlink_to(first.qmp_path)
-    setup = write_config(tmp_path, {"r": link}, default_engine="qemu")
+    setup = write_config(tmp_path, {"r": link}, default_engine=EngineName.QEMU)
     svc = await daemons.start(setup, connected=1)
     api = svc.api
 
@@ -740,9 +780,9 @@ async def test_bad_requests_are_4xx_and_never_break_the_daemon(
     with pytest.raises(NotFound, match="no job"):
         await api.cancel(unknown_job)
     with pytest.raises(UsageError, match="ELF only"):
-        await api.request("v", DumpRequest(engine="backend", format="kdump-zlib"))
+        await api.request("v", DumpRequest(engine=EngineName.BACKEND, format=DumpFormat.KDUMP_ZLIB))
     with pytest.raises(UsageError, match="live mode"):
-        await api.request("v", DumpRequest(engine="qemu", mode="live"))
+        await api.request("v", DumpRequest(engine=EngineName.QEMU, mode=Mode.LIVE))
 
     # Through curl, including what the client would never send.
     sock = setup.api_socket
@@ -849,7 +889,7 @@ async def test_sigterm_lets_a_short_dump_finish_within_the_grace(
 ) -> None:
     vm = await bare_vm(vm_factory, "term-short", 1 * GiB, backend=Backend.FILE, data=768 * MiB)
     setup = write_config(
-        tmp_path, {"s": vm.qmp_path}, default_engine="backend", shutdown_grace_s=60.0
+        tmp_path, {"s": vm.qmp_path}, default_engine=EngineName.BACKEND, shutdown_grace_s=60.0
     )
     svc = await daemons.start(setup, connected=1)
     job = await svc.api.request("s")

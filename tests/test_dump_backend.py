@@ -63,11 +63,11 @@ from qmpdump.elf.format import (
 from qmpdump.elf.plan import notes_payload
 from qmpdump.engines import backend as backend_engine
 from qmpdump.engines import copier
-from qmpdump.engines.backend import BackendDumpRequest
+from qmpdump.engines.base import PauseHooks, Progress
 from qmpdump.engines.copier import CopyState, Source
 from qmpdump.engines.copyplan import CopyOp
-from qmpdump.engines.qemu import Progress
-from qmpdump.engines.run import run_dump
+from qmpdump.engines.run import DumpTask, run_dump
+from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.errors import DiskFull, DumpCancelled
 from qmpdump.host.extents import path_extents
 from qmpdump.host.procfs import find_mapping_file
@@ -495,11 +495,8 @@ async def watched(vm: VM) -> AsyncIterator[Watch]:
             await asyncio.sleep(0.3)  # the last RESUME of QEMU's own dump thread, if any
             if watch.states[-1] != now:
                 watch.states.append(now)
-            for message in listener.clear():
-                event: dict[str, Any] = dict(message)
-                stamp = event["timestamp"]
-                at = stamp["seconds"] + stamp["microseconds"] / 1e6
-                watch.heard.append((str(event["event"]), at))
+            for event in listener.drain():
+                watch.heard.append((event.event, event.at))
 
 
 @pytest.fixture
@@ -591,10 +588,10 @@ async def test_backend_dump_equals_qemu_dump(
     files = await shmem_files(vm)
     before = await asyncio.to_thread(populated, files)
     async with QMPSession(str(vm.qmp_path)) as session:
-        ours = await run_dump(session, dumps / "ours.elf", engine="backend")
+        ours = await run_dump(session, dumps / "ours.elf", DumpSpec(engine=EngineName.BACKEND))
         after_ours = await asyncio.to_thread(populated, files)
         assert await status(vm) == "paused"  # consistent mode on a paused VM: left paused
-        qemu = await run_dump(session, dumps / "qemu.elf", engine="qemu")
+        qemu = await run_dump(session, dumps / "qemu.elf", DumpSpec(engine=EngineName.QEMU))
         after_qemu = await asyncio.to_thread(populated, files)
     assert await status(vm) == "paused"
 
@@ -725,7 +722,9 @@ async def test_makedumpfile_reads_our_dump_through_mmap(running_vm: VM, dumps: P
     await vm.qmp.execute("stop")
     try:
         async with QMPSession(str(vm.qmp_path)) as session:
-            outcome = await run_dump(session, dumps / "mmap.elf", engine="backend")
+            outcome = await run_dump(
+                session, dumps / "mmap.elf", DumpSpec(engine=EngineName.BACKEND)
+            )
     finally:
         await vm.qmp.execute("cont")
     core = await asyncio.to_thread(read_core, outcome.path)
@@ -773,7 +772,9 @@ async def test_consistent_dump_of_a_paused_vm_leaves_it_paused(running_vm: VM, d
     await vm.qmp.execute("stop")
     try:
         async with watched(vm) as watch, QMPSession(str(vm.qmp_path)) as session:
-            outcome = await run_dump(session, dumps / "paused.elf", engine="backend")
+            outcome = await run_dump(
+                session, dumps / "paused.elf", DumpSpec(engine=EngineName.BACKEND)
+            )
         assert watch.events == []
         assert watch.states == ["paused"]
         assert outcome.paused_s is None
@@ -819,16 +820,22 @@ async def test_live_dump_keeps_the_vm_running(running_vm: VM, dumps: Path) -> No
 async def test_cancel_right_away(running_vm: VM, dumps: Path) -> None:
     vm = running_vm
     await assert_running(vm)
-    cancel = asyncio.Event()
-    cancel.set()
     folder = dumps / "out"
+    tasks: list[DumpTask] = []
+
+    async def cancel_at_pause() -> None:
+        tasks[0].cancel()  # lands on the stop command: the guard resumes to be sure
+
     with no_lost_task_errors() as reports:
         async with watched(vm) as watch, QMPSession(str(vm.qmp_path)) as session:
+            spec = DumpSpec(engine=EngineName.BACKEND)
+            hooks = PauseHooks(before_pause=cancel_at_pause)
+            tasks.append(DumpTask(run_dump(session, folder / "cancelled.elf", spec, hooks=hooks)))
             with pytest.raises(DumpCancelled):
-                await run_dump(session, folder / "cancelled.elf", engine="backend", cancel=cancel)
+                await tasks[0].result()
     assert reports == []
     assert leftovers(folder) == []
-    assert watch.events == ["STOP", "RESUME"]
+    assert watch.events in ([], ["STOP", "RESUME"])
     assert watch.states[-1] == "running"
 
 
@@ -851,25 +858,22 @@ async def test_cancel_mid_copy(
             time.sleep(0.02)
 
     monkeypatch.setattr(backend_engine, "copy_ops_into", slow_copy)
-    cancel = asyncio.Event()
+    tasks: list[DumpTask] = []
     seen: list[Progress] = []
 
     def progress(p: Progress) -> None:
-        if p.completed > 0 and not cancel.is_set():
+        if p.completed > 0 and not seen:
             seen.append(p)
-            cancel.set()
+            tasks[0].cancel()
 
     folder = dumps / "out"
     with no_lost_task_errors() as reports:
         async with watched(vm) as watch, QMPSession(str(vm.qmp_path)) as session:
+            spec = DumpSpec(engine=EngineName.BACKEND)
+            target = folder / "cancelled.elf"
+            tasks.append(DumpTask(run_dump(session, target, spec, progress=progress)))
             with pytest.raises(DumpCancelled):
-                await run_dump(
-                    session,
-                    folder / "cancelled.elf",
-                    engine="backend",
-                    cancel=cancel,
-                    progress=progress,
-                )
+                await tasks[0].result()
     assert reports == []
     (when,) = seen
     assert 0 < when.completed < when.total
@@ -888,7 +892,7 @@ async def test_disk_full_removes_the_partial_and_resumes_the_vm(
     with tiny_tmpfs(dumps / "small", "16m") as folder, no_lost_task_errors() as reports:
         async with watched(vm) as watch, QMPSession(str(vm.qmp_path)) as session:
             with pytest.raises(DiskFull) as raised:
-                await run_dump(session, folder / "big.elf", engine="backend")
+                await run_dump(session, folder / "big.elf", DumpSpec(engine=EngineName.BACKEND))
         assert raised.value.exit_code == 43
         assert leftovers(folder) == []
         # The same through the CLI: its exit code, one line, nothing left behind.
@@ -980,12 +984,11 @@ async def test_zero_pages_are_left_out_and_read_as_zeros(running_vm: VM, dumps: 
     await vm.qmp.execute("stop")
     try:
         async with QMPSession(str(vm.qmp_path)) as session:
-            full = await run_dump(session, dumps / "full.elf", engine="backend")
+            full = await run_dump(session, dumps / "full.elf", DumpSpec(engine=EngineName.BACKEND))
             lean = await run_dump(
                 session,
                 dumps / "lean.elf",
-                engine="backend",
-                backend=BackendDumpRequest(zero_pages=True),
+                DumpSpec(engine=EngineName.BACKEND, zero_pages=True),
             )
     finally:
         await vm.qmp.execute("cont")
@@ -997,7 +1000,7 @@ async def test_zero_pages_are_left_out_and_read_as_zeros(running_vm: VM, dumps: 
     assert left_out, "a booted guest has zero pages in its populated memory"
     assert core_lean.data - core_full.data == RangeSet.empty()
     assert lean.size < full.size
-    assert lean.record["request"]["zero_pages_left_out"] is True
+    assert lean.record.request.model_dump()["zero_pages_left_out"] is True
     with full.path.open("rb") as f_full, lean.path.open("rb") as f_lean:
         reader_full = GpaReader(core_full, f_full.fileno())
         reader_lean = GpaReader(core_lean, f_lean.fileno())

@@ -43,8 +43,10 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.segments import NoteSegment
 
-from qmpdump.engines.qemu import Progress, QemuDumpRequest, dump_with_qemu
-from qmpdump.engines.run import run_qemu_dump
+from qmpdump.engines.base import EngineJob, EngineResult, Progress
+from qmpdump.engines.qemu import ENGINE as QEMU_ENGINE
+from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
+from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.errors import DumpBusy, DumpCancelled, QEMUGone
 from qmpdump.host.extents import path_extents
 from qmpdump.memmap.layout import Layout
@@ -64,6 +66,23 @@ PATTERN_PAGE = PATTERN_UNIT * (PAGE // len(PATTERN_UNIT))
 #: makedumpfile's signatures (makedumpfile.h, diskdump_mod.h): flattened stream, kdump file
 FLAT_SIGNATURE = b"makedumpfile"
 KDUMP_SIGNATURE = b"KDUMP   "
+
+
+def qemu_spec(**options: Any) -> DumpSpec:
+    """A dump with QEMU's engine."""
+    return DumpSpec(engine=EngineName.QEMU, **options)
+
+
+async def run_qemu_dump(
+    session: QMPSession, target: Path, spec: DumpSpec, **kwargs: Any
+) -> DumpOutcome:
+    """Survey, QEMU's engine, commit: the whole path."""
+    return await run_dump(session, target, spec, **kwargs)
+
+
+async def dump_with_qemu(session: QMPSession, output: DumpFile, spec: DumpSpec) -> EngineResult:
+    """QEMU's engine alone, into an output the caller owns."""
+    return await QEMU_ENGINE.run(EngineJob(session, output, spec, await survey(session)))
 
 
 # ---------------------------------------------------------------- helpers
@@ -470,13 +489,11 @@ async def test_progress_increases_and_ends_at_total(vm_factory: VMFactory) -> No
     seen: list[Progress] = []
     with scratch_dir("progress") as folder:
         async with QMPSession(str(vm.qmp_path)) as qmp:
-            outcome = await run_qemu_dump(
-                qmp, folder / "vm.elf", QemuDumpRequest(), progress=seen.append
-            )
+            outcome = await run_qemu_dump(qmp, folder / "vm.elf", qemu_spec(), progress=seen.append)
         size = (folder / "vm.elf").stat().st_size
     assert outcome.size == size
     assert len(seen) >= 3, seen
-    total = outcome.record["request"]["qemu_total"]
+    total = outcome.record.request.model_dump()["qemu_total"]
     assert total >= 1 * GiB
     assert all(p.total == total for p in seen)
     for earlier, later in itertools.pairwise(seen):
@@ -491,27 +508,27 @@ async def test_progress_increases_and_ends_at_total(vm_factory: VMFactory) -> No
 @pytest.mark.bare
 async def test_cancel_in_process_leaves_nothing_and_qemu_usable(vm_factory: VMFactory) -> None:
     vm = await running_bare(vm_factory, "bare-cancel", 1 * GiB)
-    cancel = asyncio.Event()
     seen: list[Progress] = []
+    tasks: list[DumpTask] = []
 
     def progress(p: Progress) -> None:
         seen.append(p)
         if p.written > 0:
-            cancel.set()
+            tasks[0].cancel()
 
     with scratch_dir("cancel") as folder:
         async with QMPSession(str(vm.qmp_path)) as qmp:
+            dump = run_qemu_dump(qmp, folder / "vm.elf", qemu_spec(), progress=progress)
+            tasks.append(DumpTask(dump))
             with pytest.raises(DumpCancelled):
-                await run_qemu_dump(
-                    qmp, folder / "vm.elf", QemuDumpRequest(), progress=progress, cancel=cancel
-                )
+                await tasks[0].result()
             assert 0 < seen[-1].written < seen[-1].total
             assert files_in(folder) == []
             assert await run_state(vm) == "running"
             assert await dump_status(vm) == "failed"
             # QEMU is not stuck: the next dump runs to the end.
             again = await run_qemu_dump(
-                qmp, folder / "again.elf", QemuDumpRequest(begin=0, length=1 * MiB)
+                qmp, folder / "again.elf", qemu_spec(begin=0, length=1 * MiB)
             )
         assert again.size > 1 * MiB
         assert files_in(folder) == ["again.elf", "again.elf.json"]
@@ -567,7 +584,7 @@ async def test_qemu_killed_mid_dump(vm_factory: VMFactory) -> None:
     with scratch_dir("killed") as folder:
         async with QMPSession(str(vm.qmp_path)) as qmp:
             with pytest.raises(QEMUGone) as caught:
-                await run_qemu_dump(qmp, folder / "vm.elf", QemuDumpRequest(), progress=progress)
+                await run_qemu_dump(qmp, folder / "vm.elf", qemu_spec(), progress=progress)
         assert caught.value.exit_code == 42
         assert files_in(folder) == []
     # The testbed cleans up after a QEMU that died under it.
@@ -603,13 +620,12 @@ async def test_busy_while_another_dump_runs(vm_factory: VMFactory) -> None:
         read_fd, write_fd = os.pipe()
         try:
             with vm.qmp.listen("DUMP_COMPLETED") as completed:
-                vm.qmp.client.send_fd_scm(write_fd)
-                await vm.qmp.execute("getfd", {"fdname": "other-dump"})
+                fdname = await vm.qmp.pass_fd(write_fd)
                 os.close(write_fd)
                 write_fd = -1
                 await vm.qmp.execute(
                     "dump-guest-memory",
-                    {"paging": False, "protocol": "fd:other-dump", "detach": True},
+                    {"paging": False, "protocol": f"fd:{fdname}", "detach": True},
                 )
                 code, out, err = await cli(*dump_args(vm, folder / "ours.elf"))
                 assert (code, out) == (40, "")
@@ -617,12 +633,12 @@ async def test_busy_while_another_dump_runs(vm_factory: VMFactory) -> None:
                 assert files_in(folder) == []
                 # Let the other dump finish: drain the pipe to its end.
                 drained = await asyncio.to_thread(_drain, read_fd)
-                event: dict[str, Any] = dict(await asyncio.wait_for(completed.get(), 60))
+                event = await asyncio.wait_for(completed.get(), 60)
         finally:
             os.close(read_fd)
             if write_fd >= 0:
                 os.close(write_fd)
-        assert event["data"]["result"]["status"] == "completed"
+        assert event.data["result"]["status"] == "completed"
         assert drained >= 1 * GiB
     assert await settled_state(vm) == "running"
 
@@ -647,8 +663,8 @@ async def test_two_dumps_at_once_one_is_busy(vm_factory: VMFactory) -> None:
             with DumpFile.create(folder / "a.elf") as a, DumpFile.create(folder / "b.elf") as b:
                 t0 = time.monotonic()
                 results = await asyncio.gather(
-                    dump_with_qemu(qmp, a, QemuDumpRequest()),
-                    dump_with_qemu(vm.qmp, b, QemuDumpRequest()),
+                    dump_with_qemu(qmp, a, qemu_spec()),
+                    dump_with_qemu(vm.qmp, b, qemu_spec()),
                     return_exceptions=True,
                 )
                 elapsed = time.monotonic() - t0

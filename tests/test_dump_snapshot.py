@@ -12,7 +12,8 @@ The reference is QEMU's own dump, as for the sparse reader (``test_dump_backend.
 * faults (cancel, disk full, a migration already running, qmpdump killed mid-stream) end with
   the guest running, no partial file, and the capabilities restored.
 
-Which QEMU: the testbed's (``QMPDUMP_QEMU``). On QEMU older than 8.1 only the refusal is tested.
+Which QEMU: the testbed's (``QMPDUMP_QEMU_BUILD``, or a binary in ``QMPDUMP_QEMU``). On QEMU
+older than 8.1 only the refusal is tested.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from typing import Any
 
 import pytest
 
-from qmpdump.engines.run import run_dump
-from qmpdump.engines.snapshot import SnapshotDumpRequest
+from qmpdump.engines.base import Progress
+from qmpdump.engines.run import DumpTask, run_dump
+from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.errors import DiskFull, DumpBusy, DumpCancelled, SnapshotRefused
 from qmpdump.qmp.session import QMPSession
-from qmpdump.testbed.vm import QEMU_BINARY, VM, Backend, GiB, MiB, VirtioMemSpec, VMSpec
+from qmpdump.testbed.qemus import default_build, resolve
+from qmpdump.testbed.vm import VM, Backend, GiB, MiB, VirtioMemSpec, VMSpec
 
 from .conftest import VMFactory
 from .test_dump_backend import (
@@ -53,9 +56,8 @@ PAGE = 4096
 
 
 def _qemu_version() -> tuple[int, int]:
-    out = subprocess.run(
-        [QEMU_BINARY, "--version"], capture_output=True, text=True, check=False
-    ).stdout
+    binary = resolve(default_build()).binary
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
     m = re.search(r"version (\d+)\.(\d+)", out)
     return (int(m[1]), int(m[2])) if m else (0, 0)
 
@@ -113,7 +115,7 @@ async def test_refused_before_qemu_8_1(snap_vm: VM, dumps: Path) -> None:  # noq
     async with QMPSession(str(snap_vm.qmp_path)) as session:
         caps = await capabilities(session)
         with pytest.raises(SnapshotRefused, match=r"blocked on its next write"):
-            await run_dump(session, dumps / "x.elf", engine="snapshot")
+            await run_dump(session, dumps / "x.elf", DumpSpec(engine=EngineName.SNAPSHOT))
         assert await capabilities(session) == caps
     assert not list(dumps.iterdir())
     await assert_runs(snap_vm)
@@ -137,11 +139,10 @@ async def test_snapshot_of_a_stopped_vm_equals_qemus_dump(
         ours = await run_dump(
             session,
             dumps / "ours.elf",
-            engine="snapshot",
-            snapshot=SnapshotDumpRequest(max_host_growth=2 * GiB),
+            DumpSpec(engine=EngineName.SNAPSHOT, max_host_growth=2 * GiB),
         )
         assert await status(vm) == "paused"  # left as found
-        qemu = await run_dump(session, dumps / "qemu.elf", engine="qemu")
+        qemu = await run_dump(session, dumps / "qemu.elf", DumpSpec(engine=EngineName.QEMU))
     assert await status(vm) == "paused"
     mine, theirs = read_core(ours.path), read_core(qemu.path)
     assert mine.coverage == theirs.coverage
@@ -175,18 +176,18 @@ async def test_snapshot_of_a_running_vm_pauses_it_briefly(snap_vm: VM, dumps: Pa
     async with QMPSession(str(snap_vm.qmp_path)) as session:
         caps = await capabilities(session)
         with session.listen("STOP", "RESUME", "DUMP_COMPLETED") as listener:
-            ours = await run_dump(session, dumps / "ours.elf", engine="snapshot")
-            heard = [dict(e) for e in listener.clear()]
+            ours = await run_dump(session, dumps / "ours.elf", DumpSpec(engine=EngineName.SNAPSHOT))
+            heard = listener.drain()
         await assert_runs(snap_vm)
         assert await capabilities(session) == caps
         assert await migration_status(session) == "completed"
         # The notes are QEMU's, read while the VM stood still at the snapshot point.
-        names = [e["event"] for e in heard]
+        names = [e.event for e in heard]
         assert names[0] == "STOP"
         assert names.index("DUMP_COMPLETED") < names.index("RESUME")
         assert ours.paused_s is not None
         assert ours.paused_s < 1.0
-        qemu = await run_dump(session, dumps / "qemu.elf", engine="qemu")
+        qemu = await run_dump(session, dumps / "qemu.elf", DumpSpec(engine=EngineName.QEMU))
     mine, theirs = read_core(ours.path), read_core(qemu.path)
     assert mine.coverage == theirs.coverage
     # The guest is idle after its pattern: those pages are the same at both instants.
@@ -220,11 +221,10 @@ async def test_a_running_migration_makes_the_vm_busy(snap_vm: VM, dumps: Path) -
         # Someone else's migration that cannot finish: a socket nobody reads.
         ours, theirs = socket.socketpair()
         try:
-            session.client.send_fd_scm(theirs.fileno())
-            await session.execute("getfd", {"fdname": "other"})
-            await session.execute("migrate", {"uri": "fd:other"})
+            fdname = await session.pass_fd(theirs.fileno())
+            await session.execute("migrate", {"uri": f"fd:{fdname}"})
             with pytest.raises(DumpBusy, match="migration is already running"):
-                await run_dump(session, dumps / "x.elf", engine="snapshot")
+                await run_dump(session, dumps / "x.elf", DumpSpec(engine=EngineName.SNAPSHOT))
             assert await capabilities(session) == caps
         finally:
             await session.execute("migrate_cancel")
@@ -253,18 +253,16 @@ async def _wait_migrating(session: QMPSession) -> None:
 async def test_cancel_mid_stream(snap_vm: VM, dumps: Path) -> None:  # noqa: F811
     async with QMPSession(str(snap_vm.qmp_path)) as session:
         caps = await capabilities(session)
-        cancel = asyncio.Event()
-        seen: list[int] = []
+        tasks: list[DumpTask] = []
 
-        def progress(p: Any) -> None:
-            seen.append(p.completed)
-            if p.completed > 0:
-                cancel.set()
+        def progress(p: Progress) -> None:
+            if p.completed > 0 and tasks:
+                tasks[0].cancel()
 
+        spec = DumpSpec(engine=EngineName.SNAPSHOT)
+        tasks.append(DumpTask(run_dump(session, dumps / "x.elf", spec, progress=progress)))
         with pytest.raises(DumpCancelled):
-            await run_dump(
-                session, dumps / "x.elf", engine="snapshot", progress=progress, cancel=cancel
-            )
+            await tasks[0].result()
         assert await capabilities(session) == caps
         assert await migration_status(session) in ("cancelled", "failed")
     assert leftovers(dumps) == []
@@ -278,7 +276,7 @@ async def test_disk_full_ends_cleanly(snap_vm: VM, tmp_path: Path) -> None:
         async with QMPSession(str(snap_vm.qmp_path)) as session:
             caps = await capabilities(session)
             with pytest.raises(DiskFull):
-                await run_dump(session, small / "x.elf", engine="snapshot")
+                await run_dump(session, small / "x.elf", DumpSpec(engine=EngineName.SNAPSHOT))
             assert await capabilities(session) == caps
             assert await migration_status(session) in ("cancelled", "failed")
         assert leftovers(small) == []
@@ -341,7 +339,7 @@ async def test_qmpdump_killed_mid_stream_leaves_the_guest_running(
             {"capabilities": [{"capability": "background-snapshot", "state": False}]},
         )
     async with QMPSession(str(snap_vm.qmp_path)) as session:
-        again = await run_dump(session, dumps / "again.elf", engine="snapshot")
+        again = await run_dump(session, dumps / "again.elf", DumpSpec(engine=EngineName.SNAPSHOT))
     assert again.size > 0
     # Nothing is presented as a dump; the killed run's .partial is the daemon's to remove at
     # its next start (the CLI cannot clean up after SIGKILL).

@@ -202,7 +202,7 @@ def test_per_vm_dump_defaults(tmp_path: Path) -> None:
         ),
         (
             DAEMON + 'default_format = "kdmup-zlib"\n' + MINIMAL.removeprefix(DAEMON),
-            "daemon.default_format: 'kdmup-zlib' is not a dump format; QEMU knows elf, ",
+            "daemon.default_format: 'kdmup-zlib' is not a dump format; qmpdump knows elf, ",
         ),
         (
             MINIMAL.replace('"/var/lib/qmpdump"', '"var/lib/qmpdump"'),

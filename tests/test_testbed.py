@@ -7,7 +7,6 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -178,9 +177,9 @@ async def test_resize_through_qom_set_is_seen(vm_factory: VMFactory) -> None:
         await vm.resize("vmem0", 384 * MiB)
         devices = await vm.wait_plugged(timeout_s=30)
         assert [(d.id, d.size) for d in devices] == [("vmem0", 384 * MiB)]
-        event: dict[str, Any] = dict(await asyncio.wait_for(listener.get(), 10))
-        assert event["event"] == "MEMORY_DEVICE_SIZE_CHANGE"
-        data = event["data"]
+        event = await asyncio.wait_for(listener.get(), 10)
+        assert event.event == "MEMORY_DEVICE_SIZE_CHANGE"
+        data = event.data
         assert data["id"] == "vmem0"
         # QEMU rate-limits and coalesces these events: the size may be an intermediate one.
         assert 128 * MiB < data["size"] <= 384 * MiB

@@ -30,17 +30,17 @@ from typing import Any, Final, TextIO, get_args
 
 from pydantic import BaseModel
 
-from qmpdump.cli.map_command import format_size
 from qmpdump.cli.progress import ProgressBar
+from qmpdump.engines.spec import DumpFormat, EngineName
 from qmpdump.errors import DumpCancelled, DumpFailed
 from qmpdump.service.client import ApiClient
 from qmpdump.service.views import (
     DumpRequest,
-    EngineName,
     JobStateName,
     JobView,
     ProgressView,
 )
+from qmpdump.sizes import format_size
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -101,8 +101,8 @@ def add_parsers(commands: Any) -> None:
         "dump folder); the VM's defaults fill whatever is not given.",
     )
     p.add_argument("vm", metavar="VM")
-    p.add_argument("--engine", choices=get_args(EngineName), help="default: the VM's")
-    p.add_argument("--format", help="elf, kdump-zlib, ...; default: the VM's")
+    p.add_argument("--engine", choices=[e.value for e in EngineName], help="default: the VM's")
+    p.add_argument("--format", choices=[f.value for f in DumpFormat], help="default: the VM's")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--live", dest="mode", action="store_const", const="live", help="do not stop the VM"
@@ -179,10 +179,9 @@ def _when(iso: str | None, *, utc: bool = False) -> str:
 
 def _progress(p: ProgressView) -> str:
     if p.total:
-        return (
-            f"{format_size(p.written)} of {format_size(p.total)} ({100 * p.written / p.total:.0f}%)"
-        )
-    return format_size(p.written)
+        done = f"{format_size(p.completed)} of {format_size(p.total)}"
+        return f"{done} ({100 * p.completed / p.total:.0f}%), {format_size(p.written)} written"
+    return f"{format_size(p.written)} written"
 
 
 def _job_detail(job: JobView) -> str:
@@ -254,7 +253,7 @@ async def _wait(api: ApiClient, job: JobView) -> JobView | None:
     try:
         with ProgressBar("dump") as bar:
             while job.state not in _FINISHED:
-                bar.show(job.progress.written, job.progress.total, f"{job.vm} {job.state}")
+                bar.show(job.progress.completed, job.progress.total, f"{job.vm} {job.state}")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
                 if stop.is_set():
@@ -327,7 +326,9 @@ async def _run_vms(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 async def _run_request(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    request = DumpRequest(engine=args.engine, format=args.format, mode=args.mode)
+    request = DumpRequest.model_validate(
+        {"engine": args.engine, "format": args.format, "mode": args.mode}
+    )
     async with ApiClient(args.socket) as api:
         job = await api.request(args.vm, request)
         if args.wait:

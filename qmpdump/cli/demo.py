@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -22,13 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qmpdump.cli.map_command import format_size, render_text
+from qmpdump.cli.map_command import render_text
 from qmpdump.errors import Unavailable
 from qmpdump.mapsvg import render_svg
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.client import ApiClient
+from qmpdump.sizes import format_size
 from qmpdump.survey import survey
 from qmpdump.testbed.guest import cache_dir
+from qmpdump.testbed.qemus import BUILD_ENV, QemuBuild, default_build
 from qmpdump.testbed.vm import VM, Backend, GiB, MiB, VirtioMemSpec, VMSpec, launch
 
 DEMO_VM = VMSpec(
@@ -41,6 +44,7 @@ DEMO_VM = VMSpec(
         VirtioMemSpec(id="vmem0", backend=Backend.FILE, max_size=2 * GiB, requested_size=512 * MiB),
     ),
     pattern_mib=128,
+    qemu=QemuBuild.SYSTEM_7_2,  # replaced by --qemu (or $QMPDUMP_QEMU_BUILD) at run time
 )
 
 
@@ -54,6 +58,14 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--dir", type=Path, default=None, help="demo folder (default: ~/.cache/qmpdump/demo)"
+    )
+    parser.add_argument(
+        "--qemu",
+        type=QemuBuild,
+        choices=list(QemuBuild),
+        default=None,
+        help=f"QEMU to run the demo VM on: Debian's 7.2 or bookworm-backports' 10.0 (fetched "
+        f"into the cache on first use; default: ${BUILD_ENV} or 7.2)",
     )
     parser.set_defaults(run=run)
 
@@ -138,9 +150,10 @@ async def run(args: argparse.Namespace) -> int:
     folder: Path = args.dir or cache_dir() / "demo"
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder, mode=0o700)
-    _say("1. booting the demo VM (QEMU, Debian kernel, virtio-mem) ...")
+    spec = dataclasses.replace(DEMO_VM, qemu=args.qemu or default_build())
+    _say(f"1. booting the demo VM (QEMU {spec.qemu}, Debian kernel, virtio-mem) ...")
     t0 = time.monotonic()
-    async with launch(DEMO_VM) as vm:
+    async with launch(spec) as vm:
         _say(
             f"   up, memory plugged, pattern written in {time.monotonic() - t0:.1f} s "
             f"(QEMU pid {vm.pid})\n"

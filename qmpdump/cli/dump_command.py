@@ -14,31 +14,29 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from qmpdump.cli.map_command import format_size
 from qmpdump.cli.progress import ProgressBar
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
-from qmpdump.engines.backend import BackendDumpRequest
-from qmpdump.engines.qemu import QemuDumpRequest
-from qmpdump.engines.run import DumpOutcome, run_dump
-from qmpdump.engines.snapshot import SnapshotDumpRequest
+from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
+from qmpdump.engines.spec import (
+    DEFAULT_MAX_HOST_GROWTH,
+    DumpFormat,
+    DumpSpec,
+    EngineName,
+    Mode,
+)
 from qmpdump.errors import UsageError
 from qmpdump.qmp.session import QMPSession, parse_address
+from qmpdump.sizes import format_size, parse_size
 
 __all__ = ["add_parser", "run"]
 
 
 def _size(text: str) -> int:
-    """An integer byte count, decimal or 0x-hex, optionally with K/M/G/T (binary) suffix."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = 1
-    if t and t[-1] in units:
-        scale = units[t[-1]]
-        t = t[:-1]
+    """A byte count as :func:`qmpdump.sizes.parse_size` reads it (the configuration's too)."""
     try:
-        return int(t, 0) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_parser(commands: Any) -> None:
@@ -53,8 +51,8 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
     parser.add_argument(
         "--engine",
-        choices=["auto", "backend", "qemu", "snapshot"],
-        default="auto",
+        choices=[e.value for e in EngineName],
+        default=EngineName.AUTO.value,
         help="backend: qmpdump's sparse reader (ELF of populated memory only); qemu: QEMU's "
         "dump-guest-memory; snapshot: one instant through QEMU's background snapshot, the VM "
         "paused for milliseconds (QEMU 8.1+); auto (default): backend when it can read every "
@@ -63,26 +61,28 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--max-host-growth",
         type=_size,
-        default=SnapshotDumpRequest().max_host_growth,
+        default=DEFAULT_MAX_HOST_GROWTH,
         metavar="SIZE",
         help="snapshot: refuse when QEMU would allocate more host memory than this for the "
-        "holes of shmem-backed RAM (default 256M)",
+        "holes of shmem-backed RAM (default 256MiB)",
     )
     parser.add_argument(
         "--live",
         action="store_true",
-        help="backend: do not stop the VM while copying (a fuzzy dump; QEMU's header probe "
-        "still pauses it for a few milliseconds)",
+        help="never stop the VM while copying (a fuzzy dump; QEMU's header probe still pauses "
+        "it for a few milliseconds): the backend engine only; auto refuses if it cannot use it",
     )
     parser.add_argument(
         "--format",
         default="elf",
-        help="elf (default), kdump-zlib, kdump-lzo, kdump-snappy, "
-        "win-dmp: whatever this QEMU offers",
+        help=f"{', '.join(f.value for f in DumpFormat)} (default elf); the qemu engine "
+        "writes whatever this QEMU offers",
     )
     parser.add_argument("--paging", action="store_true", help="ELF: guest-virtual mappings")
-    parser.add_argument("--begin", type=_size, help="ELF: first guest-physical byte")
-    parser.add_argument("--length", type=_size, help="ELF: bytes from --begin")
+    parser.add_argument(
+        "--begin", type=_size, help="ELF: first guest-physical byte (0x1000, 1MiB, 1MB = 10^6)"
+    )
+    parser.add_argument("--length", type=_size, help="ELF: bytes from --begin (same units)")
     parser.add_argument(
         "--no-elf-fix",
         action="store_true",
@@ -119,9 +119,9 @@ def _summary(outcome: DumpOutcome) -> dict[str, Any]:
     return {
         "path": str(outcome.path),
         "sidecar": str(outcome.sidecar),
-        "engine": outcome.engine,
-        "engine_reason": outcome.record["engine_reason"],
-        "format": outcome.format,
+        "engine": outcome.engine.value,
+        "engine_reason": outcome.record.engine_reason,
+        "format": outcome.format.value,
         "bytes": outcome.size,
         "sha256": outcome.sha256,
         "duration_s": round(outcome.duration_s, 3),
@@ -129,45 +129,48 @@ def _summary(outcome: DumpOutcome) -> dict[str, Any]:
     }
 
 
-async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Dump, reporting progress; cancel on SIGINT/SIGTERM."""
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+def spec_of(args: argparse.Namespace) -> DumpSpec:
+    """The dump specification the options describe (UsageError if no engine can make it)."""
     if not 2 <= args.max_program_headers <= 0xFFFFFFFF:
         raise UsageError("--max-program-headers must be between 2 and 4294967295")
-    request = QemuDumpRequest(
+    return DumpSpec.checked(
+        engine=args.engine,
         format=args.format,
+        mode=Mode.LIVE if args.live else Mode.CONSISTENT,
         paging=args.paging,
         begin=args.begin,
         length=args.length,
         fix_elf_header=not args.no_elf_fix,
         seekable=args.seekable,
+        zero_pages=args.zero_pages,
+        max_program_headers=args.max_program_headers,
+        max_host_growth=args.max_host_growth,
     )
-    cancel = asyncio.Event()
+
+
+async def _dump(args: argparse.Namespace, spec: DumpSpec) -> DumpOutcome:
+    async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
+        with ProgressBar("dump") as bar:
+            return await run_dump(
+                session,
+                args.output,
+                spec,
+                overwrite=args.overwrite,
+                progress=lambda p: bar.show(p.completed, p.total),
+            )
+
+
+async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Dump, reporting progress; SIGINT/SIGTERM cancel it."""
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    spec = spec_of(args)
+    dump = DumpTask(_dump(args, spec))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, cancel.set)
+        loop.add_signal_handler(sig, dump.cancel)
     try:
-        async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
-            with ProgressBar("dump") as bar:
-                outcome = await run_dump(
-                    session,
-                    args.output,
-                    engine=args.engine,
-                    qemu=request,
-                    backend=BackendDumpRequest(
-                        live=args.live,
-                        zero_pages=args.zero_pages,
-                        max_phdrs=args.max_program_headers,
-                    ),
-                    snapshot=SnapshotDumpRequest(
-                        max_phdrs=args.max_program_headers,
-                        max_host_growth=args.max_host_growth,
-                    ),
-                    overwrite=args.overwrite,
-                    progress=lambda p: bar.show(p.completed, p.total),
-                    cancel=cancel,
-                )
+        outcome = await dump.result()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -178,7 +181,7 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         out.write(
             f"{outcome.path}: {format_size(outcome.size)} ({outcome.format}, engine "
             f"{outcome.engine}) in {outcome.duration_s:.2f} s{paused}\n"
-            f"engine: {outcome.engine} ({outcome.record['engine_reason']})\n"
+            f"engine: {outcome.engine} ({outcome.record.engine_reason})\n"
             f"sha256 {outcome.sha256}\nsidecar {outcome.sidecar}\n"
         )
     return 0

@@ -17,9 +17,10 @@ from qmpdump.errors import UsageError
 from qmpdump.memmap.populated import Population
 from qmpdump.memmap.ranges import Range, RangeSet
 from qmpdump.qmp.session import QMPSession, parse_address
+from qmpdump.sizes import format_size
 from qmpdump.survey import Survey, survey
 
-__all__ = ["add_parser", "format_size", "render_text", "run"]
+__all__ = ["add_parser", "render_text", "run"]
 
 BAR_WIDTH = 64
 
@@ -51,15 +52,6 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--ascii", action="store_true", help="bars in ASCII")
     parser.set_defaults(run=run)
-
-
-def format_size(n: int) -> str:
-    """Bytes in binary units, short: ``768 KiB``, ``1.5 GiB``."""
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            value = n / (1 << shift)
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{n} B"
 
 
 def _percent(part: int, whole: int) -> str:

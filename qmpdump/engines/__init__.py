@@ -1,5 +1,10 @@
-"""Dump engines: QEMU's ``dump-guest-memory`` (:mod:`.qemu`) and, with the sparse reader, our own.
+"""Dump engines, one shape for all.
 
-:mod:`.run` is what every engine shares: the output file's life (partial, fsync, rename), the
-sidecar JSON, and the memory-map summary recorded with each dump.
+* :mod:`.spec` -- the dump specification and what each engine offers (every rule lives there);
+* :mod:`.base` -- the :class:`~.base.Engine` protocol, its job, its typed result, ``Progress``;
+* :mod:`.qemu`, :mod:`.backend` -- the engines; :mod:`.registry` lists them;
+* :mod:`.run` -- survey, choose, run, commit with a :mod:`.sidecar`; cancellation.
+
+Helpers: :mod:`.relay` (QEMU's pipe into the file), :mod:`.copier` and :mod:`.copyplan` (the
+sparse reader's copy), :mod:`.threads` (the one wait loop for blocking work).
 """

@@ -21,59 +21,52 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping
 
 from qmpdump.elf.format import parse_header
-from qmpdump.elf.plan import DEFAULT_MAX_PHDRS, CorePlan, notes_payload, plan_core
+from qmpdump.elf.plan import CorePlan, notes_payload, plan_core
+from qmpdump.engines.base import (
+    EngineDetails,
+    EngineJob,
+    EngineResult,
+    PauseHooks,
+    Progress,
+)
 from qmpdump.engines.copier import (
     CopyState,
     FileSource,
     ProcessSource,
     Source,
-    Stopped,
     copy_ops_into,
     find_zero_pages,
     hash_output,
 )
 from qmpdump.engines.copyplan import CopyOp, copy_ops, region_runs
-from qmpdump.engines.qemu import Progress
-from qmpdump.errors import DumpCancelled, DumpError, HostAccessError, QMPCommandError
+from qmpdump.engines.spec import ENGINE_TRAITS, EngineName, EngineTraits, Mode
+from qmpdump.engines.threads import run_threads
+from qmpdump.errors import DumpError, HostAccessError, QMPCommandError
 from qmpdump.memmap.ranges import RangeSet
-from qmpdump.output import DumpFile, write_error
+from qmpdump.output import DumpTarget, write_error
+from qmpdump.qmp.events import paused_seconds
 from qmpdump.qmp.plugged import dump_loads
 from qmpdump.qmp.session import QMPSession
 from qmpdump.survey import RegionAccess, Survey, probe_prefix_without_growth, survey
 
-__all__ = ["BackendDumpRequest", "BackendDumpResult", "dump_with_backend", "readable"]
+__all__ = ["ENGINE", "BackendDetails", "BackendEngine", "readable"]
 
 POLL_S = 0.1
 
 
-@dataclass(frozen=True, slots=True)
-class BackendDumpRequest:
-    """How to run the sparse reader."""
+class BackendDetails(EngineDetails):
+    """The sidecar's ``request`` for the backend engine."""
 
-    live: bool = False
-    max_phdrs: int = DEFAULT_MAX_PHDRS
-    #: also leave out all-zero pages inside populated memory (zero-fill; costs one more read)
-    zero_pages: bool = False
-    #: called before ``stop`` (the daemon journals its intent here) and after ``cont``
-    on_pause: Callable[[], None] | None = None
-    on_resume: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BackendDumpResult:
-    """A finished sparse dump (committed by the caller)."""
-
-    size: int
-    sha256: str
-    paused_s: float | None
-    plan: CorePlan
-    copied: int
-    survey: Survey
+    mode: str
+    zero_pages_left_out: bool
+    program_headers: int
+    pn_xnum: bool
+    data_bytes: int
+    zero_fill_bytes: int
+    copied_bytes: int
 
 
 def readable(result: Survey) -> tuple[bool, str]:
@@ -120,17 +113,17 @@ def _source(access: RegionAccess, pid: int | None, fds: list[int]) -> Source:
 class _PauseGuard:
     """``stop`` now, ``cont`` at exit if we stopped it; the resume survives a cancel."""
 
-    def __init__(self, session: QMPSession, pause: bool, request: BackendDumpRequest) -> None:
+    def __init__(self, session: QMPSession, pause: bool, hooks: PauseHooks) -> None:
         self.session = session
         self.pause = pause
-        self.request = request
+        self.hooks = hooks
         self.stopped_at: float | None = None
         self.resumed_at: float | None = None
 
     async def __aenter__(self) -> _PauseGuard:
         if self.pause:
-            if self.request.on_pause is not None:
-                self.request.on_pause()
+            if self.hooks.before_pause is not None:
+                await self.hooks.before_pause()
             self.stopped_at = time.monotonic()
             try:
                 await self.session.execute("stop")
@@ -153,8 +146,8 @@ class _PauseGuard:
             raise DumpError(f"could not resume the VM after the dump: {err}") from err
         finally:
             self.resumed_at = time.monotonic()
-        if self.request.on_resume is not None:
-            self.request.on_resume()
+        if self.hooks.after_resume is not None:
+            await self.hooks.after_resume()
 
     @property
     def paused_s(self) -> float | None:
@@ -163,81 +156,74 @@ class _PauseGuard:
         return self.resumed_at - self.stopped_at
 
 
-async def dump_with_backend(
-    session: QMPSession,
-    output: DumpFile,
-    request: BackendDumpRequest,
-    *,
-    progress: Callable[[Progress], None] | None = None,
-    cancel: asyncio.Event | None = None,
-    before: Survey | None = None,
-) -> BackendDumpResult:
-    """Write an ELF core of populated memory into ``output`` (the caller commits it).
+class BackendEngine:
+    """qmpdump's sparse reader: populated memory into an ELF core."""
 
-    ``before``: a survey the caller just made, to save taking another one.
-    """
-    cancel = cancel or asyncio.Event()
-    before = before or await survey(session)
-    ok, why = readable(before)
-    if not ok:
-        raise DumpError(f"the sparse reader cannot dump this VM: {why}")
-    guard = _PauseGuard(session, before.facts.running and not request.live, request)
-    async with guard:
-        result = await survey(session) if guard.pause else before
-        prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
-        coverage = dump_loads(prefix)
-        wanted = result.population.populated | result.population.unknown
-        data = wanted & coverage
-        if request.zero_pages:
-            data = data - await _zero_pages(result, data, cancel)
-        plan = plan_core(
-            notes_payload(prefix),
-            data,
-            coverage - data,
-            machine=parse_header(prefix).machine,
-            max_phdrs=request.max_phdrs,
+    traits: EngineTraits = ENGINE_TRAITS[EngineName.BACKEND]
+
+    def assess(self, before: Survey) -> tuple[bool, str]:
+        """Whether the sparse reader can read every RAM region of this VM (:func:`readable`)."""
+        return readable(before)
+
+    async def run(self, job: EngineJob) -> EngineResult:
+        """Write an ELF core of populated memory into ``job.output``."""
+        session, spec, before, output = job.session, job.spec, job.before, job.output
+        ok, why = self.assess(before)
+        if not ok:
+            raise DumpError(f"the sparse reader cannot dump this VM: {why}")
+        live = spec.mode is Mode.LIVE
+        guard = _PauseGuard(session, before.facts.running and not live, job.hooks)
+        async with guard:
+            result = await survey(session) if guard.pause else before
+            prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
+            coverage = dump_loads(prefix)
+            wanted = result.population.populated | result.population.unknown
+            data = wanted & coverage
+            if spec.zero_pages:
+                data = data - await _zero_pages(result, data)
+            plan = plan_core(
+                notes_payload(prefix),
+                data,
+                coverage - data,
+                machine=parse_header(prefix).machine,
+                max_phdrs=spec.max_program_headers,
+            )
+            ops = copy_ops(plan, result.layout, wanted & plan.data)
+            state = CopyState()
+            total = sum(op.size for op in ops)
+            with _open_sources(result) as sources:
+                try:
+                    os.pwrite(output.fd, plan.header, 0)
+                    digest = await _copy(
+                        output, ops, sources, state=state, plan=plan, total=total, job=job
+                    )
+                except OSError as err:
+                    raise write_error(err, output.final) from err
+        job.report(Progress(plan.file_size, state.copied, total))
+        paused_s = guard.paused_s if guard.pause else probe_paused_s
+        details = BackendDetails(
+            format=spec.format.value,
+            mode=spec.mode.value,
+            zero_pages_left_out=spec.zero_pages,
+            program_headers=plan.phnum,
+            pn_xnum=plan.uses_pn_xnum,
+            data_bytes=plan.data.total,
+            zero_fill_bytes=plan.zero_fill.total,
+            copied_bytes=state.copied,
         )
-        ops = copy_ops(plan, result.layout, wanted & plan.data)
-        state = CopyState()
-        total = sum(op.size for op in ops)
-        with _open_sources(result) as sources:
-            try:
-                os.pwrite(output.fd, plan.header, 0)
-                digest = await _copy(
-                    output,
-                    ops,
-                    sources,
-                    state=state,
-                    plan=plan,
-                    total=total,
-                    progress=progress,
-                    cancel=cancel,
-                )
-            except OSError as err:
-                raise write_error(err, output.final) from err
-    copied = state.copied
-    if progress is not None:
-        progress(Progress(plan.file_size, copied, total))
-    paused_s = guard.paused_s if guard.pause else probe_paused_s
-    return BackendDumpResult(plan.file_size, digest, paused_s, plan, copied, result)
+        return EngineResult(plan.file_size, digest, paused_s, details, result)
 
 
-async def _zero_pages(result: Survey, data: RangeSet, cancel: asyncio.Event) -> RangeSet:
+async def _zero_pages(result: Survey, data: RangeSet) -> RangeSet:
     """The all-zero pages of ``data`` (guest-physical), read from the host once."""
     runs = region_runs(result.layout, data)
     stop = threading.Event()
     with _open_sources(result) as sources:
-        scan = asyncio.create_task(asyncio.to_thread(find_zero_pages, runs, sources, stop))
-        try:
-            while not (await asyncio.wait([scan], timeout=POLL_S))[0]:
-                if cancel.is_set():
-                    raise DumpCancelled("the dump was cancelled")
-            return scan.result()
-        except Stopped as err:
-            raise DumpCancelled("the dump was cancelled") from err
-        finally:
-            stop.set()
-            await asyncio.wait([scan])
+        (found,) = await run_threads(
+            [lambda: find_zero_pages(runs, sources, stop)], stop=stop, every_s=POLL_S
+        )
+    zero: RangeSet = found
+    return zero
 
 
 async def _probe(
@@ -253,32 +239,21 @@ async def _probe(
     args = (result.facts, result.layout, result.population.regions, result.access)
     if not measure:
         return await probe_prefix_without_growth(session, *args), None
-    with session.listen("STOP", "RESUME") as listener:
+    with session.listen("STOP", "RESUME") as events:
         prefix = await probe_prefix_without_growth(session, *args)
-        heard: list[dict[str, Any]] = [dict(event) for event in listener.clear()]
-    paused = 0.0
-    stopped_at: float | None = None
-    for event in heard:
-        stamp = event.get("timestamp", {})
-        at = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
-        if event.get("event") == "STOP" and stopped_at is None:
-            stopped_at = at
-        elif event.get("event") == "RESUME" and stopped_at is not None:
-            paused += max(0.0, at - stopped_at)
-            stopped_at = None
-    return prefix, paused if heard else None
+        heard = events.drain()
+    return prefix, paused_seconds(heard)
 
 
 async def _copy(
-    output: DumpFile,
+    output: DumpTarget,
     ops: list[CopyOp],
     sources: Mapping[str, Source],
     *,
     state: CopyState,
     plan: CorePlan,
     total: int,
-    progress: Callable[[Progress], None] | None,
-    cancel: asyncio.Event,
+    job: EngineJob,
 ) -> str:
     def copy_all() -> None:
         copy_ops_into(output.fd, ops, sources, state)
@@ -287,32 +262,23 @@ async def _copy(
         # Write back while the hasher catches up: the commit's fsync then has little left.
         os.fdatasync(output.fd)
 
-    copier = asyncio.create_task(asyncio.to_thread(copy_all), name="backend-copy")
-    hasher = asyncio.create_task(
-        asyncio.to_thread(hash_output, output.fd, state), name="backend-hash"
-    )
-    state.advance(0, len(plan.header))
-    tasks = {copier, hasher}
-    try:
-        while not all(t.done() for t in tasks):
-            await asyncio.wait(tasks, timeout=POLL_S, return_when=asyncio.FIRST_EXCEPTION)
-            if any(t.done() and t.exception() is not None for t in tasks):
-                break
-            if cancel.is_set():
-                raise DumpCancelled("the dump was cancelled")
-            if progress is not None:
-                progress(Progress(state.final_upto, state.copied, total))
-        copier.result()
-        return hasher.result()
-    except Stopped as err:
-        raise DumpCancelled("the dump was cancelled") from err
-    finally:
-        state.stop.set()
+    def wake() -> None:
         with state.changed:
             state.changed.notify_all()
-        await asyncio.wait(tasks)
-        for task in tasks:
-            # Mark every outcome retrieved: the error that matters is raised already, and an
-            # unretrieved one (the other thread's Stopped) is logged by asyncio when collected.
-            if not task.cancelled():
-                task.exception()
+
+    async def tick() -> None:
+        job.report(Progress(state.final_upto, state.copied, total))
+
+    state.advance(0, len(plan.header))
+    _, digest = await run_threads(
+        [copy_all, lambda: hash_output(output.fd, state)],
+        stop=state.stop,
+        every_s=POLL_S,
+        tick=tick,
+        on_stop=wake,
+    )
+    hexdigest: str = digest
+    return hexdigest
+
+
+ENGINE = BackendEngine()

@@ -45,7 +45,6 @@ import contextlib
 import hashlib
 import io
 import os
-import secrets
 import socket
 import threading
 import time
@@ -56,7 +55,20 @@ from typing import Any, Final
 
 from qmpdump.elf.format import parse_header
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS, CorePlan, notes_payload, plan_core, segment_for
-from qmpdump.engines.qemu import Progress
+from qmpdump.engines.base import (
+    EngineDetails,
+    EngineJob,
+    EngineResult,
+    PauseHooks,
+    Progress,
+    ProgressCallback,
+)
+from qmpdump.engines.spec import (
+    DEFAULT_MAX_HOST_GROWTH,
+    ENGINE_TRAITS,
+    EngineName,
+    EngineTraits,
+)
 from qmpdump.errors import (
     DumpBusy,
     DumpCancelled,
@@ -75,15 +87,19 @@ from qmpdump.memmap.layout import Layout
 from qmpdump.memmap.populated import compute_population
 from qmpdump.memmap.ranges import Range, RangeSet
 from qmpdump.migstream import PAGE_SIZE, MigrationStream, RamBlocks, RamDone
-from qmpdump.output import DumpFile, write_error
+from qmpdump.output import DumpTarget, write_error
+from qmpdump.qmp.events import Event, paused_seconds
 from qmpdump.qmp.plugged import dump_loads
 from qmpdump.qmp.session import QMPSession
 from qmpdump.survey import Survey, probe_prefix_without_growth, region_population, survey
 
 __all__ = [
+    "ENGINE",
     "MIN_QEMU",
+    "SnapshotDetails",
     "SnapshotDumpRequest",
     "SnapshotDumpResult",
+    "SnapshotEngine",
     "dump_with_snapshot",
     "predict_growth",
     "snapshot_supported",
@@ -139,12 +155,11 @@ class SnapshotDumpRequest:
 
     max_phdrs: int = DEFAULT_MAX_PHDRS
     #: refuse when QEMU's pre-touch would allocate more host memory than this (bytes)
-    max_host_growth: int = 256 << 20
+    max_host_growth: int = DEFAULT_MAX_HOST_GROWTH
     #: allocate the holes QEMU would allocate before pausing the guest (shmem-backed RAM)
     preallocate: bool = True
     #: called before ``stop`` (the daemon journals its intent here) and after ``cont``
-    on_pause: Callable[[], None] | None = None
-    on_resume: Callable[[], None] | None = None
+    hooks: PauseHooks = field(default_factory=PauseHooks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -632,7 +647,7 @@ class _Run:
     """One snapshot dump: the socket, the reader thread, the pause, and the unwinding."""
 
     def __init__(
-        self, session: QMPSession, output: DumpFile, request: SnapshotDumpRequest, before: Survey
+        self, session: QMPSession, output: DumpTarget, request: SnapshotDumpRequest, before: Survey
     ) -> None:
         self.session = session
         self.output = output
@@ -643,7 +658,7 @@ class _Run:
         # abort (QEMU's migrate_cancel cannot shut a pipe down, and a blocked writer blocks
         # every guest write to a page not yet sent).
         self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.fdname = f"qmpdump-snap-{secrets.token_hex(4)}"
+        self.fdname: str | None = None
         self.reader = _Reader(self.ours.fileno(), output.fd, before.layout)
         self.worker: asyncio.Task[None] | None = None
         self.migration = _Migration(session)
@@ -651,15 +666,14 @@ class _Run:
         self.stopped_at: float | None = None
         self.resumed = False
         self.migrating = False
-        self.heard: list[dict[str, Any]] = []
+        self.heard: list[Event] = []
         self.paused_clock: float | None = None
 
     async def hand_over_socket(self) -> None:
         with contextlib.suppress(OSError):
             self.theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
             self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-        self.session.client.send_fd_scm(self.theirs.fileno())
-        await self.session.execute("getfd", {"fdname": self.fdname})
+        self.fdname = await self.session.pass_fd(self.theirs.fileno(), prefix="qmpdump-snap")
         self.theirs.close()
 
     async def snapshot_point(self) -> tuple[Survey, CorePlan]:
@@ -674,8 +688,8 @@ class _Run:
         t0 = time.monotonic()
         with self.session.listen("STOP", "RESUME") as listener:
             if self.running:
-                if self.request.on_pause is not None:
-                    self.request.on_pause()
+                if self.request.hooks.before_pause is not None:
+                    await self.request.hooks.before_pause()
                 self.stopped_at = time.monotonic()
                 await self.session.execute("stop")
             prefix = await probe_prefix_without_growth(
@@ -700,10 +714,10 @@ class _Run:
                 await _resume(self.session)
                 self.resumed = True
                 self.paused_clock = time.monotonic() - t0
-                if self.request.on_resume is not None:
-                    self.request.on_resume()
+                if self.request.hooks.after_resume is not None:
+                    await self.request.hooks.after_resume()
             self.timings["resumed_s"] = time.monotonic() - t0
-            self.heard = [dict(e) for e in listener.clear()]
+            self.heard = listener.drain()
         result = await _rescan(self.before)
         plan = await asyncio.to_thread(self._plan, prefix, result)
         self.timings["planned_s"] = time.monotonic() - t0
@@ -757,8 +771,8 @@ class _Run:
             self.ours.shutdown(socket.SHUT_RDWR)
         if self.running and self.stopped_at is not None and not self.resumed:
             await step(_resume(self.session))
-            if self.request.on_resume is not None:
-                self.request.on_resume()
+            if self.request.hooks.after_resume is not None:
+                await step(self.request.hooks.after_resume())
         if self.migrating:
             await step(_cancel_migration(self.session))
         if self.worker is not None:
@@ -768,17 +782,17 @@ class _Run:
         self.ours.close()
         self.theirs.close()
         await step(self.migration.restore())
-        with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
-            await self.session.execute("closefd", {"fdname": self.fdname}, timeout_s=2.0)
+        if self.fdname is not None:
+            await self.session.close_fd(self.fdname)
         return failures[0] if failures else None
 
 
 async def dump_with_snapshot(
     session: QMPSession,
-    output: DumpFile,
+    output: DumpTarget,
     request: SnapshotDumpRequest,
     *,
-    progress: Callable[[Progress], None] | None = None,
+    progress: ProgressCallback | None = None,
     cancel: asyncio.Event | None = None,
     before: Survey | None = None,
     timeout_s: float = 3600.0,
@@ -831,7 +845,7 @@ async def dump_with_snapshot(
     if failure is not None:
         raise failure
     after = await asyncio.to_thread(_rescan_fd_only, result)
-    paused_s = _paused_from_events(run.heard)
+    paused_s = paused_seconds(run.heard)
     if progress is not None:
         progress(Progress(plan.file_size, run.reader.copied, run.reader.copied))
     return SnapshotDumpResult(
@@ -868,14 +882,6 @@ def _rescan_fd_only(result: Survey) -> int:
 def _finish_output(fd: int, size: int) -> str:
     os.fdatasync(fd)
     return _hash_file(fd, size)
-
-
-def _paused_from_events(heard: list[dict[str, Any]]) -> float | None:
-    stop = next((e for e in heard if e.get("event") == "STOP"), None)
-    resume = next((e for e in heard if e.get("event") == "RESUME"), None)
-    if stop is None or resume is None:
-        return None
-    return max(0.0, _event_time(resume) - _event_time(stop))
 
 
 async def _rescan(before: Survey) -> Survey:
@@ -980,3 +986,64 @@ async def _follow(
         worker.result()
     except _Stopped as err:
         raise DumpCancelled("the dump was cancelled") from err
+
+
+class SnapshotDetails(EngineDetails):
+    """The snapshot engine's part of the sidecar."""
+
+    mode: str
+    program_headers: int
+    pn_xnum: bool
+    data_bytes: int
+    zero_fill_bytes: int
+    copied_bytes: int
+    stream_bytes: int
+    data_pages: int
+    zero_pages: int
+    qemu_downtime_ms: int | None
+    host_growth: dict[str, int]
+    timings_s: dict[str, float]
+
+
+class SnapshotEngine:
+    """Point-in-time dumps through QEMU's background snapshot (QEMU 8.1+)."""
+
+    traits: EngineTraits = ENGINE_TRAITS[EngineName.SNAPSHOT]
+
+    def assess(self, before: Survey) -> tuple[bool, str]:
+        """Whether this QEMU may run a background snapshot (:func:`snapshot_supported`)."""
+        return snapshot_supported(before.facts.qemu_version)
+
+    async def run(self, job: EngineJob) -> EngineResult:
+        """Write a point-in-time ELF core into ``job.output``."""
+        request = SnapshotDumpRequest(
+            max_phdrs=job.spec.max_program_headers,
+            max_host_growth=job.spec.max_host_growth,
+            hooks=job.hooks,
+        )
+        result = await dump_with_snapshot(
+            job.session, job.output, request, progress=job.progress, before=job.before
+        )
+        details = SnapshotDetails(
+            format="elf",
+            mode="snapshot",
+            program_headers=result.plan.phnum,
+            pn_xnum=result.plan.uses_pn_xnum,
+            data_bytes=result.plan.data.total,
+            zero_fill_bytes=result.plan.zero_fill.total,
+            copied_bytes=result.copied,
+            stream_bytes=result.stream_bytes,
+            data_pages=result.data_pages,
+            zero_pages=result.zero_pages,
+            qemu_downtime_ms=result.qemu_downtime_ms,
+            host_growth={
+                "predicted_bytes": result.predicted_growth,
+                "measured_bytes": result.measured_growth,
+                "limit_bytes": request.max_host_growth,
+            },
+            timings_s={k: round(v, 6) for k, v in result.timings.items()},
+        )
+        return EngineResult(result.size, result.sha256, result.paused_s, details, result.survey)
+
+
+ENGINE = SnapshotEngine()

@@ -17,49 +17,18 @@ Hazards handled here (see ``shared/FACTS.md``):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import os
-import secrets
 
 from qmpdump.elf.format import PT_LOAD, parse_program_headers, prefix_needed
-from qmpdump.errors import DumpBusy, ElfFormatError, QMPCommandError, QMPDisconnected, QMPTimeout
+from qmpdump.errors import ElfFormatError
 from qmpdump.memmap.ranges import RangeSet
+from qmpdump.qmp.guestdump import DumpArguments, guest_dump
 from qmpdump.qmp.session import QMPSession
 
-__all__ = [
-    "dump_busy",
-    "dump_loads",
-    "probe_dump_loads",
-    "read_dump_prefix",
-    "wait_out_save_vm",
-]
+__all__ = ["dump_loads", "probe_dump_loads", "read_dump_prefix"]
 
-F_SETPIPE_SZ = 1031  # fcntl.h; Python exposes it only as fcntl.F_SETPIPE_SZ on 3.10+ Linux
+#: one page: QEMU reads as little guest memory as it can before it notices the closed pipe
 _PIPE_SIZE = 4096
-
-
-def dump_busy(err: QMPCommandError) -> bool:
-    """Whether QEMU refused a dump because one is running (7.2: "There is a dump in process,
-    please wait.")."""
-    return any(s in err.description for s in ("in process", "in progress", "already"))
-
-
-async def wait_out_save_vm(session: QMPSession, was_running: bool) -> None:
-    """Return once QEMU has left ``save-vm`` after a dump (it resumes the VM it paused).
-
-    No ``cont``: QEMU restores the run state itself (``dump_cleanup``), and a VM that is paused
-    afterwards was paused by someone else, whose decision that is. DUMP_COMPLETED comes before
-    the RESUME, so without this wait a caller could see the VM still paused.
-    """
-    if not was_running or not session.connected:
-        return
-    with contextlib.suppress(QMPDisconnected, QMPTimeout, QMPCommandError):
-        for _ in range(200):
-            status = await session.execute("query-status")
-            if status.get("status") != "save-vm":
-                return
-            await asyncio.sleep(0.025)
 
 
 async def _read_prefix(fd: int, timeout_s: float) -> bytes:
@@ -92,50 +61,12 @@ async def read_dump_prefix(session: QMPSession, *, timeout_s: float = 10.0) -> b
     Returns the bytes from offset 0 to the end of the notes. On return QEMU has reported the
     (deliberately failed) dump as completed and the VM's run state is what it was before.
     """
-    was = await session.execute("query-status")
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    fdname = f"qmpdump-probe-{secrets.token_hex(4)}"
-    handed_over = False
-    try:
-        fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", F_SETPIPE_SZ), _PIPE_SIZE)
-        os.set_blocking(read_fd, False)
-        session.client.send_fd_scm(write_fd)
-        await session.execute("getfd", {"fdname": fdname})
-        os.close(write_fd)
-        write_fd = -1
-        with session.listen("DUMP_COMPLETED") as completed:
-            try:
-                await session.execute(
-                    "dump-guest-memory",
-                    {"paging": False, "protocol": f"fd:{fdname}", "detach": True, "format": "elf"},
-                )
-            except QMPCommandError as err:
-                with contextlib.suppress(QMPCommandError):
-                    await session.execute("closefd", {"fdname": fdname})
-                if dump_busy(err):
-                    raise DumpBusy(f"QEMU is already dumping: {err.description}") from err
-                raise
-            handed_over = True
-            try:
-                data = await _read_prefix(read_fd, timeout_s)
-            finally:
-                os.close(read_fd)  # QEMU's next write fails with EPIPE: the dump stops
-                read_fd = -1
-                try:
-                    async with asyncio.timeout(timeout_s):
-                        await completed.get()
-                except TimeoutError as err:
-                    raise QMPTimeout(
-                        "DUMP_COMPLETED after closing the probe pipe", timeout_s
-                    ) from err
-    finally:
-        for fd in (read_fd, write_fd):
-            if fd >= 0:
-                os.close(fd)
-        if not handed_over:
-            with contextlib.suppress(QMPCommandError):
-                await session.execute("closefd", {"fdname": fdname})
-    await wait_out_save_vm(session, bool(was["running"]))
+    async with guest_dump(session, DumpArguments(format="elf"), pipe_size=_PIPE_SIZE) as dump:
+        try:
+            data = await _read_prefix(dump.read_fd, timeout_s)
+        finally:
+            dump.close_pipe()  # QEMU's next write fails with EPIPE: the dump stops
+        await dump.finished(timeout_s)
     return data
 
 

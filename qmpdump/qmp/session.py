@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import errno
 import logging
+import secrets
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -33,6 +34,7 @@ from qemu.qmp.error import QMPError as LibQMPError
 from qemu.qmp.message import Message
 
 from qmpdump.errors import (
+    FdPassingUnavailable,
     NotQEMU,
     QMPCommandError,
     QMPConnectError,
@@ -41,8 +43,9 @@ from qmpdump.errors import (
     SocketMissing,
     SocketPermission,
 )
+from qmpdump.qmp.events import Event
 
-__all__ = ["QMPAddress", "QMPSession", "parse_address"]
+__all__ = ["EventQueue", "QMPAddress", "QMPSession", "parse_address"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,21 @@ def _never(_event: Message) -> bool:
     return False
 
 
+class EventQueue:
+    """The events one :meth:`QMPSession.listen` block heard, as typed :class:`Event` models."""
+
+    def __init__(self, listener: _Listener) -> None:
+        self._listener = listener
+
+    async def get(self) -> Event:
+        """The next event (waits for one)."""
+        return Event.model_validate(dict(await self._listener.get()))
+
+    def drain(self) -> list[Event]:
+        """Every event heard and not yet taken, without waiting."""
+        return [Event.model_validate(dict(m)) for m in self._listener.clear()]
+
+
 class QMPSession:
     """A connected QMP session with one QEMU process.
 
@@ -155,9 +173,30 @@ class QMPSession:
         return self._connected and self._client.runstate == Runstate.RUNNING
 
     @property
-    def client(self) -> QMPClient:
-        """The underlying library client, for code in :mod:`qmpdump.qmp` only (fd passing)."""
-        return self._client
+    def can_pass_fds(self) -> bool:
+        """Whether file descriptors can be passed to QEMU (SCM_RIGHTS: UNIX sockets only)."""
+        return isinstance(self.address, str)
+
+    async def pass_fd(self, fd: int, *, prefix: str = "qmpdump") -> str:
+        """Hand ``fd`` to QEMU (``SCM_RIGHTS``, then ``getfd``); return the name QEMU knows it by.
+
+        Raises :class:`~qmpdump.errors.FdPassingUnavailable` over TCP. The caller still owns
+        its own copy of ``fd``; QEMU's copy is released with :meth:`close_fd`.
+        """
+        if not self.can_pass_fds:
+            raise FdPassingUnavailable(self.where)
+        fdname = f"{prefix}-{secrets.token_hex(6)}"
+        try:
+            self._client.send_fd_scm(fd)
+        except (LibQMPError, OSError) as err:
+            raise QMPDisconnected(f"{self.where}: cannot pass a file descriptor: {err}") from err
+        await self.execute("getfd", {"fdname": fdname})
+        return fdname
+
+    async def close_fd(self, fdname: str) -> None:
+        """Release QEMU's copy of a passed fd (``closefd``); quiet if QEMU has gone or let go."""
+        with contextlib.suppress(QMPCommandError, QMPDisconnected, QMPTimeout):
+            await self.execute("closefd", {"fdname": fdname}, timeout_s=2.0)
 
     async def connect(self) -> None:
         """Open the socket, read the greeting and negotiate capabilities."""
@@ -210,16 +249,11 @@ class QMPSession:
         return str(out)
 
     @contextlib.contextmanager
-    def listen(self, *names: str) -> Iterator[EventListener]:
-        """Listen for the named events while the block runs (a ``qemu.qmp`` EventListener)."""
+    def listen(self, *names: str) -> Iterator[EventQueue]:
+        """Queue the named events (all, if none is named) while the block runs."""
         listener = _Listener(names or None)
         with self._client.listen(listener):
-            yield listener
-
-    async def events(self, listener: EventListener) -> AsyncIterator[dict[str, Any]]:
-        """Yield the events a listener hears, as plain dicts."""
-        async for event in listener:
-            yield dict(event)
+            yield EventQueue(listener)
 
     async def _quiet_disconnect(self) -> None:
         with contextlib.suppress(LibQMPError, OSError, EOFError):

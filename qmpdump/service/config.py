@@ -24,8 +24,11 @@ Rules worth knowing:
   :attr:`Discovery.skipped`), so a static entry can pin a discovered VM's settings. Between two
   discovered sockets with one name, the earlier ``[[discover]]`` entry wins, then the path that
   sorts first.
-* Formats are those of QEMU's ``DumpGuestMemoryFormat`` (``qapi/dump.json``); QEMU itself still
-  decides at dump time whether it offers one (kdump-raw-* need QEMU 8.2).
+* Engines, formats, modes and which combine are the dump specification's
+  (:mod:`qmpdump.engines.spec`); QEMU itself still decides at dump time whether it offers a
+  format (kdump-raw-* need QEMU 8.2).
+* Sizes read as :func:`qmpdump.sizes.parse_size` says: ``10GiB``/``10G`` binary, ``10GB``
+  decimal, the same as on the command line.
 
 :func:`load_config` turns every problem into one line ``FILE: KEY.PATH: problem`` of a single
 :class:`~qmpdump.errors.UsageError` (list indexes are 0-based, in file order).
@@ -41,7 +44,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -56,8 +59,11 @@ from pydantic import (
     model_validator,
 )
 
+from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, SpecProblem
+from qmpdump.engines.spec import Mode as SpecMode
 from qmpdump.errors import UsageError
 from qmpdump.qmp.session import QMPAddress, parse_address
+from qmpdump.sizes import parse_size
 
 __all__ = [
     "QEMU_FORMATS",
@@ -83,48 +89,31 @@ __all__ = [
 VM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _VM_NAME_RE = re.compile(VM_NAME_PATTERN)
 
-#: QEMU's ``DumpGuestMemoryFormat`` (qapi/dump.json); kdump-raw-* since QEMU 8.2.
-QEMU_FORMATS = (
-    "elf",
-    "kdump-zlib",
-    "kdump-lzo",
-    "kdump-snappy",
-    "kdump-raw-zlib",
-    "kdump-raw-lzo",
-    "kdump-raw-snappy",
-    "win-dmp",
-)
+#: Every dump format's name (the dump specification's :class:`DumpFormat`).
+QEMU_FORMATS = tuple(f.value for f in DumpFormat)
 
-Engine = Literal["auto", "backend", "qemu", "snapshot"]
-Mode = Literal["consistent", "live"]
+
+def _member(cls: type[StrEnum]) -> Callable[[Any], Any]:
+    """A before-validator taking an enum member by its value (the models are strict)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            names = [repr(m.value) for m in cls]
+            listed = f"{', '.join(names[:-1])} or {names[-1]}"
+            raise ValueError(f"input should be {listed} (got {_short(value)})") from None
+
+    return convert
+
+
+#: Engine and mode as the file spells them (strings, checked against the spec's enums).
+Engine = Annotated[EngineName, BeforeValidator(_member(EngineName))]
+Mode = Annotated[SpecMode, BeforeValidator(_member(SpecMode))]
 
 # --- field validators: they raise ValueError, whose text becomes the problem's line as is ---
-
-_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)")
-# K/M/G/T alone are binary, as in QEMU's -m and numfmt --from=iec; KB/MB/... are decimal (SI).
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    **{p: 1024**i for i, p in enumerate("kmgtp", 1)},
-    **{f"{p}ib": 1024**i for i, p in enumerate("kmgtp", 1)},
-    **{f"{p}b": 1000**i for i, p in enumerate("kmgtp", 1)},
-}
-
-
-def parse_size(text: str) -> int:
-    """Read a byte count such as ``"10GiB"``, ``"1.5G"`` (binary) or ``"500MB"`` (decimal).
-
-    Units are case-insensitive: B; K, M, G, T, P and KiB ... PiB are powers of 1024; KB ... PB
-    powers of 1000. A fraction of a byte is dropped. Raises ValueError on anything else.
-    """
-    match = _SIZE_RE.fullmatch(text.strip())
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(
-            f"{text!r} is not a size: write a number of bytes, or a number with a unit "
-            "such as 500MB, 10GiB or 2T"
-        )
-    return int(Decimal(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _limit(value: Any, *, sizes: bool) -> int | None:
@@ -211,9 +200,9 @@ def _qmp(value: str) -> str:
     return posixpath.normpath(value)
 
 
-def _format(value: str) -> str:
-    if value not in QEMU_FORMATS:
-        raise ValueError(f"{value!r} is not a dump format; QEMU knows {', '.join(QEMU_FORMATS)}")
+def _format(value: Any) -> Any:
+    if isinstance(value, str) and value not in QEMU_FORMATS:
+        raise ValueError(f"{value!r} is not a dump format; qmpdump knows {', '.join(QEMU_FORMATS)}")
     return value
 
 
@@ -224,31 +213,33 @@ def _glob_pattern(value: str) -> str:
 
 
 AbsPath = Annotated[Path, BeforeValidator(_path), AfterValidator(_absolute)]
-Format = Annotated[str, AfterValidator(_format)]
+Format = Annotated[DumpFormat, BeforeValidator(_member(DumpFormat)), BeforeValidator(_format)]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 def _combination(
-    engine: str, fmt: str, mode: str, *, keys: tuple[str, str, str]
+    engine: EngineName, fmt: DumpFormat, mode: SpecMode, *, keys: tuple[str, str, str]
 ) -> tuple[str, str] | None:
     """What is wrong with an engine/format/mode combination: (the key to blame, why), or None.
 
-    ``keys`` names the engine, format and mode keys as the entry spells them; a key the entry
-    did not set (its value is inherited) is given as "" and is not blamed if another can be.
+    The rule is the dump specification's (:class:`DumpSpec`). ``keys`` names the engine, format
+    and mode keys as the entry spells them; a key the entry did not set (its value is
+    inherited) is given as "" and is not blamed if another can be.
     """
-    engine_key, format_key, mode_key = keys
-    if engine in ("backend", "snapshot") and fmt != "elf":
-        blame, other = format_key or engine_key, (engine_key, format_key)
-        why = f"the {engine} engine writes ELF only, not {fmt!r}"
-    elif engine == "snapshot" and mode == "live":
-        blame, other = mode_key or engine_key, (engine_key, mode_key)
-        why = "the snapshot engine dumps one instant: live mode is for the backend engine"
-    elif engine == "qemu" and mode == "live":
-        blame, other = mode_key or engine_key, (engine_key, mode_key)
-        why = "QEMU's dump-guest-memory stops the VM: a live dump needs engine backend or auto"
+    try:
+        DumpSpec(engine=engine, format=fmt, mode=mode)
+    except ValidationError as err:
+        cause = err.errors()[0].get("ctx", {}).get("error")
+        if not isinstance(cause, SpecProblem):
+            raise
+        problem = cause
     else:
         return None
-    if not all(other):
+    key_of = dict(zip(("engine", "format", "mode"), keys, strict=True))
+    involved = [key_of.get(f, "") for f in problem.fields if f in key_of]
+    blame = next((k for k in involved if k), "")
+    why = problem.message
+    if not all(involved):
         why += " (with the [daemon] defaults)"
     return blame, why
 
@@ -312,9 +303,9 @@ class DaemonConfig(_Strict):
     dump_dir: AbsPath
     state_dir: AbsPath
     max_concurrent_dumps: Annotated[int, Field(ge=1)] = 2
-    default_engine: Engine = "auto"
-    default_format: Format = "elf"
-    default_mode: Mode = "consistent"
+    default_engine: Engine = EngineName.AUTO
+    default_format: Format = DumpFormat.ELF
+    default_mode: Mode = SpecMode.CONSISTENT
     #: QMP reconnection backoff: first delay, doubled up to the maximum
     reconnect_min_s: Seconds = 1.0
     reconnect_max_s: Seconds = 60.0
@@ -354,9 +345,9 @@ class ResolvedVM:
     name: str
     #: an absolute socket path, or ``tcp:HOST:PORT``
     qmp: str
-    engine: Engine
-    format: str
-    mode: Mode
+    engine: EngineName
+    format: DumpFormat
+    mode: SpecMode
     retention: Retention
     #: where its dumps go: ``dump_dir/NAME``
     dump_dir: Path
@@ -446,7 +437,7 @@ class Config(_Strict):
             raise _Problems(problems)
         return self
 
-    def _defaults(self, entry: _DumpDefaults) -> tuple[Engine, str, Mode]:
+    def _defaults(self, entry: _DumpDefaults) -> tuple[EngineName, DumpFormat, SpecMode]:
         d = self.daemon
         return (
             entry.engine or d.default_engine,

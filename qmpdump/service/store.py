@@ -131,11 +131,13 @@ class Job:
     created: float
     started: float | None
     ended: float | None
-    #: bytes written so far, and the expected total when known
+    #: bytes written to the dump so far
     written: int
+    #: guest bytes to dump (when known), and those done (see :class:`qmpdump.engines.base.Progress`)
     total: int | None
     result: JobResult | None
     error: JobError | None
+    completed: int = 0
 
     @property
     def finished(self) -> bool:
@@ -218,6 +220,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX dumps_by_vm ON dumps (vm, created)",
     ),
+    # 2: guest bytes done, beside bytes written: the one Progress of every engine
+    ("ALTER TABLE jobs ADD COLUMN completed INTEGER NOT NULL DEFAULT 0",),
 )
 
 #: The schema version this code writes.
@@ -283,6 +287,7 @@ def _job(row: sqlite3.Row) -> Job:
         total=row["total"],
         result=result,
         error=error,
+        completed=row["completed"],
     )
 
 
@@ -447,7 +452,9 @@ class JobStore:
             raise ValueError(f"job {job_id} is {job.state}, not queued")
         return job
 
-    def update_progress(self, job_id: str, written: int, total: int | None) -> bool:
+    def update_progress(
+        self, job_id: str, written: int, total: int | None, completed: int | None = None
+    ) -> bool:
         """Record a running job's progress; False if it is not running (any more).
 
         Committed without an fsync; callers should still throttle it (about once a second).
@@ -458,8 +465,9 @@ class JobStore:
             try:
                 with self._tx() as tx:
                     changed = tx.execute(
-                        "UPDATE jobs SET written = ?, total = ? WHERE id = ? AND state = ?",
-                        (written, total, job_id, JobState.RUNNING.value),
+                        "UPDATE jobs SET written = ?, total = ?, completed = ? "
+                        "WHERE id = ? AND state = ?",
+                        (written, total, completed or 0, job_id, JobState.RUNNING.value),
                     ).rowcount
             finally:
                 conn.execute("PRAGMA synchronous = FULL")

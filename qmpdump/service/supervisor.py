@@ -2,7 +2,7 @@
 
 The supervisor owns the daemon's only QMP session with its VM (QEMU serves one client per
 monitor socket); dump jobs borrow it. While connected it follows ``STOP``, ``RESUME``,
-``SHUTDOWN`` and the other :data:`qmpdump.qmp.watch.VM_EVENTS` to keep the run state current.
+and ``SHUTDOWN`` to keep the run state current.
 When QEMU goes away (or its socket is not there yet) the supervisor says why, waits, and tries
 again, doubling the delay from ``reconnect_min_s`` up to ``reconnect_max_s``.
 
@@ -18,12 +18,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from qmpdump.errors import QmpdumpError, Unavailable
+from qmpdump.qmp.events import Event
 from qmpdump.qmp.probe import read_vm_facts
 from qmpdump.qmp.session import QMPSession
-from qmpdump.qmp.watch import VM_EVENTS
 from qmpdump.service.config import DaemonConfig, ResolvedVM
 from qmpdump.service.views import ConnectionState
 
@@ -32,6 +31,8 @@ __all__ = ["VMSupervisor"]
 log = logging.getLogger(__name__)
 
 _RUN_STATE_OF = {"STOP": "paused", "RESUME": "running", "SHUTDOWN": "shutdown"}
+#: The events a supervisor follows.
+VM_EVENTS = tuple(_RUN_STATE_OF)
 
 
 class VMSupervisor:
@@ -122,13 +123,12 @@ class VMSupervisor:
                 while session.connected:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(1.0):
-                            self._take(dict(await listener.get()))
+                            self._take(await listener.get())
                 self.reason = "QEMU closed the QMP connection"
         finally:
             self.session = None
             await session.disconnect()
 
-    def _take(self, event: dict[str, Any]) -> None:
-        name = str(event.get("event", ""))
-        if name in _RUN_STATE_OF:
-            self.run_state = _RUN_STATE_OF[name]
+    def _take(self, event: Event) -> None:
+        if event.event in _RUN_STATE_OF:
+            self.run_state = _RUN_STATE_OF[event.event]

@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from qmpdump.engines.spec import DumpFormat, EngineName, Mode
 from qmpdump.report import MapReport
 
 __all__ = [
@@ -32,8 +33,6 @@ __all__ = [
     "VMView",
 ]
 
-EngineName = Literal["auto", "backend", "qemu", "snapshot"]
-ModeName = Literal["consistent", "live"]
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -64,23 +63,29 @@ class VMView(_Strict):
     running_job: str | None = None
     queued_jobs: int = 0
     default_engine: EngineName
-    default_format: str
-    default_mode: ModeName
+    default_format: DumpFormat
+    default_mode: Mode
 
 
 class DumpRequest(_Strict):
-    """``POST /v1/vms/{vm}/dumps``: every field optional; the VM's defaults fill the rest."""
+    """``POST /v1/vms/{vm}/dumps``: every field optional; the VM's defaults fill the rest.
+
+    Which combinations are valid is the dump specification's rule
+    (:class:`qmpdump.engines.spec.DumpSpec`): a 400 names the problem.
+    """
 
     engine: EngineName | None = None
-    format: str | None = None
-    mode: ModeName | None = None
+    format: DumpFormat | None = None
+    mode: Mode | None = None
 
 
 class ProgressView(_Strict):
-    """Bytes written so far, and the expected total when known."""
+    """Where a running dump stands: ``completed`` of ``total`` guest bytes (the percentage),
+    and ``written`` bytes of output so far (fewer for compressed formats)."""
 
     written: int = 0
     total: int | None = None
+    completed: int = 0
 
 
 class JobResultView(_Strict):
@@ -107,8 +112,8 @@ class JobView(_Strict):
     id: str
     vm: str
     engine: EngineName
-    format: str
-    mode: ModeName
+    format: DumpFormat
+    mode: Mode
     state: JobStateName
     created: str
     started: str | None = None
@@ -155,7 +160,7 @@ class ServiceCore(Protocol):
         """A fresh memory map of a connected VM; NotFound, Unavailable."""
         ...
 
-    def submit(self, name: str, request: DumpRequest) -> JobView:
+    async def submit(self, name: str, request: DumpRequest) -> JobView:
         """Queue a dump; NotFound, Conflict (queue full), UsageError (bad engine/format)."""
         ...
 
@@ -167,7 +172,7 @@ class ServiceCore(Protocol):
         """One job; NotFound."""
         ...
 
-    def cancel(self, job_id: str) -> JobView:
+    async def cancel(self, job_id: str) -> JobView:
         """Cancel a queued or running job; NotFound, Conflict if already finished."""
         ...
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from qmpdump.errors import GuestBuildError
 
-__all__ = ["PATTERN_UNIT", "GuestImage", "build_guest", "cache_dir"]
+__all__ = ["PATTERN_UNIT", "GuestImage", "build_guest", "cache_dir", "locked"]
 
 #: The 16 bytes the guest repeats to fill its pattern file; 256 of them make one 4 KiB page.
 PATTERN_UNIT = b"QMPDUMP-PATTERN\n"
@@ -134,7 +134,8 @@ def _build_writer(source: str, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if missing) for the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -180,7 +181,7 @@ def build_guest(cache: Path | None = None) -> GuestImage:
     cache = cache or cache_dir()
     if not BUSYBOX.exists():
         raise GuestBuildError(f"{BUSYBOX} is missing; install busybox-static")
-    with _locked(cache / "guest.lock"):
+    with locked(cache / "guest.lock"):
         deb = _fetch_kernel_deb(cache / "downloads")
         template = _init_template()
         key_src = json.dumps(

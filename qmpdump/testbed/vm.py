@@ -35,6 +35,7 @@ from typing import Any
 from qmpdump.errors import GuestTimeout, LaunchError, QmpdumpError, UsageError
 from qmpdump.qmp.session import QMPSession
 from qmpdump.testbed.guest import GuestImage, build_guest
+from qmpdump.testbed.qemus import QemuBuild, QemuInstall, default_build, resolve
 
 __all__ = [
     "VM",
@@ -42,6 +43,7 @@ __all__ = [
     "Backend",
     "GiB",
     "MiB",
+    "QemuBuild",
     "VMSpec",
     "VirtioMemSpec",
     "launch",
@@ -52,7 +54,6 @@ __all__ = [
 MiB = 1 << 20
 GiB = 1 << 30
 
-QEMU_BINARY = os.environ.get("QMPDUMP_QEMU", "qemu-system-x86_64")
 SHM_ROOT = Path("/dev/shm")  # noqa: S108 - private mkdtemp folders below it, mode 0700
 #: Prefix of every folder the testbed makes (the leftover check looks for it).
 DIR_PREFIX = "qmpdump-vm-"
@@ -117,6 +118,8 @@ class VMSpec:
     virtio_mem: tuple[VirtioMemSpec, ...] = ()
     cpus: int = 2
     accel: Accel = field(default_factory=_default_accel)
+    #: Which QEMU runs it (``QMPDUMP_QEMU_BUILD``; ``QMPDUMP_QEMU`` overrides the binary).
+    qemu: QemuBuild = field(default_factory=default_build)
     #: False: bare mode (no kernel, ``-S``).
     guest: bool = True
     #: MiB of pattern the guest writes into a tmpfs file after boot.
@@ -156,13 +159,20 @@ def _backend_object(kind: Backend, obj_id: str, size: int, backing_dir: Path) ->
 
 
 def qemu_argv(
-    spec: VMSpec, run_dir: Path, backing_dir: Path, image: GuestImage | None
+    spec: VMSpec,
+    run_dir: Path,
+    backing_dir: Path,
+    image: GuestImage | None,
+    qemu: QemuInstall,
 ) -> list[str]:
-    """The QEMU command line for a spec (pure: paths in, strings out)."""
+    """The QEMU command line for a spec (pure: paths in, strings out).
+
+    ``qemu`` is the resolved :attr:`VMSpec.qemu`: the binary and its ``-L`` folders.
+    """
     machine = [spec.machine]
     if spec.below_4g is not None:
         machine.append(f"max-ram-below-4g={spec.below_4g}")
-    argv = [QEMU_BINARY, "-name", f"guest={spec.name},debug-threads=on"]
+    argv = [*qemu.argv_prefix(), "-name", f"guest={spec.name},debug-threads=on"]
     if spec.main_memdev:
         machine.append(f"memory-backend={spec.main_memdev}")
         argv += ["-object", _backend_object(spec.ram_backend, "ram0", spec.ram_size, backing_dir)]
@@ -413,8 +423,9 @@ async def start(spec: VMSpec) -> VM:
     The caller owns the result and must :meth:`VM.stop` it; prefer ``async with launch(spec)``.
     """
     image = await asyncio.to_thread(build_guest) if spec.guest else None
+    qemu = await asyncio.to_thread(resolve, spec.qemu)
     run_dir, backing_dir = _make_dirs(spec.name)
-    argv = qemu_argv(spec, run_dir, backing_dir, image)
+    argv = qemu_argv(spec, run_dir, backing_dir, image, qemu)
     try:
         with (run_dir / "qemu.log").open("wb") as log:
             proc = await asyncio.create_subprocess_exec(
@@ -428,7 +439,7 @@ async def start(spec: VMSpec) -> VM:
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(backing_dir, ignore_errors=True)
         raise LaunchError(
-            f"{QEMU_BINARY} is not installed", exit_code=None, argv=argv, log=""
+            f"{qemu.binary} is not installed", exit_code=None, argv=argv, log=""
         ) from err
     _LIVE[proc.pid] = run_dir
     vm = VM(spec, argv, proc, run_dir, backing_dir)

@@ -1,0 +1,77 @@
+"""QMP events as lenient typed models, and the paused time they add up to.
+
+An event (QMP spec, ``docs/interop/qmp-spec.rst``: ``{"event", "data", "timestamp":
+{"seconds", "microseconds"}}``) reaches callers as :class:`Event`, never as the library's
+``Message``. The models ignore members they do not know: QEMU adds some between versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qmpdump.qmp.models import DumpQueryResult, QMPModel
+
+__all__ = ["DumpCompleted", "Event", "EventStamp", "paused_seconds"]
+
+
+class EventStamp(BaseModel):
+    """When QEMU emitted an event (host wall clock, as QEMU read it)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    seconds: int = 0
+    microseconds: int = 0
+
+    @property
+    def at(self) -> float:
+        """Seconds since the epoch."""
+        return self.seconds + self.microseconds / 1e6
+
+
+class Event(BaseModel):
+    """One QMP event: its name, its QEMU timestamp and its data (as QEMU sent it)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event: str
+    timestamp: EventStamp = Field(default_factory=EventStamp)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def at(self) -> float:
+        """The event's QEMU timestamp, seconds since the epoch."""
+        return self.timestamp.at
+
+
+class DumpCompleted(QMPModel):
+    """``DUMP_COMPLETED``'s data (qapi/dump.json, since 2.6): the final ``query-dump`` state and,
+    when it failed, QEMU's reason."""
+
+    result: DumpQueryResult
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether QEMU says the dump completed."""
+        return self.result.status == "completed"
+
+
+def paused_seconds(events: Iterable[Event]) -> float | None:
+    """The seconds between each STOP and the RESUME after it, summed; None if none was heard.
+
+    QEMU stamps both events itself, so the sum does not depend on when qmpdump read them.
+    """
+    paused = 0.0
+    stopped_at: float | None = None
+    heard = False
+    for event in events:
+        if event.event == "STOP" and stopped_at is None:
+            stopped_at = event.at
+            heard = True
+        elif event.event == "RESUME" and stopped_at is not None:
+            paused += max(0.0, event.at - stopped_at)
+            stopped_at = None
+    return paused if heard else None

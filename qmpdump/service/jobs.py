@@ -1,0 +1,256 @@
+"""Dump jobs: the FIFO scheduler and the run of one job, in a task group of their own.
+
+Jobs start in FIFO order, one at a time per VM, at most ``max_concurrent_dumps`` at once. Each
+job's dump runs in a :class:`~qmpdump.engines.run.DumpTask` (so a cancel is ``Task.cancel()``,
+turned into DumpCancelled in that one place); after each success the VM's retention is applied.
+
+The job store's writes (SQLite commits with fsync) and retention's unlinks of multi-GB dumps run
+in a worker thread (one, so that store writes stay in order), never on the event loop where the
+API and the watchdog run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import TypeVar
+
+from qmpdump.engines.base import PauseHooks, Progress
+from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
+from qmpdump.engines.spec import DumpFormat, DumpSpec
+from qmpdump.errors import DumpCancelled, QmpdumpError
+from qmpdump.output import sidecar_path
+from qmpdump.qmp.session import QMPSession
+from qmpdump.service.config import DaemonConfig, ResolvedVM
+from qmpdump.service.metrics import DaemonMetrics
+from qmpdump.service.retention import retention_victims
+from qmpdump.service.store import Job, JobError, JobResult, JobState, JobStore
+from qmpdump.service.supervisor import VMSupervisor
+
+__all__ = ["JobRunner", "dump_name"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_PROGRESS_EVERY_S = 1.0
+
+
+def dump_name(vm: str, job_id: str, fmt: DumpFormat, now: float) -> str:
+    """The file name the service gives a dump: ``VM-TIMESTAMP-JOB.EXT``."""
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{vm}-{stamp}-{job_id[-8:]}.{fmt.extension}"
+
+
+@dataclass
+class _Running:
+    job: Job
+    task: asyncio.Task[None] | None = None
+    dump: DumpTask | None = None
+    cancelled: bool = False
+    #: the engine's last report (every one, not only those stored)
+    last: Progress | None = None
+
+
+class JobRunner:
+    """Schedules and runs jobs; :meth:`run` is the scheduler, jobs live in its task group."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        settings: DaemonConfig,
+        vms: Mapping[str, ResolvedVM],
+        supervisors: Mapping[str, VMSupervisor],
+        metrics: DaemonMetrics,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.vms = vms
+        self.supervisors = supervisors
+        self.metrics = metrics
+        self.running: dict[str, _Running] = {}
+        self.accepting = True
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpdump-store")
+
+    async def db(self, fn: Callable[..., _T], *args: object, **kwargs: object) -> _T:
+        """Run a blocking store (or file) call in the store's worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """Stop the worker thread (after every job has ended)."""
+        self._executor.shutdown(wait=True)
+
+    def wake(self) -> None:
+        """Look for a job to start (a job was queued, a VM connected, a job ended)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The scheduler: starts queued jobs in the ``jobs`` task group until cancelled; on the
+        way out, cancels the jobs still running and waits for them."""
+        async with asyncio.TaskGroup() as jobs:
+            try:
+                await self._schedule(jobs)
+            finally:
+                self.cancel_all("the dump was cancelled: the daemon is stopping")
+
+    async def _schedule(self, jobs: asyncio.TaskGroup) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.accepting and len(self.running) < self.settings.max_concurrent_dumps:
+                busy = {r.job.vm for r in self.running.values()}
+                job = self.store.next_queued(busy=busy)
+                if job is None:
+                    break
+                job = await self.db(self.store.mark_running, job.id)
+                running = self.running[job.id] = _Running(job)
+                running.task = jobs.create_task(self._run_job(job), name=f"job-{job.id}")
+
+    def cancel(self, job_id: str, reason: str = "the dump was cancelled") -> bool:
+        """Cancel a running job; False if it is not running here."""
+        running = self.running.get(job_id)
+        if running is None:
+            return False
+        running.cancelled = True
+        if running.dump is not None:
+            running.dump.cancel(reason)
+        return True
+
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every running job."""
+        for job_id in list(self.running):
+            self.cancel(job_id, reason)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop starting jobs; let running ones finish for ``grace_s``, then cancel and wait."""
+        self.accepting = False
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        if not tasks:
+            return
+        log.info("waiting up to %g s for %d running dump(s)", grace_s, len(tasks))
+        await asyncio.wait(tasks, timeout=grace_s)
+        self.cancel_all("the dump was cancelled: the daemon is stopping")
+        await asyncio.wait(tasks)
+
+    async def _run_job(self, job: Job) -> None:
+        running = self.running[job.id]
+        vm = self.vms[job.vm]
+        try:
+            running.dump = DumpTask(self._dump(job, vm), name=f"dump-{job.id}")
+            if running.cancelled:
+                running.dump.cancel()
+            outcome = await running.dump.result()
+        except DumpCancelled as err:
+            await self._end(job, JobState.CANCELLED, err, "cancelled")
+        except QmpdumpError as err:
+            await self._end(job, JobState.FAILED, err, "failed")
+        except Exception as err:
+            log.exception("job %s failed unexpectedly", job.id)
+            await self._end(job, JobState.FAILED, err, "failed")
+        else:
+            await self._succeeded(job, vm, outcome, running.last)
+        finally:
+            self.running.pop(job.id, None)
+            self._wake.set()
+
+    async def _end(self, job: Job, state: JobState, err: BaseException, result: str) -> None:
+        await self.db(self.store.finish, job.id, state, error=JobError.from_exception(err))
+        self.metrics.ended(job.vm, result)
+
+    async def _succeeded(
+        self, job: Job, vm: ResolvedVM, outcome: DumpOutcome, last: Progress | None
+    ) -> None:
+        total = last.total if last is not None and last.total else outcome.size
+
+        def record() -> None:
+            # The dump is catalogued and retention applied before the job shows succeeded:
+            # whoever sees it succeeded sees the dump folder as retention leaves it.
+            self.store.update_progress(job.id, outcome.size, total, total)
+            self.store.record_dump(
+                vm.name,
+                outcome.path,
+                outcome.size,
+                time.time(),
+                sha256=outcome.sha256,
+                job_id=job.id,
+            )
+            self._apply_retention(vm)
+            self.store.finish(
+                job.id,
+                JobState.SUCCEEDED,
+                result=JobResult(
+                    outcome.path,
+                    outcome.size,
+                    outcome.sha256,
+                    outcome.engine.value,
+                    outcome.paused_s,
+                ),
+            )
+
+        await self.db(record)
+        self.metrics.ended(vm.name, "succeeded")
+        self.metrics.dumped(vm.name, outcome.size, outcome.duration_s, outcome.paused_s)
+
+    async def _dump(self, job: Job, vm: ResolvedVM) -> DumpOutcome:
+        """The dump itself: wait for the VM's session, then run it (cancellable as a whole)."""
+        session = await self._session_for(vm.name)
+        spec = DumpSpec.checked(engine=job.engine, format=job.format, mode=job.mode)
+        last = 0.0
+        pending: set[asyncio.Future[bool]] = set()
+
+        def progress(p: Progress) -> None:
+            nonlocal last
+            running = self.running.get(job.id)
+            if running is not None:
+                running.last = p
+            now = time.monotonic()
+            if now - last >= _PROGRESS_EVERY_S:
+                last = now
+                update = self.store.update_progress
+                done = asyncio.ensure_future(
+                    self.db(update, job.id, p.written, p.total or None, p.completed)
+                )
+                pending.add(done)
+                done.add_done_callback(pending.discard)
+
+        async def before_pause() -> None:
+            await self.db(self.store.journal_pause, vm.name, vm.qmp, job.id)
+
+        async def after_resume() -> None:
+            await self.db(self.store.clear_pause, vm.name)
+
+        target = vm.dump_dir / dump_name(vm.name, job.id, spec.format, time.time())
+        try:
+            return await run_dump(
+                session,
+                target,
+                spec,
+                progress=progress,
+                hooks=PauseHooks(before_pause, after_resume),
+                timeout_s=self.settings.dump_timeout_s,
+            )
+        finally:
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _session_for(self, name: str) -> QMPSession:
+        """The VM's session once connected (up to qmp_timeout_s)."""
+        return await self.supervisors[name].wait_connected(self.settings.qmp_timeout_s)
+
+    def _apply_retention(self, vm: ResolvedVM) -> None:
+        """Remove the dumps retention gives up (blocking: run through :meth:`db`)."""
+        victims = retention_victims(
+            self.store.dumps(vm.name), vm.retention.keep_count, vm.retention.keep_bytes
+        )
+        for dump in victims:
+            dump.path.unlink(missing_ok=True)
+            sidecar_path(dump.path).unlink(missing_ok=True)
+            self.store.forget_dump(dump.path)
+            log.info("retention: removed %s", dump.path)
