@@ -36,6 +36,10 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
           +-- DumpFailed         QEMU reported the dump as failed (exit 44)
           +-- MigrationStreamError  QEMU's migration stream cannot be read (exit 45)
           +-- SnapshotRefused    the snapshot engine will not run on this VM (exit 46)
+          +-- SinkError          the dump could not be stored in object storage (exit 60)
+               +-- SinkCredentials    no credentials, or the server refused them (exit 61)
+               +-- SinkBucketMissing  the bucket does not exist (exit 62)
+               +-- SinkUnreachable    the object store did not answer (exit 63)
      +-- ServiceError            the daemon's answers (exit 50..53; HTTP status on the class)
           +-- NotFound           no such VM, job or dump (404)
           +-- Conflict           the request conflicts with the state (409)
@@ -72,6 +76,10 @@ __all__ = [
     "QemuFetchError",
     "QmpdumpError",
     "ServiceError",
+    "SinkBucketMissing",
+    "SinkCredentials",
+    "SinkError",
+    "SinkUnreachable",
     "SnapshotRefused",
     "SocketMissing",
     "SocketPermission",
@@ -273,6 +281,34 @@ class DumpFailed(DumpError):
     """Raised when QEMU reports the dump as failed, with QEMU's reason."""
 
     exit_code = 44
+
+
+class SinkError(DumpError):
+    """Raised when a dump cannot be stored in its sink (an S3 bucket) for a reason the server
+    gave; no object and no pending multipart upload was left (or, if the server vanished before
+    the abort, the message names the upload that could not be aborted)."""
+
+    exit_code = 60
+
+
+class SinkCredentials(SinkError, PermissionError):
+    """Raised when no credentials were found, or the object store refused them (or refused
+    this bucket to them): invalid key id, bad signature, access denied."""
+
+    exit_code = 61
+
+
+class SinkBucketMissing(SinkError, LookupError):
+    """Raised when the sink's bucket does not exist on the object store."""
+
+    exit_code = 62
+
+
+class SinkUnreachable(SinkError, ConnectionError):
+    """Raised when the object store does not answer (refused connection, timeout, dropped
+    connection) after every retry."""
+
+    exit_code = 63
 
 
 class ServiceError(QmpdumpError):

@@ -14,17 +14,25 @@ import errno
 import json
 import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
 from qmpdump.errors import DiskFull, DumpError, UsageError
 
-__all__ = ["PARTIAL_SUFFIX", "DumpFile", "DumpTarget", "sidecar_path", "write_error"]
+__all__ = ["PARTIAL_SUFFIX", "DumpFile", "DumpTarget", "dump_name", "sidecar_path", "write_error"]
 
 PARTIAL_SUFFIX = ".partial"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+
+
+def dump_name(vm: str, job_id: str, extension: str, now: float) -> str:
+    """The name qmpdump gives a dump, file or object: ``VM-YYYYMMDDTHHMMSSZ-JOB.EXT`` (UTC;
+    the last 8 hex digits of the job id). ``vm`` must already be a validated VM name."""
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{vm}-{stamp}-{job_id[-8:]}.{extension}"
 
 
 class DumpTarget(Protocol):

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from qmpdump.testbed.s3server import leftover_servers
 from qmpdump.testbed.vm import (
     VM,
     Backend,
@@ -89,6 +90,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             os.kill(pid, signal.SIGKILL)
     # Only what this run made: another run on the same machine may have VMs of its own.
     problems.extend(f"left behind: {path}" for path in leftover_dirs())
+    problems.extend(leftover_servers())  # S3 servers (tests/test_sink_s3.py)
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = "leftover check FAILED:\n  " + "\n  ".join(problems)

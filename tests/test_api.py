@@ -271,7 +271,7 @@ class FakeCore:
                     file=f"{name}-20240501T120000Z.elf",
                     size=TOTAL,
                     sha256="cd" * 32,
-                    engine="backend",
+                    engine=EngineName.BACKEND,
                     paused_s=0.25,
                 ),
             }

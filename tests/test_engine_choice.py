@@ -18,7 +18,7 @@ import pytest
 from qmpdump.engines import run as run_module
 from qmpdump.engines.run import choose_engine, run_dump
 from qmpdump.engines.spec import DumpSpec, EngineName, Mode
-from qmpdump.errors import UsageError
+from qmpdump.errors import DumpError, UsageError
 from qmpdump.qmp.session import QMPSession
 from qmpdump.survey import Survey, survey
 from qmpdump.testbed.vm import VM, MiB, VMSpec
@@ -57,6 +57,9 @@ async def test_live_auto_refuses_rather_than_fall_back_to_a_pausing_engine(
         with pytest.raises(UsageError, match="live mode needs engine backend") as refused:
             choose_engine(DumpSpec(mode=Mode.LIVE), blind, session)
         assert "cannot be read from the host" in str(refused.value)
+        # Asked for by name, the backend engine refuses with its reason: no file is made.
+        with pytest.raises(DumpError, match=r"the backend engine cannot dump this VM: .* host"):
+            choose_engine(DumpSpec(engine=EngineName.BACKEND, mode=Mode.LIVE), blind, session)
         # The whole path: refused before any pause, nothing written.
         monkeypatch.setattr(run_module, "survey", lambda _session: _returns(blind))
         with vm.qmp.listen("STOP") as stops:

@@ -103,6 +103,11 @@ def add_parsers(commands: Any) -> None:
     p.add_argument("vm", metavar="VM")
     p.add_argument("--engine", choices=[e.value for e in EngineName], help="default: the VM's")
     p.add_argument("--format", choices=[f.value for f in DumpFormat], help="default: the VM's")
+    p.add_argument(
+        "--sink",
+        help="a [[sink]] of the daemon's configuration (an S3 bucket), or 'local' for the dump "
+        "folder; default: the VM's",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--live", dest="mode", action="store_const", const="live", help="do not stop the VM"
@@ -178,6 +183,9 @@ def _when(iso: str | None, *, utc: bool = False) -> str:
 
 
 def _progress(p: ProgressView) -> str:
+    if p.uploaded is not None and p.written:
+        done = f"{format_size(p.uploaded)} of {format_size(p.written)}"
+        return f"{done} uploaded ({100 * p.uploaded / p.written:.0f}%)"
     if p.total:
         done = f"{format_size(p.completed)} of {format_size(p.total)}"
         return f"{done} ({100 * p.completed / p.total:.0f}%), {format_size(p.written)} written"
@@ -187,7 +195,7 @@ def _progress(p: ProgressView) -> str:
 def _job_detail(job: JobView) -> str:
     """What the jobs table says about a job in one cell."""
     if job.state == "succeeded" and job.result is not None:
-        return job.result.file
+        return job.result.url or job.result.file
     if job.state == "running":
         return _progress(job.progress)
     if job.error is not None:
@@ -203,6 +211,7 @@ def _job_text(job: JobView) -> str:
         ("engine", job.engine),
         ("format", job.format),
         ("mode", job.mode),
+        ("sink", job.sink or "local"),
         ("created", _when(job.created, utc=True)),
         ("started", _when(job.started, utc=True)),
         ("ended", _when(job.ended, utc=True)),
@@ -212,6 +221,7 @@ def _job_text(job: JobView) -> str:
         r = job.result
         lines += [
             ("file", r.file),
+            *([("object", r.url)] if r.url else []),
             ("size", f"{format_size(r.size)} ({r.size} bytes)"),
             ("sha256", r.sha256),
             ("engine used", r.engine),
@@ -327,7 +337,7 @@ async def _run_vms(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 async def _run_request(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     request = DumpRequest.model_validate(
-        {"engine": args.engine, "format": args.format, "mode": args.mode}
+        {"engine": args.engine, "format": args.format, "mode": args.mode, "sink": args.sink}
     )
     async with ApiClient(args.socket) as api:
         job = await api.request(args.vm, request)

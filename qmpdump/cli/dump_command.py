@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,7 +27,12 @@ from qmpdump.engines.spec import (
     Mode,
 )
 from qmpdump.errors import UsageError
+from qmpdump.output import dump_name
 from qmpdump.qmp.session import QMPSession, parse_address
+from qmpdump.service.config import VM_NAME_PATTERN
+from qmpdump.service.store import new_job_id
+from qmpdump.sinks.deliver import SinkOutcome, dump_to_s3
+from qmpdump.sinks.s3 import S3Location
 from qmpdump.sizes import format_size, parse_size
 
 __all__ = ["add_parser", "run"]
@@ -48,7 +55,25 @@ def add_parser(commands: Any) -> None:
         "complete; mode 0600) with a sidecar FILE.json.",
     )
     parser.add_argument("--qmp", required=True, help="QEMU's QMP socket (path, or tcp:HOST:PORT)")
-    parser.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("-o", "--output", type=Path, metavar="FILE")
+    where.add_argument(
+        "--to",
+        metavar="s3://BUCKET/PREFIX/",
+        help="store the dump in an S3 bucket instead (named VM-TIMESTAMP-ID.EXT as the daemon "
+        "names files, sidecar beside it as NAME.json); credentials, endpoint and region come "
+        "from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and the shared "
+        "credentials file), AWS_ENDPOINT_URL and AWS_REGION. The dump is spooled in a private "
+        "folder under $TMPDIR first (see --spool-dir) and removed after the upload",
+    )
+    parser.add_argument(
+        "--name",
+        help="--to: the VM name in the object's name (default: the QMP socket's file name "
+        "without its suffix, as [[discover]] name_from = 'stem')",
+    )
+    parser.add_argument(
+        "--spool-dir", type=Path, metavar="DIR", help="--to: where the dump is spooled"
+    )
     parser.add_argument(
         "--engine",
         choices=[e.value for e in EngineName],
@@ -160,12 +185,88 @@ async def _dump(args: argparse.Namespace, spec: DumpSpec) -> DumpOutcome:
             )
 
 
+def _vm_name(args: argparse.Namespace) -> str:
+    """The VM name for an object's name: ``--name``, else the socket's stem; validated."""
+    name = args.name
+    if name is None:
+        name = "vm" if args.qmp.startswith("tcp:") else Path(args.qmp).stem
+    if not re.fullmatch(VM_NAME_PATTERN, name):
+        raise UsageError(
+            f"{name!r} is not a valid VM name (1 to 64 of A-Z a-z 0-9 . _ -, starting with a "
+            "letter or digit): give one with --name"
+        )
+    return str(name)
+
+
+async def _dump_to_bucket(
+    args: argparse.Namespace,
+    spec: DumpSpec,
+    location: S3Location,
+    name: str,
+    stored: list[SinkOutcome],
+) -> DumpOutcome:
+    """Dump into a spool and upload (``stored`` receives where it went)."""
+    async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
+        with ProgressBar("dump") as bar:
+
+            async def write(target: Path) -> DumpOutcome:
+                return await run_dump(
+                    session, target, spec, progress=lambda p: bar.show(p.completed, p.total)
+                )
+
+            done = await dump_to_s3(
+                write,
+                location=location,
+                name=name,
+                spool_root=args.spool_dir,
+                progress=lambda u: bar.show(u.uploaded, u.total, "upload"),
+            )
+    stored.append(done)
+    return done.dump
+
+
+def _stored_summary(done: SinkOutcome) -> dict[str, Any]:
+    summary = _summary(done.dump)
+    summary.pop("path")
+    summary.pop("sidecar")
+    return {
+        "url": done.stored.url,
+        "sidecar_url": f"s3://{done.stored.bucket}/{done.stored.sidecar_key}",
+        **summary,
+        "upload_s": round(done.upload_s, 3),
+        "parts": done.stored.parts,
+    }
+
+
+def _report_stored(done: SinkOutcome, as_json: bool, out: TextIO) -> int:
+    if as_json:
+        out.write(json.dumps(_stored_summary(done), indent=2) + "\n")
+        return 0
+    d = done.dump
+    paused = "" if d.paused_s is None else f", VM paused {d.paused_s:.2f} s"
+    out.write(
+        f"{done.stored.url}: {format_size(d.size)} ({d.format}, engine {d.engine}) dumped in "
+        f"{d.duration_s:.2f} s{paused}, uploaded in {done.upload_s:.2f} s "
+        f"({done.stored.parts} parts)\n"
+        f"engine: {d.engine} ({d.record.engine_reason})\n"
+        f"sha256 {d.sha256}\nsidecar s3://{done.stored.bucket}/{done.stored.sidecar_key}\n"
+    )
+    return 0
+
+
 async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """Dump, reporting progress; SIGINT/SIGTERM cancel it."""
+    location = S3Location.parse(args.to) if args.to else None
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     spec = spec_of(args)
-    dump = DumpTask(_dump(args, spec))
+    stored: list[SinkOutcome] = []
+    if location is None:
+        dump = DumpTask(_dump(args, spec))
+    else:
+        now = time.time()
+        name = dump_name(_vm_name(args), new_job_id(now), spec.format.extension, now)
+        dump = DumpTask(_dump_to_bucket(args, spec, location, name, stored))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, dump.cancel)
@@ -174,6 +275,8 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    if stored:
+        return _report_stored(stored[0], args.json, out)
     if args.json:
         out.write(json.dumps(_summary(outcome), indent=2) + "\n")
     else:

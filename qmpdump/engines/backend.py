@@ -170,7 +170,7 @@ class BackendEngine:
         session, spec, before, output = job.session, job.spec, job.before, job.output
         ok, why = self.assess(before)
         if not ok:
-            raise DumpError(f"the sparse reader cannot dump this VM: {why}")
+            raise DumpError(f"{self.traits.label} cannot dump this VM: {why}")
         live = spec.mode is Mode.LIVE
         guard = _PauseGuard(session, before.facts.running and not live, job.hooks)
         async with guard:

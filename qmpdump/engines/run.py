@@ -30,7 +30,13 @@ from qmpdump.engines.spec import (
     EngineName,
     engine_refusal,
 )
-from qmpdump.errors import DumpCancelled, DumpFailed, FdPassingUnavailable, UsageError
+from qmpdump.errors import (
+    DumpCancelled,
+    DumpError,
+    DumpFailed,
+    FdPassingUnavailable,
+    UsageError,
+)
 from qmpdump.output import DumpFile, sidecar_path
 from qmpdump.qmp.session import QMPSession
 from qmpdump.survey import Survey, survey
@@ -65,13 +71,19 @@ def choose_engine(spec: DumpSpec, before: Survey, session: QMPSession) -> tuple[
     Refuses rather than pick an engine that would not honour the spec (a live dump is never
     handed to an engine that pauses the VM): :class:`FdPassingUnavailable` when every fitting
     engine needs a UNIX QMP socket and the session has none, else :class:`UsageError` listing
-    why each engine stepped aside.
+    why each engine stepped aside. An engine asked for by name that cannot dump this VM
+    (:meth:`~qmpdump.engines.base.Engine.assess`) is a :class:`DumpError` with its reason,
+    before any file is created.
     """
     if spec.engine is not EngineName.AUTO:
         traits = ENGINE_TRAITS[spec.engine]
         if traits.passes_fds and not session.can_pass_fds:
             raise FdPassingUnavailable(session.where, traits.name.value)
-        return ENGINES[spec.engine], "asked for"
+        engine = ENGINES[spec.engine]
+        ok, why = engine.assess(before)
+        if not ok:
+            raise DumpError(f"{traits.label} cannot dump this VM: {why}")
+        return engine, "asked for"
     skipped: list[str] = []
     fd_blocked = False
     for name in AUTO_ORDER:

@@ -8,6 +8,11 @@ The file (see :func:`example_config` for a commented one) has four parts:
   per VM by default; unset means no limit.
 * ``[[vm]]`` -- the VMs named in the file: a name and a QMP address, with optional per-VM
   ``engine``/``format``/``mode`` defaults and a ``[vm.retention]`` override.
+* ``[[sink]]`` -- named S3 buckets (``name``, ``bucket``, ``prefix``, optional ``endpoint``,
+  ``region``, ``part_size``, ``max_in_flight``) dumps may go to instead of ``dump_dir``: a VM
+  picks one with ``sink = "NAME"`` (``[daemon] default_sink`` for all), a request with its
+  ``sink`` field; ``"local"`` means the dump folder. Credentials never appear here: the
+  standard AWS chain (environment, shared credentials file) provides them.
 * ``[[discover]]`` -- QMP sockets found by a glob at run time; each match becomes a VM named
   after the file (``name_from = "stem"``) or its directory (``"parent"``), with the same optional
   defaults and retention override as a ``[[vm]]``.
@@ -63,9 +68,17 @@ from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, SpecProblem
 from qmpdump.engines.spec import Mode as SpecMode
 from qmpdump.errors import UsageError
 from qmpdump.qmp.session import QMPAddress, parse_address
+from qmpdump.sinks.s3 import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_PART_SIZE,
+    MIN_PART_SIZE,
+    S3Location,
+    S3Settings,
+)
 from qmpdump.sizes import parse_size
 
 __all__ = [
+    "LOCAL_SINK",
     "QEMU_FORMATS",
     "VM_NAME_PATTERN",
     "Config",
@@ -76,6 +89,7 @@ __all__ = [
     "Mode",
     "ResolvedVM",
     "Retention",
+    "SinkConfig",
     "SkippedSocket",
     "VMConfig",
     "example_config",
@@ -84,6 +98,9 @@ __all__ = [
     "parse_config",
     "parse_size",
 ]
+
+#: The sink name that means the local dump folder.
+LOCAL_SINK = "local"
 
 #: What a VM name must match: it becomes a folder under ``dump_dir`` and a segment of API URLs.
 VM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -212,6 +229,38 @@ def _glob_pattern(value: str) -> str:
     return value
 
 
+def _sink_name(value: str) -> str:
+    if not _VM_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid sink name: 1 to 64 of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    if value == LOCAL_SINK:
+        raise ValueError(f"{LOCAL_SINK!r} is reserved: it means the dump folder")
+    return value
+
+
+def _endpoint(value: str | None) -> str | None:
+    if value is None:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or rest.startswith("/"):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
+def _part_size(value: Any) -> int:
+    if isinstance(value, str):
+        number = parse_size(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ValueError(f'expected a size such as "16MiB", not {value!r}')
+    if not MIN_PART_SIZE <= number <= 5 << 30:
+        raise ValueError(f"must be from 5MiB to 5GiB (S3's limits on a part), not {value!r}")
+    return number
+
+
 AbsPath = Annotated[Path, BeforeValidator(_path), AfterValidator(_absolute)]
 Format = Annotated[DumpFormat, BeforeValidator(_member(DumpFormat)), BeforeValidator(_format)]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -268,6 +317,8 @@ class _DumpDefaults(_Strict):
     engine: Engine | None = None
     format: Format | None = None
     mode: Mode | None = None
+    #: a ``[[sink]]`` name, or ``"local"`` for the dump folder
+    sink: str | None = None
     retention: Retention = Field(default_factory=Retention)
 
 
@@ -292,6 +343,51 @@ class DiscoverConfig(_DumpDefaults):
         return p.stem if self.name_from == "stem" else p.parent.name
 
 
+class SinkConfig(_Strict):
+    """A ``[[sink]]`` entry: an S3 bucket (and key prefix) that dumps may go to.
+
+    Credentials are never part of it: they come from the standard AWS chain (environment,
+    ``AWS_PROFILE`` and the shared credentials file). ``endpoint`` and ``region``, when left
+    out, come from ``AWS_ENDPOINT_URL`` and ``AWS_REGION`` (or the AWS config file) too.
+    """
+
+    name: Annotated[str, AfterValidator(_sink_name)]
+    bucket: str
+    prefix: str = ""
+    endpoint: Annotated[str | None, AfterValidator(_endpoint)] = None
+    region: str | None = None
+    part_size: Annotated[int, BeforeValidator(_part_size)] = DEFAULT_PART_SIZE
+    max_in_flight: Annotated[int, Field(ge=1, le=64)] = DEFAULT_MAX_IN_FLIGHT
+
+    @model_validator(mode="after")
+    def _where(self) -> SinkConfig:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        try:
+            S3Location.of(self.bucket)
+        except UsageError as err:
+            problems.append((("bucket",), str(err)))
+        try:
+            S3Location.of("bucket", self.prefix)
+        except UsageError as err:
+            problems.append((("prefix",), str(err)))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    def location(self) -> S3Location:
+        """The bucket and prefix."""
+        return S3Location.of(self.bucket, self.prefix)
+
+    def settings(self) -> S3Settings:
+        """The client settings."""
+        return S3Settings(
+            endpoint_url=self.endpoint,
+            region=self.region,
+            part_size=self.part_size,
+            max_in_flight=self.max_in_flight,
+        )
+
+
 class DaemonConfig(_Strict):
     """The ``[daemon]`` table."""
 
@@ -306,6 +402,8 @@ class DaemonConfig(_Strict):
     default_engine: Engine = EngineName.AUTO
     default_format: Format = DumpFormat.ELF
     default_mode: Mode = SpecMode.CONSISTENT
+    #: where dumps go unless a VM or a request says otherwise: a ``[[sink]]`` name or "local"
+    default_sink: str = LOCAL_SINK
     #: QMP reconnection backoff: first delay, doubled up to the maximum
     reconnect_min_s: Seconds = 1.0
     reconnect_max_s: Seconds = 60.0
@@ -353,6 +451,8 @@ class ResolvedVM:
     dump_dir: Path
     #: where it came from: ``vm[0]``, or ``discover[1]`` for a discovered socket
     origin: str
+    #: the ``[[sink]]`` its dumps go to by default; None: ``dump_dir``
+    sink: str | None = None
 
     @property
     def discovered(self) -> bool:
@@ -397,6 +497,7 @@ class Config(_Strict):
     retention: Retention = Field(default_factory=Retention)
     vm: list[VMConfig] = Field(default_factory=list)
     discover: list[DiscoverConfig] = Field(default_factory=list)
+    sink: list[SinkConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:
@@ -420,6 +521,7 @@ class Config(_Strict):
                     )
                 )
             by_qmp.setdefault(vm.qmp, i)
+        problems.extend(self._sink_problems())
         entries: list[tuple[str, int, _DumpDefaults]] = [
             *(("vm", i, v) for i, v in enumerate(self.vm)),
             *(("discover", i, d) for i, d in enumerate(self.discover)),
@@ -437,6 +539,42 @@ class Config(_Strict):
             raise _Problems(problems)
         return self
 
+    def _sink_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        names: dict[str, int] = {}
+        for i, sink in enumerate(self.sink):
+            if sink.name in names:
+                problems.append(
+                    (
+                        ("sink", i, "name"),
+                        f"{sink.name!r} is already sink[{names[sink.name]}]'s name",
+                    )
+                )
+            names.setdefault(sink.name, i)
+        known = ", ".join([LOCAL_SINK, *names])
+        chosen: list[tuple[tuple[str | int, ...], str | None]] = [
+            (("daemon", "default_sink"), self.daemon.default_sink),
+            *((("vm", i, "sink"), v.sink) for i, v in enumerate(self.vm)),
+            *((("discover", i, "sink"), d.sink) for i, d in enumerate(self.discover)),
+        ]
+        for loc, name in chosen:
+            if name is not None and name != LOCAL_SINK and name not in names:
+                problems.append((loc, f"no [[sink]] named {name!r} (known: {known})"))
+        return problems
+
+    def sink_named(self, name: str | None) -> SinkConfig | None:
+        """The ``[[sink]]`` called ``name``; None for None or ``"local"``.
+
+        Raises :class:`UsageError` for a name that is not configured.
+        """
+        if name is None or name == LOCAL_SINK:
+            return None
+        for sink in self.sink:
+            if sink.name == name:
+                return sink
+        known = ", ".join([LOCAL_SINK, *(s.name for s in self.sink)])
+        raise UsageError(f"no sink named {name!r} (known: {known})")
+
     def _defaults(self, entry: _DumpDefaults) -> tuple[EngineName, DumpFormat, SpecMode]:
         d = self.daemon
         return (
@@ -447,6 +585,7 @@ class Config(_Strict):
 
     def _resolve(self, entry: _DumpDefaults, name: str, qmp: str, origin: str) -> ResolvedVM:
         engine, fmt, mode = self._defaults(entry)
+        sink = entry.sink or self.daemon.default_sink
         return ResolvedVM(
             name=name,
             qmp=qmp,
@@ -456,6 +595,7 @@ class Config(_Strict):
             retention=entry.retention.over(self.retention),
             dump_dir=self.daemon.dump_dir / name,
             origin=origin,
+            sink=None if sink == LOCAL_SINK else sink,
         )
 
     def static_vms(self) -> list[ResolvedVM]:
@@ -572,7 +712,7 @@ def format_validation_error(err: ValidationError, data: Any = None) -> list[str]
             problem = "required, but missing"
         elif kind in ("value_error", "assertion_error"):
             problem = str(cause) if cause is not None else e["msg"]
-        elif kind == "list_type" and loc in (("vm",), ("discover",)):
+        elif kind == "list_type" and loc in (("vm",), ("discover",), ("sink",)):
             problem = f"must be an array of tables: write [[{loc[0]}]], not [{loc[0]}]"
         else:
             msg = e["msg"]
@@ -658,6 +798,20 @@ format = "kdump-zlib"
 [vm.retention]                      # per-VM overrides of [retention], key by key
 keep_count = 3
 keep_bytes = "unlimited"
+
+# Dumps may go to an S3 bucket instead of dump_dir: a VM says sink = "NAME" (or set
+# default_sink under [daemon]); a request may name a sink too, or "local". Credentials come
+# only from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the unit's
+# environment, /etc/qmpdump/aws.env, or AWS_PROFILE and the shared credentials file), never
+# from this file; endpoint and region default to AWS_ENDPOINT_URL and AWS_REGION.
+# [[sink]]
+# name = "evidence"
+# bucket = "incident-dumps"
+# prefix = "hv01/"                  # objects are PREFIX/VM-TIMESTAMP-JOB.EXT (+ .json)
+# endpoint = "https://s3.example.net"
+# region = "eu-west-1"
+# part_size = "16MiB"               # memory: about 3 x part_size x max_in_flight
+# max_in_flight = 4
 
 # Every socket matching the glob is a VM; its name is the file name without its suffix
 # ("stem") or the name of its directory ("parent"). A [[vm]] with the same name or the same

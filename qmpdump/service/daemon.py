@@ -5,7 +5,8 @@ Lifecycle (:meth:`Daemon.run`): every start-up step registers its undo on one
 even if an earlier one failed, and every failure is logged (as aiohttp's runner does):
 
 1. the single-instance lock on ``state_dir``; the job store (jobs a crash left ``running`` are
-   failed, ``.partial`` files under ``dump_dir`` removed); the signal handlers;
+   failed, ``.partial`` files under ``dump_dir`` and spooled dumps under ``dump_dir/.spool``
+   removed: S3 shows nothing of an upload a crash cut short); the signal handlers;
 2. one task group for the long-lived tasks: one
    :class:`~qmpdump.service.supervisor.VMSupervisor` per VM, the watchdog, and the
    :class:`~qmpdump.service.jobs.JobRunner`, whose jobs live in a task group of their own;
@@ -27,6 +28,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -45,8 +47,8 @@ from qmpdump.output import PARTIAL_SUFFIX
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
 from qmpdump.service import sdnotify
-from qmpdump.service.config import Config, ResolvedVM
-from qmpdump.service.jobs import JobRunner
+from qmpdump.service.config import LOCAL_SINK, Config, ResolvedVM
+from qmpdump.service.jobs import JobRunner, spool_dir
 from qmpdump.service.metrics import DaemonMetrics
 from qmpdump.service.store import Job, JobError, JobState, JobStore
 from qmpdump.service.supervisor import VMSupervisor
@@ -56,7 +58,6 @@ from qmpdump.service.views import (
     DumpView,
     HealthView,
     JobErrorView,
-    JobResultView,
     JobView,
     ProgressView,
     VMView,
@@ -148,6 +149,9 @@ class Daemon:
         for vm in self.resolved:
             vm.dump_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             vm.dump_dir.chmod(0o700)
+        if self.config.sink:
+            spool_dir(self.settings).mkdir(mode=0o700, exist_ok=True)
+            spool_dir(self.settings).chmod(0o700)
 
     def _take_lock(self) -> int:
         path = self.settings.state_dir / "daemon.lock"
@@ -176,6 +180,10 @@ class Daemon:
 
     def _remove_partials(self) -> list[Path]:
         removed = []
+        if spool_dir(self.settings).is_dir():  # a crash mid-upload: S3 shows nothing of that upload
+            for left in spool_dir(self.settings).iterdir():
+                shutil.rmtree(left, ignore_errors=True)
+                removed.append(left)
         for vm in self.resolved:
             for partial in vm.dump_dir.glob(f"*{PARTIAL_SUFFIX}"):
                 partial.unlink(missing_ok=True)
@@ -199,7 +207,12 @@ class Daemon:
             store = await asyncio.to_thread(self._open_store)
             stack.callback(undo.sync("closing the job store", store.close))
             runner = JobRunner(
-                store, self.settings, self.by_name, self.supervisors, self.metrics_data
+                store,
+                self.settings,
+                self.by_name,
+                self.supervisors,
+                self.metrics_data,
+                sink_named=self.config.sink_named,
             )
             self._runner = runner
             stack.callback(undo.sync("stopping the store's thread", runner.close))
@@ -298,6 +311,7 @@ class Daemon:
             default_engine=vm.engine,
             default_format=vm.format,
             default_mode=vm.mode,
+            default_sink=vm.sink,
         )
 
     def vms(self) -> list[VMView]:
@@ -314,6 +328,9 @@ class Daemon:
         if self.stopping:
             raise Unavailable("the daemon is shutting down")
         vm = self._supervisor(name).vm
+        sink = request.sink if request.sink is not None else vm.sink
+        self.config.sink_named(sink)  # a UsageError (400) for a name not configured
+        sink = None if sink == LOCAL_SINK else sink
         spec = DumpSpec.checked(
             engine=request.engine or vm.engine,
             format=request.format or vm.format,
@@ -323,7 +340,7 @@ class Daemon:
             raise Conflict(f"VM {name} is busy: {MAX_QUEUED_PER_VM} dumps are already waiting")
         runner = self.jobs_runner
         job = await runner.db(
-            self.store.create, name, spec.engine.value, spec.format.value, spec.mode.value
+            self.store.create, name, spec.engine.value, spec.format.value, spec.mode.value, sink
         )
         runner.wake()
         return self._job_view(job)
@@ -336,22 +353,27 @@ class Daemon:
                 "engine": job.engine,
                 "format": job.format,
                 "mode": job.mode,
+                "sink": job.sink,
                 "state": job.state.value,
                 "created": _iso(job.created) or "",
                 "started": _iso(job.started),
                 "ended": _iso(job.ended),
                 "progress": ProgressView(
-                    written=job.written, total=job.total, completed=job.completed
+                    written=job.written,
+                    total=job.total,
+                    completed=job.completed,
+                    uploaded=job.uploaded,
                 ),
                 "result": None
                 if job.result is None
-                else JobResultView(
-                    file=job.result.path.name,
-                    size=job.result.size,
-                    sha256=job.result.sha256,
-                    engine=job.result.engine,
-                    paused_s=job.result.paused_s,
-                ),
+                else {
+                    "file": job.result.path.name,
+                    "size": job.result.size,
+                    "sha256": job.result.sha256,
+                    "engine": job.result.engine,
+                    "paused_s": job.result.paused_s,
+                    "url": job.result.url,
+                },
                 "error": None
                 if job.error is None
                 else JobErrorView(

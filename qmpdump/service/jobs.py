@@ -17,23 +17,25 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 from qmpdump.engines.base import PauseHooks, Progress
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
-from qmpdump.engines.spec import DumpFormat, DumpSpec
+from qmpdump.engines.spec import DumpSpec
 from qmpdump.errors import DumpCancelled, QmpdumpError
-from qmpdump.output import sidecar_path
+from qmpdump.output import dump_name, sidecar_path
 from qmpdump.qmp.session import QMPSession
-from qmpdump.service.config import DaemonConfig, ResolvedVM
+from qmpdump.service.config import DaemonConfig, ResolvedVM, SinkConfig
 from qmpdump.service.metrics import DaemonMetrics
 from qmpdump.service.retention import retention_victims
 from qmpdump.service.store import Job, JobError, JobResult, JobState, JobStore
 from qmpdump.service.supervisor import VMSupervisor
+from qmpdump.sinks.deliver import dump_to_s3
+from qmpdump.sinks.s3 import StoredObject, UploadProgress
 
-__all__ = ["JobRunner", "dump_name"]
+__all__ = ["JobRunner", "spool_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,10 @@ _T = TypeVar("_T")
 _PROGRESS_EVERY_S = 1.0
 
 
-def dump_name(vm: str, job_id: str, fmt: DumpFormat, now: float) -> str:
-    """The file name the service gives a dump: ``VM-TIMESTAMP-JOB.EXT``."""
-    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
-    return f"{vm}-{stamp}-{job_id[-8:]}.{fmt.extension}"
+def spool_dir(settings: DaemonConfig) -> Path:
+    """Where a dump bound for a ``[[sink]]`` is written before its upload: ``dump_dir/.spool``
+    (the filesystem sized for dumps; a VM name never starts with a dot)."""
+    return settings.dump_dir / ".spool"
 
 
 @dataclass
@@ -55,6 +57,8 @@ class _Running:
     cancelled: bool = False
     #: the engine's last report (every one, not only those stored)
     last: Progress | None = None
+    #: where the dump went when its job names a ``[[sink]]``
+    stored: StoredObject | None = None
 
 
 class JobRunner:
@@ -67,12 +71,16 @@ class JobRunner:
         vms: Mapping[str, ResolvedVM],
         supervisors: Mapping[str, VMSupervisor],
         metrics: DaemonMetrics,
+        *,
+        sink_named: Callable[[str | None], SinkConfig | None] = lambda _name: None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.vms = vms
         self.supervisors = supervisors
         self.metrics = metrics
+        #: the configured ``[[sink]]`` tables by name (``sink_named`` resolves a job's)
+        self.sink_named = sink_named
         self.running: dict[str, _Running] = {}
         self.accepting = True
         self._wake = asyncio.Event()
@@ -168,6 +176,10 @@ class JobRunner:
         self, job: Job, vm: ResolvedVM, outcome: DumpOutcome, last: Progress | None
     ) -> None:
         total = last.total if last is not None and last.total else outcome.size
+        stored = self.running[job.id].stored
+        if stored is not None:
+            await self._stored(job, vm, outcome, stored, total)
+            return
 
         def record() -> None:
             # The dump is catalogued and retention applied before the job shows succeeded:
@@ -191,6 +203,30 @@ class JobRunner:
                     outcome.sha256,
                     outcome.engine.value,
                     outcome.paused_s,
+                ),
+            )
+
+        await self.db(record)
+        self.metrics.ended(vm.name, "succeeded")
+        self.metrics.dumped(vm.name, outcome.size, outcome.duration_s, outcome.paused_s)
+
+    async def _stored(
+        self, job: Job, vm: ResolvedVM, outcome: DumpOutcome, stored: StoredObject, total: int
+    ) -> None:
+        """A dump now in a bucket: not catalogued, no retention (the bucket's rules keep it)."""
+
+        def record() -> None:
+            self.store.update_progress(job.id, outcome.size, total, total, outcome.size)
+            self.store.finish(
+                job.id,
+                JobState.SUCCEEDED,
+                result=JobResult(
+                    Path(outcome.path.name),
+                    outcome.size,
+                    outcome.sha256,
+                    outcome.engine.value,
+                    outcome.paused_s,
+                    url=stored.url,
                 ),
             )
 
@@ -226,8 +262,22 @@ class JobRunner:
         async def after_resume() -> None:
             await self.db(self.store.clear_pause, vm.name)
 
-        target = vm.dump_dir / dump_name(vm.name, job.id, spec.format, time.time())
-        try:
+        def upload_progress(u: UploadProgress) -> None:
+            # the dump is complete once its upload begins
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= _PROGRESS_EVERY_S or u.uploaded == u.total:
+                last = now
+                p = self.running[job.id].last if job.id in self.running else None
+                total = p.total if p is not None and p.total else u.total
+                update = self.store.update_progress
+                done = asyncio.ensure_future(
+                    self.db(update, job.id, u.total, total, total, u.uploaded)
+                )
+                pending.add(done)
+                done.add_done_callback(pending.discard)
+
+        async def write(target: Path) -> DumpOutcome:
             return await run_dump(
                 session,
                 target,
@@ -236,6 +286,22 @@ class JobRunner:
                 hooks=PauseHooks(before_pause, after_resume),
                 timeout_s=self.settings.dump_timeout_s,
             )
+
+        sink = self.sink_named(job.sink)
+        name = dump_name(vm.name, job.id, spec.format.extension, time.time())
+        try:
+            if sink is None:
+                return await write(vm.dump_dir / name)
+            done = await dump_to_s3(
+                write,
+                location=sink.location(),
+                name=name,
+                settings=sink.settings(),
+                spool_root=spool_dir(self.settings),
+                progress=upload_progress,
+            )
+            self.running[job.id].stored = done.stored
+            return done.dump
         finally:
             if pending:
                 await asyncio.wait(pending)

@@ -90,6 +90,8 @@ class JobResult:
     engine: str
     #: how long the VM was paused, None if the engine could not tell
     paused_s: float | None
+    #: ``s3://bucket/key`` when the dump went to a sink (then ``path`` is only its name)
+    url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,10 @@ class Job:
     result: JobResult | None
     error: JobError | None
     completed: int = 0
+    #: the ``[[sink]]`` the dump goes to; None: the VM's dump folder
+    sink: str | None = None
+    #: bytes of the dump the sink has stored so far (None before the upload starts)
+    uploaded: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -222,6 +228,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: guest bytes done, beside bytes written: the one Progress of every engine
     ("ALTER TABLE jobs ADD COLUMN completed INTEGER NOT NULL DEFAULT 0",),
+    # 3: the [[sink]] a job's dump goes to (NULL: the dump folder), where it went, and how
+    # much of it the sink has stored
+    (
+        "ALTER TABLE jobs ADD COLUMN sink TEXT",
+        "ALTER TABLE jobs ADD COLUMN result_url TEXT",
+        "ALTER TABLE jobs ADD COLUMN uploaded INTEGER",
+    ),
 )
 
 #: The schema version this code writes.
@@ -265,6 +278,7 @@ def _job(row: sqlite3.Row) -> Job:
             sha256=row["result_sha256"],
             engine=row["result_engine"],
             paused_s=row["result_paused_s"],
+            url=row["result_url"],
         )
     error = None
     if row["error_message"] is not None:
@@ -288,6 +302,8 @@ def _job(row: sqlite3.Row) -> Job:
         result=result,
         error=error,
         completed=row["completed"],
+        sink=row["sink"],
+        uploaded=row["uploaded"],
     )
 
 
@@ -406,15 +422,15 @@ class JobStore:
 
     # --- jobs ---
 
-    def create(self, vm: str, engine: str, format: str, mode: str) -> Job:
-        """Queue a new job and return it."""
+    def create(self, vm: str, engine: str, format: str, mode: str, sink: str | None = None) -> Job:
+        """Queue a new job and return it (``sink``: a ``[[sink]]`` name, None for local)."""
         now = self._clock()
         job_id = new_job_id(now)
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO jobs (id, vm, engine, format, mode, state, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, vm, engine, format, mode, JobState.QUEUED.value, now),
+                "INSERT INTO jobs (id, vm, engine, format, mode, state, created, sink) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, vm, engine, format, mode, JobState.QUEUED.value, now, sink),
             )
         job = self.get(job_id)
         assert job is not None
@@ -453,7 +469,12 @@ class JobStore:
         return job
 
     def update_progress(
-        self, job_id: str, written: int, total: int | None, completed: int | None = None
+        self,
+        job_id: str,
+        written: int,
+        total: int | None,
+        completed: int | None = None,
+        uploaded: int | None = None,
     ) -> bool:
         """Record a running job's progress; False if it is not running (any more).
 
@@ -465,9 +486,9 @@ class JobStore:
             try:
                 with self._tx() as tx:
                     changed = tx.execute(
-                        "UPDATE jobs SET written = ?, total = ?, completed = ? "
+                        "UPDATE jobs SET written = ?, total = ?, completed = ?, uploaded = ? "
                         "WHERE id = ? AND state = ?",
-                        (written, total, completed or 0, job_id, JobState.RUNNING.value),
+                        (written, total, completed or 0, uploaded, job_id, JobState.RUNNING.value),
                     ).rowcount
             finally:
                 conn.execute("PRAGMA synchronous = FULL")
@@ -504,7 +525,8 @@ class JobStore:
             changed = conn.execute(
                 "UPDATE jobs SET state = ?, ended = ?, "
                 "result_path = ?, result_size = ?, result_sha256 = ?, result_engine = ?, "
-                "result_paused_s = ?, error_message = ?, error_class = ?, error_exit_code = ? "
+                "result_paused_s = ?, result_url = ?, "
+                "error_message = ?, error_class = ?, error_exit_code = ? "
                 "WHERE id = ? AND state IN (?, ?)",
                 (
                     state.value,
@@ -514,6 +536,7 @@ class JobStore:
                     None if r is None else r.sha256,
                     None if r is None else r.engine,
                     None if r is None else r.paused_s,
+                    None if r is None else r.url,
                     None if e is None else e.message,
                     None if e is None else e.error_class,
                     None if e is None else e.exit_code,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from qmpdump.engines.spec import DumpFormat, EngineName, Mode
 from qmpdump.report import MapReport
@@ -65,18 +65,23 @@ class VMView(_Strict):
     default_engine: EngineName
     default_format: DumpFormat
     default_mode: Mode
+    #: the ``[[sink]]`` its dumps go to by default; None: the dump folder
+    default_sink: str | None = None
 
 
 class DumpRequest(_Strict):
     """``POST /v1/vms/{vm}/dumps``: every field optional; the VM's defaults fill the rest.
 
     Which combinations are valid is the dump specification's rule
-    (:class:`qmpdump.engines.spec.DumpSpec`): a 400 names the problem.
+    (:class:`qmpdump.engines.spec.DumpSpec`): a 400 names the problem. ``sink`` names a
+    configured ``[[sink]]`` (or ``"local"``: the dump folder); the object's name is chosen by
+    the service, as a file's is.
     """
 
     engine: EngineName | None = None
     format: DumpFormat | None = None
     mode: Mode | None = None
+    sink: str | None = Field(default=None, max_length=64)
 
 
 class ProgressView(_Strict):
@@ -86,16 +91,21 @@ class ProgressView(_Strict):
     written: int = 0
     total: int | None = None
     completed: int = 0
+    #: for a dump going to a sink: bytes the object store has acknowledged
+    uploaded: int | None = None
 
 
 class JobResultView(_Strict):
-    """What a succeeded job produced (``file`` is a name in the VM's dump folder)."""
+    """What a succeeded job produced: ``file`` is a name in the VM's dump folder, or, when
+    ``url`` is set, the object's name in its sink (``s3://bucket/prefix/file``)."""
 
     file: str
     size: int
     sha256: str
-    engine: str
+    #: the engine that ran (``auto`` resolved)
+    engine: EngineName
     paused_s: float | None
+    url: str | None = None
 
 
 class JobErrorView(_Strict):
@@ -114,6 +124,7 @@ class JobView(_Strict):
     engine: EngineName
     format: DumpFormat
     mode: Mode
+    sink: str | None = None
     state: JobStateName
     created: str
     started: str | None = None

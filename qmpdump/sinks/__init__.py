@@ -1,0 +1,1 @@
+"""Where a finished dump goes besides the local dump folder: object storage (S3)."""

