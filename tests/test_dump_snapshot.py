@@ -19,6 +19,7 @@ older than 8.1 only the refusal is tested.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -34,11 +35,12 @@ import pytest
 from qmpdump.engines.base import Progress
 from qmpdump.engines.run import DumpTask, run_dump
 from qmpdump.engines.spec import DumpSpec, EngineName
-from qmpdump.errors import DiskFull, DumpBusy, DumpCancelled, SnapshotRefused
+from qmpdump.errors import DiskFull, DumpBusy, DumpCancelled, DumpError
 from qmpdump.qmp.session import QMPSession
 from qmpdump.testbed.qemus import default_build, resolve
 from qmpdump.testbed.vm import VM, Backend, GiB, MiB, VirtioMemSpec, VMSpec
 
+from .clirun import run_cli
 from .conftest import VMFactory
 from .test_dump_backend import (
     PATTERN_PAGE,
@@ -114,10 +116,40 @@ async def assert_runs(vm: VM) -> None:
 async def test_refused_before_qemu_8_1(snap_vm: VM, dumps: Path) -> None:  # noqa: F811
     async with QMPSession(str(snap_vm.qmp_path)) as session:
         caps = await capabilities(session)
-        with pytest.raises(SnapshotRefused, match=r"blocked on its next write"):
+        with pytest.raises(DumpError, match=r"blocked on its next write"):
             await run_dump(session, dumps / "x.elf", DumpSpec(engine=EngineName.SNAPSHOT))
         assert await capabilities(session) == caps
     assert not list(dumps.iterdir())
+    await assert_runs(snap_vm)
+
+
+@pytest.mark.guest
+async def test_the_cli_dumps_with_the_snapshot_engine_or_says_why_not(
+    snap_vm: VM,
+    dumps: Path,  # noqa: F811
+) -> None:
+    target = dumps / "cli.elf"
+    code, out, err = await run_cli(
+        "dump",
+        "--qmp",
+        str(snap_vm.qmp_path),
+        "--engine",
+        "snapshot",
+        "--json",
+        "-o",
+        str(target),
+        timeout_s=300.0,
+    )
+    if not SUPPORTED:
+        assert code == DumpError.exit_code, (code, err)  # choose_engine: "cannot dump this VM"
+        assert "blocked on its next write" in err
+        assert not target.exists()
+    else:
+        assert code == 0, err
+        summary = json.loads(out)
+        assert summary["engine"] == "snapshot"
+        record = check_files(target)
+        assert record["request"]["mode"] == "snapshot"
     await assert_runs(snap_vm)
 
 
