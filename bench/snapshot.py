@@ -137,7 +137,9 @@ async def one_dump(
         outcome = await run_dump(
             session,
             target,
-            DumpSpec(engine=EngineName(engine), max_host_growth=8 * GiB),
+            DumpSpec(engine=EngineName.SNAPSHOT, max_host_growth=8 * GiB)
+            if engine == "snapshot"
+            else DumpSpec(engine=EngineName(engine)),
             overwrite=True,
         )
         t1 = time.monotonic()
