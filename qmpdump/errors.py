@@ -11,7 +11,7 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
 
     QmpdumpError
      +-- UsageError              bad arguments or configuration (exit 2)
- |    +-- FdPassingUnavailable  the engine must pass an fd, and QMP runs over TCP (exit 2)
+     |    +-- FdPassingUnavailable  the engine must pass an fd, and QMP runs over TCP (exit 2)
      +-- TestbedError            the built-in test/demo VMs (exit 10)
      |    +-- GuestBuildError    the guest kernel/initramfs could not be built
      |    +-- QemuFetchError     the cached QEMU build could not be fetched or unpacked
@@ -21,8 +21,14 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
      |    +-- SocketMissing      no socket at the path (exit 21)
      |    +-- SocketPermission   the socket exists but may not be opened (exit 22)
      |    +-- NotQEMU            the peer does not speak QMP (exit 23)
+     |    +-- LibvirtError       libvirt could not give us the domain (exit 60)
+     |         +-- LibvirtUnavailable   libvirtd cannot be reached (exit 61)
+     |         +-- LibvirtPermission    libvirt denied access (exit 62)
+     |         +-- DomainNotFound       no domain of that name (exit 63)
+     |         +-- DomainNotRunning     the domain is not running (exit 64)
      +-- QMPTimeout              QEMU did not answer in time (exit 24)
      +-- QMPCommandError         QEMU answered a command with an error (exit 25)
+     |    +-- UnsafeThroughLibvirt  a command qmpdump won't send through libvirt (exit 65)
      +-- QMPDisconnected         the QMP connection dropped (exit 26)
      +-- QMPReplyError           QEMU's reply does not have the expected shape (exit 27)
      +-- LayoutError             the guest memory layout could not be built (exit 30)
@@ -34,12 +40,12 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
           +-- QEMUGone           QEMU exited or the QMP connection dropped mid-dump (exit 42)
           +-- DiskFull           the target filesystem is full (exit 43)
           +-- DumpFailed         QEMU reported the dump as failed (exit 44)
-          +-- MigrationStreamError  QEMU's migration stream cannot be read (exit 45)
-          +-- SnapshotRefused    the snapshot engine will not run on this VM (exit 46)
-          +-- SinkError          the dump could not be stored in object storage (exit 60)
-               +-- SinkCredentials    no credentials, or the server refused them (exit 61)
-               +-- SinkBucketMissing  the bucket does not exist (exit 62)
-               +-- SinkUnreachable    the object store did not answer (exit 63)
+          +-- SinkError          the dump could not be stored in object storage (exit 45)
+               +-- SinkCredentials    no credentials, or the server refused them (exit 46)
+               +-- SinkBucketMissing  the bucket does not exist (exit 47)
+               +-- SinkUnreachable    the object store did not answer (exit 48)
+          +-- MigrationStreamError  QEMU's migration stream cannot be read (exit 55)
+          +-- SnapshotRefused    the snapshot engine will not run on this VM (exit 56)
      +-- ServiceError            the daemon's answers (exit 50..53; HTTP status on the class)
           +-- NotFound           no such VM, job or dump (404)
           +-- Conflict           the request conflicts with the state (409)
@@ -53,6 +59,8 @@ from collections.abc import Sequence
 __all__ = [
     "Conflict",
     "DiskFull",
+    "DomainNotFound",
+    "DomainNotRunning",
     "DumpBusy",
     "DumpCancelled",
     "DumpError",
@@ -64,6 +72,9 @@ __all__ = [
     "HostAccessError",
     "LaunchError",
     "LayoutError",
+    "LibvirtError",
+    "LibvirtPermission",
+    "LibvirtUnavailable",
     "MigrationStreamError",
     "NotFound",
     "NotQEMU",
@@ -85,6 +96,7 @@ __all__ = [
     "SocketPermission",
     "TestbedError",
     "Unavailable",
+    "UnsafeThroughLibvirt",
     "UsageError",
 ]
 
@@ -189,6 +201,37 @@ class NotQEMU(QMPConnectError):
     exit_code = 23
 
 
+class LibvirtError(QMPConnectError):
+    """Raised when libvirt cannot give qmpdump the domain or its monitor; libvirt's own error
+    (a ``libvirt.libvirtError``) is kept in :attr:`exc`. ``address`` names URI and domain."""
+
+    exit_code = 60
+
+
+class LibvirtUnavailable(LibvirtError):
+    """Raised when libvirtd cannot be reached at the URI (not running, wrong URI)."""
+
+    exit_code = 61
+
+
+class LibvirtPermission(LibvirtError):
+    """Raised when libvirt refuses this user (socket permissions, polkit, ACLs)."""
+
+    exit_code = 62
+
+
+class DomainNotFound(LibvirtError, LookupError):
+    """Raised when libvirt knows no domain of the given name (or UUID)."""
+
+    exit_code = 63
+
+
+class DomainNotRunning(LibvirtError):
+    """Raised when the domain exists but its QEMU is not running (shut off)."""
+
+    exit_code = 64
+
+
 class QMPTimeout(QmpdumpError, TimeoutError):
     """Raised when QEMU does not answer a command (or the greeting) within its timeout."""
 
@@ -210,6 +253,14 @@ class QMPCommandError(QmpdumpError):
         self.error_class = error_class
         self.description = description
         super().__init__(f"QEMU refused {command!r}: {error_class}: {description}")
+
+
+class UnsafeThroughLibvirt(QMPCommandError):
+    """Raised instead of sending a command through libvirt's monitor passthrough that would harm
+    libvirt (``dump-guest-memory``: libvirt 9.0's libvirtd crashes on the DUMP_COMPLETED event of
+    a dump it did not start); the operation goes through libvirt's own API instead."""
+
+    exit_code = 65
 
 
 class QMPDisconnected(QmpdumpError, ConnectionError):
@@ -288,27 +339,27 @@ class SinkError(DumpError):
     gave; no object and no pending multipart upload was left (or, if the server vanished before
     the abort, the message names the upload that could not be aborted)."""
 
-    exit_code = 60
+    exit_code = 45
 
 
 class SinkCredentials(SinkError, PermissionError):
     """Raised when no credentials were found, or the object store refused them (or refused
     this bucket to them): invalid key id, bad signature, access denied."""
 
-    exit_code = 61
+    exit_code = 46
 
 
 class SinkBucketMissing(SinkError, LookupError):
     """Raised when the sink's bucket does not exist on the object store."""
 
-    exit_code = 62
+    exit_code = 47
 
 
 class SinkUnreachable(SinkError, ConnectionError):
     """Raised when the object store does not answer (refused connection, timeout, dropped
     connection) after every retry."""
 
-    exit_code = 63
+    exit_code = 48
 
 
 class ServiceError(QmpdumpError):
@@ -342,10 +393,10 @@ class Unavailable(ServiceError):
 class MigrationStreamError(DumpError, ValueError):
     """Raised when QEMU's migration stream is not what the snapshot engine can read."""
 
-    exit_code = 45
+    exit_code = 55
 
 
 class SnapshotRefused(DumpError):
     """Raised when the snapshot engine will not run on this VM (QEMU version, host memory)."""
 
-    exit_code = 46
+    exit_code = 56

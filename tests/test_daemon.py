@@ -365,10 +365,10 @@ def interval(record: Mapping[str, Any]) -> tuple[datetime, datetime]:
     return datetime.fromisoformat(record["started"]), datetime.fromisoformat(record["ended"])
 
 
-def check_dump_name(job: JobView) -> str:
+def check_dump_name(job: JobView, ext: str = "elf") -> str:
     """The service's name of a succeeded job's dump: ``VM-STAMP-IDTAIL.EXT``."""
     assert job.result is not None
-    pattern = rf"{re.escape(job.vm)}-\d{{8}}T\d{{6}}Z-{job.id[-8:]}\.elf"
+    pattern = rf"{re.escape(job.vm)}-\d{{8}}T\d{{6}}Z-{job.id[-8:]}\.{ext}"
     assert re.fullmatch(pattern, job.result.file), job.result.file
     return job.result.file
 
@@ -475,6 +475,30 @@ async def test_two_vms_dump_in_parallel(
     assert b_start < a_end
     assert await run_state(a) == "running"
     assert await settled_state(b) == "running"
+
+
+@pytest.mark.bare
+async def test_a_vm_configured_for_kdump_gets_our_kdump_file(
+    vm_factory: VMFactory, daemons: Daemons, tmp_path: Path
+) -> None:
+    """The daemon's config names a kdump format: the backend engine writes the kdump file."""
+    vm = await bare_vm(vm_factory, "kd", 512 * MiB, backend=Backend.FILE, data=64 * MiB)
+    setup = write_config(tmp_path, {"kd": vm.qmp_path}, default_format="kdump-lzo")
+    svc = await daemons.start(setup, connected=1)
+    job = await svc.api.request("kd", DumpRequest())
+    (job,) = await Snapshots([job.id]).follow(svc.api)
+    assert job.state == "succeeded", job
+    assert job.result is not None
+    assert (job.format, job.result.engine) == ("kdump-lzo", "backend")
+    name = check_dump_name(job, "kdump")
+    dump = setup.vm_dir("kd") / name
+    assert dump.read_bytes()[:8] == b"KDUMP   "
+    assert mode_of(dump) == 0o600
+    record = sidecar(dump)
+    assert (record["format"], record["request"]["codec"]) == ("kdump-lzo", "lzo")
+    assert record["sha256"] == job.result.sha256 == await asyncio.to_thread(sha256_of, dump)
+    assert job.progress.completed == job.progress.total  # guest bytes read, of those to read
+    assert await run_state(vm) == "running"
 
 
 @pytest.mark.bare
@@ -779,8 +803,10 @@ async def test_bad_requests_are_4xx_and_never_break_the_daemon(
         await api.job(unknown_job)
     with pytest.raises(NotFound, match="no job"):
         await api.cancel(unknown_job)
-    with pytest.raises(UsageError, match="ELF only"):
-        await api.request("v", DumpRequest(engine=EngineName.BACKEND, format=DumpFormat.KDUMP_ZLIB))
+    with pytest.raises(UsageError, match="does not write 'win-dmp'"):
+        await api.request("v", DumpRequest(engine=EngineName.BACKEND, format=DumpFormat.WIN_DMP))
+    with pytest.raises(UsageError, match="does not write 'kdump-zstd'"):
+        await api.request("v", DumpRequest(engine=EngineName.QEMU, format=DumpFormat.KDUMP_ZSTD))
     with pytest.raises(UsageError, match="live mode"):
         await api.request("v", DumpRequest(engine=EngineName.QEMU, mode=Mode.LIVE))
 
@@ -789,7 +815,7 @@ async def test_bad_requests_are_4xx_and_never_break_the_daemon(
     cases: list[tuple[str, str, str | None, int, str]] = [
         ("POST", "/v1/vms/nope/dumps", "{}", 404, "no VM named"),
         ("POST", "/v1/vms/v/dumps", '{"path": "/etc/shadow"}', 400, "path"),
-        ("POST", "/v1/vms/v/dumps", '{"engine":"backend","format":"kdump-zlib"}', 400, "ELF"),
+        ("POST", "/v1/vms/v/dumps", '{"engine":"backend","format":"win-dmp"}', 400, "win-dmp"),
         ("POST", "/v1/vms/v/dumps", '{"engine":"qemu","mode":"live"}', 400, "live"),
         ("POST", "/v1/vms/v/dumps", "{not json", 400, "not JSON"),
         ("POST", "/v1/vms/v/dumps", "[1, 2]", 400, "JSON object"),
@@ -813,7 +839,7 @@ async def test_bad_requests_are_4xx_and_never_break_the_daemon(
     for argv, want_code, words in [
         (["request", "nope"], 51, "no VM named 'nope'"),
         (["request", "v", "--engine", "qemu", "--live"], 2, "live mode"),
-        (["request", "v", "--engine", "backend", "--format", "kdump-zlib"], 2, "ELF only"),
+        (["request", "v", "--engine", "backend", "--format", "win-dmp"], 2, "not write"),
         (["job", unknown_job], 51, "no job"),
         (["cancel", unknown_job], 51, "no job"),
         (["dumps", "--vm", "nope"], 51, "no VM named 'nope'"),

@@ -62,12 +62,12 @@ from qmpdump.elf.format import (
 )
 from qmpdump.elf.plan import notes_payload
 from qmpdump.engines import backend as backend_engine
-from qmpdump.engines import copier
+from qmpdump.engines import copier, kdump_writer
 from qmpdump.engines.base import PauseHooks, Progress
 from qmpdump.engines.copier import CopyState, Source
 from qmpdump.engines.copyplan import CopyOp
 from qmpdump.engines.run import DumpTask, run_dump
-from qmpdump.engines.spec import DumpSpec, EngineName
+from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName
 from qmpdump.errors import DiskFull, DumpCancelled
 from qmpdump.host.extents import path_extents
 from qmpdump.host.procfs import find_mapping_file
@@ -884,6 +884,48 @@ async def test_cancel_mid_copy(
 
 
 @pytest.mark.guest
+async def test_cancel_mid_kdump(
+    running_vm: VM, dumps: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kdump: the cancel lands while threads compress (reads slowed down); no file is left,
+    the VM runs again, no thread's error is lost."""
+    vm = running_vm
+    await assert_running(vm)
+    real = kdump_writer.read_source
+    reads: list[int] = []
+
+    def slow_read(src: Source, region_offset: int, size: int) -> bytes:
+        reads.append(size)
+        time.sleep(0.01)
+        return real(src, region_offset, size)
+
+    monkeypatch.setattr(kdump_writer, "read_source", slow_read)
+    tasks: list[DumpTask] = []
+    seen: list[Progress] = []
+
+    def progress(p: Progress) -> None:
+        if p.completed > 0 and not seen:
+            seen.append(p)
+            tasks[0].cancel()
+
+    folder = dumps / "out"
+    with no_lost_task_errors() as reports:
+        async with watched(vm) as watch, QMPSession(str(vm.qmp_path)) as session:
+            spec = DumpSpec(engine=EngineName.BACKEND, format=DumpFormat.KDUMP_LZO)
+            target = folder / "cancelled.kdump"
+            tasks.append(DumpTask(run_dump(session, target, spec, progress=progress)))
+            with pytest.raises(DumpCancelled):
+                await tasks[0].result()
+    assert reports == []
+    (when,) = seen
+    assert 0 < when.completed < when.total
+    assert sum(reads) < when.total  # the writer stopped before the end
+    assert leftovers(folder) == []
+    assert watch.events == ["STOP", "RESUME"]
+    assert watch.states[-1] == "running"
+
+
+@pytest.mark.guest
 async def test_disk_full_removes_the_partial_and_resumes_the_vm(
     running_vm: VM, dumps: Path
 ) -> None:
@@ -926,7 +968,7 @@ async def test_auto_picks_the_backend_and_says_why(running_vm: VM, dumps: Path) 
 
 
 @pytest.mark.guest
-async def test_auto_picks_qemu_for_kdump_and_says_why(running_vm: VM, dumps: Path) -> None:
+async def test_auto_picks_the_backend_for_kdump_and_says_why(running_vm: VM, dumps: Path) -> None:
     vm = running_vm
     target = dumps / "auto.kdump"
     code, out, err = await run_cli(
@@ -943,17 +985,17 @@ async def test_auto_picks_qemu_for_kdump_and_says_why(running_vm: VM, dumps: Pat
     )
     assert code == 0, err
     record = await asyncio.to_thread(check_files, target)
-    assert json.loads(out)["engine"] == record["engine"] == "qemu"
-    assert "ELF only" in record["engine_reason"]
-    assert "kdump-zlib" in record["engine_reason"]
+    assert json.loads(out)["engine"] == record["engine"] == "backend"
+    assert "every RAM region can be read" in record["engine_reason"]
     assert record["format"] == "kdump-zlib"
+    assert record["request"]["codec"] == "zlib"
     with target.open("rb") as f:
-        assert f.read(12) == b"makedumpfile"  # the flattened format (written into a pipe)
+        assert f.read(8) == b"KDUMP   "  # the standard layout, never flattened
     await assert_running(vm)
 
 
 @pytest.mark.guest
-async def test_backend_refuses_kdump(running_vm: VM, dumps: Path) -> None:
+async def test_backend_refuses_win_dmp(running_vm: VM, dumps: Path) -> None:
     vm = running_vm
     folder = dumps / "out"
     code, out, err = await run_cli(
@@ -961,15 +1003,15 @@ async def test_backend_refuses_kdump(running_vm: VM, dumps: Path) -> None:
         "--qmp",
         str(vm.qmp_path),
         "-o",
-        str(folder / "x.kdump"),
+        str(folder / "x.dmp"),
         "--engine",
         "backend",
         "--format",
-        "kdump-zlib",
+        "win-dmp",
     )
     assert code == 2, err
     assert out == ""
-    assert "ELF only" in err
+    assert "does not write 'win-dmp'" in err
     assert "Traceback" not in err
     assert leftovers(folder) == []
     await assert_running(vm)

@@ -273,16 +273,16 @@ def test_error_lines(tmp_path: Path, text: str, expected: str) -> None:
         ),
         (
             MINIMAL + 'engine = "backend"\nformat = "win-dmp"\n',
-            ["vm[0].format: the backend engine writes ELF only, not 'win-dmp'"],
+            ["vm[0].format: the backend engine does not write 'win-dmp'"],
         ),
         (
             DAEMON
-            + 'default_format = "kdump-lzo"\n'
+            + 'default_format = "kdump-zstd"\n'
             + MINIMAL.removeprefix(DAEMON)
             # the VM sets only the engine: blamed, with a word on where the format came from
-            + 'engine = "backend"\n',
+            + 'engine = "qemu"\n',
             [
-                "vm[0].engine: the backend engine writes ELF only, not 'kdump-lzo' "
+                "vm[0].engine: QEMU's dump-guest-memory does not write 'kdump-zstd' "
                 "(with the [daemon] defaults)"
             ],
         ),
@@ -301,7 +301,7 @@ def test_error_lines(tmp_path: Path, text: str, expected: str) -> None:
         (
             DAEMON + 'default_engine = "backend"\ndefault_format = "win-dmp"\n'
             '[[vm]]\nname = "a"\nqmp = "/a"\n',
-            ["daemon.default_format: the backend engine writes ELF only"],
+            ["daemon.default_format: the backend engine does not write 'win-dmp'"],
         ),
         (
             DAEMON + "reconnect_min_s = 100\n" + MINIMAL.removeprefix(DAEMON),

@@ -243,7 +243,7 @@ async def test_credentials_from_the_shared_file_and_none_at_all(
     s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The standard AWS chain: a profile in a shared credentials file works; no credentials
-    anywhere is a clear SinkCredentials (exit 61), not a traceback or a hang."""
+    anywhere is a clear SinkCredentials (exit 46), not a traceback or a hang."""
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata to ask
@@ -263,7 +263,7 @@ async def test_credentials_from_the_shared_file_and_none_at_all(
     with pytest.raises(SinkCredentials, match="no S3 credentials") as caught:
         async with open_client(S3Settings()) as client:
             await check_bucket(client, S3Location("dumps"))
-    assert caught.value.exit_code == 61
+    assert caught.value.exit_code == 46
 
 
 # ================================================================ real QEMU, real S3
@@ -393,7 +393,7 @@ async def test_server_killed_mid_upload_fails_clearly(
         with pytest.raises(SinkUnreachable) as caught:
             await _dump_to_bucket(stopped, "killed/", spool, settings, progress=progress)
         err = caught.value
-        assert err.exit_code == 63
+        assert err.exit_code == 48
         message = str(err)
         assert "did not answer" in message
         assert "could not be aborted" in message  # the server is gone: the abort failed too
@@ -415,7 +415,7 @@ async def test_wrong_credentials(
         str(tmp_path),
         env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
     )
-    assert code == 61, err
+    assert code == 46, err
     assert "refused the credentials" in err
     assert "Traceback" not in err
     assert out == ""
@@ -437,7 +437,7 @@ async def test_missing_bucket(
         "--spool-dir",
         str(tmp_path),
     )
-    assert code == 62, err
+    assert code == 47, err
     assert "s3://no-such-bucket" in err
     assert "does not exist" in err
     assert "Traceback" not in err
@@ -462,7 +462,7 @@ async def test_server_down(shared_guest: VM, tmp_path: Path, s3: S3Server) -> No
         str(tmp_path),
         env={**env, "AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "2"},
     )
-    assert code == 63, err
+    assert code == 48, err
     assert "did not answer" in err
     assert "Traceback" not in err
     assert folder_empty(tmp_path)
@@ -600,7 +600,7 @@ async def test_daemon_cancel_and_server_killed_mid_upload(
         assert job.state == "failed", job
         assert job.error is not None
         assert job.error.error_class == "SinkUnreachable"
-        assert job.error.exit_code == 63
+        assert job.error.exit_code == 48
         assert "did not answer" in job.error.message
         assert files_in(setup.dump_dir / ".spool") == []
         assert files_in(setup.vm_dir("a")) == []

@@ -27,7 +27,15 @@ def test_live_is_never_handed_to_qemu() -> None:
     assert [t.name for t in live.candidates()] == [EngineName.BACKEND]
     # a format only QEMU writes, in live mode: no engine can, so the spec refuses
     with pytest.raises(UsageError, match="no engine can make this dump"):
-        DumpSpec.checked(format="kdump-zlib", mode="live")
+        DumpSpec.checked(format="win-dmp", mode="live")
+    # kdump: the backend writes it too (its own writer), so a live kdump-zlib is the backend's
+    kdump = DumpSpec(format=DumpFormat.KDUMP_ZLIB, mode=Mode.LIVE)
+    assert [t.name for t in kdump.candidates()] == [EngineName.BACKEND]
+    # and only the backend writes zstd, or picks a codec itself
+    for fmt in (DumpFormat.KDUMP_ZSTD, DumpFormat.KDUMP):
+        assert [t.name for t in DumpSpec(format=fmt).candidates()] == [EngineName.BACKEND]
+    with pytest.raises(UsageError, match="does not write 'kdump-zstd'"):
+        DumpSpec.checked(engine="qemu", format="kdump-zstd")
 
 
 def test_options_belong_to_their_engine() -> None:
@@ -35,8 +43,12 @@ def test_options_belong_to_their_engine() -> None:
         DumpSpec.checked(engine="qemu", zero_pages=True)
     with pytest.raises(UsageError, match="--paging is not for the backend engine"):
         DumpSpec.checked(engine="backend", paging=True)
-    with pytest.raises(UsageError, match="ELF only"):
+    with pytest.raises(UsageError, match="does not write 'win-dmp'"):
         DumpSpec.checked(engine="backend", format="win-dmp")
+    with pytest.raises(UsageError, match="--kdump-zero-pages is for qmpdump's own kdump"):
+        DumpSpec.checked(kdump_zero_pages="shared")
+    with pytest.raises(UsageError, match="--zero-pages is for the elf format only"):
+        DumpSpec.checked(format="kdump-lzo", zero_pages=True)
     # auto with a QEMU-only option leaves QEMU as the only candidate
     ranged = DumpSpec(begin=0, length=4096)
     assert [t.name for t in ranged.candidates()] == [EngineName.QEMU]
@@ -56,8 +68,9 @@ def test_every_format_has_an_engine_and_an_extension() -> None:
     ("args", "words"),
     [
         (["--engine", "qemu", "--live"], "live mode needs engine backend or auto"),
-        (["--format", "kdump-zlib", "--live"], "no engine can make this dump"),
-        (["--engine", "backend", "--format", "win-dmp"], "ELF only"),
+        (["--format", "win-dmp", "--live"], "no engine can make this dump"),
+        (["--engine", "backend", "--format", "win-dmp"], "does not write 'win-dmp'"),
+        (["--engine", "qemu", "--format", "kdump-zstd"], "does not write 'kdump-zstd'"),
         (["--engine", "qemu", "--zero-pages"], "--zero-pages is not for QEMU"),
     ],
 )

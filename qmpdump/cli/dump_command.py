@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from qmpdump.cli.progress import ProgressBar
+from qmpdump.cli.source import add_source_arguments, libvirt_ref, monitor_mode, open_session
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import (
@@ -26,9 +27,9 @@ from qmpdump.engines.spec import (
     EngineName,
     Mode,
 )
-from qmpdump.errors import UsageError
+from qmpdump.errors import UnsafeThroughLibvirt, UsageError
+from qmpdump.kdump.plan import ZeroPages
 from qmpdump.output import dump_name
-from qmpdump.qmp.session import QMPSession, parse_address
 from qmpdump.service.config import VM_NAME_PATTERN
 from qmpdump.service.store import new_job_id
 from qmpdump.sinks.deliver import SinkOutcome, dump_to_s3
@@ -54,7 +55,7 @@ def add_parser(commands: Any) -> None:
         description="Dump a VM's guest memory into FILE (written as FILE.partial, renamed when "
         "complete; mode 0600) with a sidecar FILE.json.",
     )
-    parser.add_argument("--qmp", required=True, help="QEMU's QMP socket (path, or tcp:HOST:PORT)")
+    add_source_arguments(parser)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("-o", "--output", type=Path, metavar="FILE")
     where.add_argument(
@@ -78,10 +79,10 @@ def add_parser(commands: Any) -> None:
         "--engine",
         choices=[e.value for e in EngineName],
         default=EngineName.AUTO.value,
-        help="backend: qmpdump's sparse reader (ELF of populated memory only); qemu: QEMU's "
-        "dump-guest-memory; snapshot: one instant through QEMU's background snapshot, the VM "
-        "paused for milliseconds (QEMU 8.1+); auto (default): backend when it can read every "
-        "RAM region and the format is elf, else qemu",
+        help="backend: qmpdump's sparse reader (ELF or kdump of populated memory only); qemu: "
+        "QEMU's dump-guest-memory; snapshot: one instant through QEMU's background snapshot, "
+        "the VM paused for milliseconds (QEMU 8.1+, ELF); auto (default): backend when it can "
+        "read every RAM region and writes the format, else qemu",
     )
     parser.add_argument(
         "--max-host-growth",
@@ -100,8 +101,19 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--format",
         default="elf",
-        help=f"{', '.join(f.value for f in DumpFormat)} (default elf); the qemu engine "
-        "writes whatever this QEMU offers",
+        help=f"{', '.join(f.value for f in DumpFormat)} (default elf); the backend writes "
+        "elf and kdump-zlib|lzo|snappy|zstd itself (kdump: the codec every reader here opens); "
+        "the qemu engine writes whatever this QEMU offers",
+    )
+    parser.add_argument(
+        "--kdump-zero-pages",
+        choices=[z.value for z in ZeroPages],
+        default=ZeroPages.EXCLUDE_HOLES.value,
+        help="backend kdump: exclude-holes (default): RAM the host never populated is left "
+        "out (readers say 'page excluded'), all-zero pages read point at one shared zero page; "
+        "exclude: every zero page left out (smallest, as makedumpfile -d 1; makedumpfile then "
+        "cannot read kernel structures that span one); shared: every RAM page dumped, zero "
+        "pages shared (24 bytes per RAM page)",
     )
     parser.add_argument("--paging", action="store_true", help="ELF: guest-virtual mappings")
     parser.add_argument(
@@ -170,25 +182,95 @@ def spec_of(args: argparse.Namespace) -> DumpSpec:
         zero_pages=args.zero_pages,
         max_program_headers=args.max_program_headers,
         max_host_growth=args.max_host_growth,
+        kdump_zero_pages=ZeroPages(args.kdump_zero_pages),
     )
 
 
-async def _dump(args: argparse.Namespace, spec: DumpSpec) -> DumpOutcome:
-    async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
-        with ProgressBar("dump") as bar:
+def _through_libvirts_api(mode: str | None, spec: DumpSpec) -> bool:
+    """Whether QEMU's own dump of a libvirt domain is asked for: it goes through libvirt's API
+    in either mode (qmpdump.qmp.passthrough: libvirt 9.0 crashes on a passed-through dump)."""
+    return mode == "supported" or (
+        mode == "passthrough"
+        and (spec.engine is EngineName.QEMU or spec.format is not DumpFormat.ELF)
+    )
+
+
+async def _dump_at(
+    args: argparse.Namespace, spec: DumpSpec, target: Path, bar: ProgressBar, *, overwrite: bool
+) -> DumpOutcome:
+    """One dump into ``target`` from ``--qmp`` or ``--libvirt`` (either monitor mode)."""
+    mode = monitor_mode(args)
+    if _through_libvirts_api(mode, spec):
+        assert mode is not None
+        return await _dump_supported(args, spec, mode, target, bar, overwrite=overwrite)
+    try:
+        async with open_session(args) as session:
             return await run_dump(
                 session,
-                args.output,
+                target,
                 spec,
-                overwrite=args.overwrite,
+                overwrite=overwrite,
                 progress=lambda p: bar.show(p.completed, p.total),
             )
+    except UnsafeThroughLibvirt:
+        if mode != "passthrough":
+            raise
+        # auto chose QEMU's engine (the backend can't read this VM): libvirt's API dumps it
+        return await _dump_supported(args, spec, mode, target, bar, overwrite=overwrite)
+
+
+async def _dump(args: argparse.Namespace, spec: DumpSpec) -> DumpOutcome:
+    with ProgressBar("dump") as bar:
+        return await _dump_at(args, spec, args.output, bar, overwrite=args.overwrite)
+
+
+async def _dump_supported(
+    args: argparse.Namespace,
+    spec: DumpSpec,
+    mode: str,
+    target: Path,
+    bar: ProgressBar,
+    *,
+    overwrite: bool,
+) -> DumpOutcome:
+    """QEMU's dump of a libvirt domain through libvirt's API."""
+    from qmpdump.libvirt.supported import dump_supported  # noqa: PLC0415 - optional extra
+
+    unsupported = [
+        flag
+        for flag, given in (
+            ("--engine backend", spec.engine is EngineName.BACKEND),
+            ("--live", spec.mode is Mode.LIVE),
+            ("--paging", spec.paging),
+            ("--begin/--length", spec.begin is not None or spec.length is not None),
+            ("--seekable", spec.seekable),
+            ("--zero-pages", spec.zero_pages),
+        )
+        if given
+    ]
+    if unsupported:
+        raise UsageError(
+            f"{', '.join(unsupported)}: not available through libvirt's dump API; use "
+            "--monitor passthrough with the backend engine"
+        )
+    return await dump_supported(
+        libvirt_ref(args),
+        target,
+        fmt=spec.format.value,
+        fix_elf_header=spec.fix_elf_header,
+        overwrite=overwrite,
+        progress=lambda p: bar.show(p.completed, p.total),
+        monitor=mode,
+    )
 
 
 def _vm_name(args: argparse.Namespace) -> str:
-    """The VM name for an object's name: ``--name``, else the socket's stem; validated."""
+    """The VM name for an object's name: ``--name``, else the domain's name or the socket's
+    stem; validated."""
     name = args.name
-    if name is None:
+    if name is None and args.libvirt is not None:
+        name = args.libvirt
+    elif name is None:
         name = "vm" if args.qmp.startswith("tcp:") else Path(args.qmp).stem
     if not re.fullmatch(VM_NAME_PATTERN, name):
         raise UsageError(
@@ -206,21 +288,18 @@ async def _dump_to_bucket(
     stored: list[SinkOutcome],
 ) -> DumpOutcome:
     """Dump into a spool and upload (``stored`` receives where it went)."""
-    async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
-        with ProgressBar("dump") as bar:
+    with ProgressBar("dump") as bar:
 
-            async def write(target: Path) -> DumpOutcome:
-                return await run_dump(
-                    session, target, spec, progress=lambda p: bar.show(p.completed, p.total)
-                )
+        async def write(target: Path) -> DumpOutcome:
+            return await _dump_at(args, spec, target, bar, overwrite=False)
 
-            done = await dump_to_s3(
-                write,
-                location=location,
-                name=name,
-                spool_root=args.spool_dir,
-                progress=lambda u: bar.show(u.uploaded, u.total, "upload"),
-            )
+        done = await dump_to_s3(
+            write,
+            location=location,
+            name=name,
+            spool_root=args.spool_dir,
+            progress=lambda u: bar.show(u.uploaded, u.total, "upload"),
+        )
     stored.append(done)
     return done.dump
 

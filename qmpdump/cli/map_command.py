@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from qmpdump.cli.source import add_source_arguments, libvirt_ref, monitor_mode, open_session
 from qmpdump.errors import UsageError
 from qmpdump.memmap.populated import Population
 from qmpdump.memmap.ranges import Range, RangeSet
-from qmpdump.qmp.session import QMPSession, parse_address
 from qmpdump.sizes import format_size
 from qmpdump.survey import Survey, survey
 
@@ -38,7 +38,7 @@ def add_parser(commands: Any) -> None:
         "memory really holds data on the host. Reads no guest memory and does not pause the "
         "VM, unless --exact-plug is given.",
     )
-    parser.add_argument("--qmp", required=True, help="QEMU's QMP socket (path, or tcp:HOST:PORT)")
+    add_source_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the qmpdump.map/1 JSON")
     parser.add_argument("--svg", metavar="FILE", type=Path, help="also write a picture")
     parser.add_argument(
@@ -169,7 +169,9 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         raise UsageError("--timeout must be positive")
     if args.svg is not None and not args.svg.parent.is_dir():
         raise UsageError(f"--svg: no folder {args.svg.parent}")
-    async with QMPSession(parse_address(args.qmp), timeout_s=args.timeout) as session:
+    if monitor_mode(args) == "supported":
+        return await _run_supported(args, out)
+    async with open_session(args) as session:
         result = await survey(session, exact_plug=args.exact_plug)
     if args.svg is not None:
         _write_svg(args.svg, result)
@@ -179,4 +181,17 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         out.write(render_text(result, ascii_only=args.ascii))
         if args.svg is not None:
             out.write(f"picture: {args.svg}\n")
+    return 0
+
+
+async def _run_supported(args: argparse.Namespace, out: TextIO) -> int:
+    """``--libvirt`` without passthrough: the domain XML plus host facts."""
+    from qmpdump.libvirt.supported import map_supported, render_supported  # noqa: PLC0415
+
+    if args.exact_plug or args.svg is not None:
+        raise UsageError(
+            "--exact-plug and --svg need the guest-physical layout: add --monitor passthrough"
+        )
+    result = await map_supported(libvirt_ref(args))
+    out.write(result.to_json() + "\n" if args.json else render_supported(result))
     return 0

@@ -1,4 +1,6 @@
-"""Engine 2: the sparse reader. Copy only populated memory into an ELF core every tool opens.
+"""Engine 2: the sparse reader. Copy only populated memory into an ELF core every tool opens,
+or into a kdump-compressed file (:mod:`qmpdump.kdump`, written by
+:mod:`qmpdump.engines.kdump_writer`).
 
 Consistent mode (default): ``stop`` the VM if it runs, survey, copy, ``cont`` only if it was
 running; a ``finally`` resumes it whatever happens (exception, cancel, timeout). Live mode: no
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
 
 from qmpdump.elf.format import parse_header
-from qmpdump.elf.plan import CorePlan, notes_payload, plan_core
+from qmpdump.elf.plan import EM_X86_64, CorePlan, notes_payload, plan_core
 from qmpdump.engines.base import (
     EngineDetails,
     EngineJob,
@@ -42,9 +45,13 @@ from qmpdump.engines.copier import (
     hash_output,
 )
 from qmpdump.engines.copyplan import CopyOp, copy_ops, region_runs
-from qmpdump.engines.spec import ENGINE_TRAITS, EngineName, EngineTraits, Mode
+from qmpdump.engines.kdump_writer import KdumpWriteResult, read_source, write_kdump
+from qmpdump.engines.spec import ENGINE_TRAITS, OWN_KDUMP_FORMATS, EngineName, EngineTraits, Mode
 from qmpdump.engines.threads import run_threads
 from qmpdump.errors import DumpError, HostAccessError, QMPCommandError
+from qmpdump.kdump.codecs import Codec, codec_for_format
+from qmpdump.kdump.format import UTS_READ_SIZE, Utsname, init_uts_ns_gpa, utsname_from_memory
+from qmpdump.kdump.plan import KdumpPlan, plan_kdump, vmcoreinfo_of
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpTarget, write_error
 from qmpdump.qmp.events import paused_seconds
@@ -52,9 +59,10 @@ from qmpdump.qmp.plugged import dump_loads
 from qmpdump.qmp.session import QMPSession
 from qmpdump.survey import RegionAccess, Survey, probe_prefix_without_growth, survey
 
-__all__ = ["ENGINE", "BackendDetails", "BackendEngine", "readable"]
+__all__ = ["ENGINE", "BackendDetails", "BackendEngine", "KdumpDetails", "readable"]
 
 POLL_S = 0.1
+log = logging.getLogger(__name__)
 
 
 class BackendDetails(EngineDetails):
@@ -66,6 +74,20 @@ class BackendDetails(EngineDetails):
     pn_xnum: bool
     data_bytes: int
     zero_fill_bytes: int
+    copied_bytes: int
+
+
+class KdumpDetails(EngineDetails):
+    """The sidecar's ``request`` for the backend engine's kdump-compressed output."""
+
+    codec: str
+    mode: str
+    zero_pages: str
+    ram_pages: int
+    read_pages: int
+    zero_read_pages: int
+    dumped_pages: int
+    page_data_bytes: int
     copied_bytes: int
 
 
@@ -173,6 +195,8 @@ class BackendEngine:
             raise DumpError(f"{self.traits.label} cannot dump this VM: {why}")
         live = spec.mode is Mode.LIVE
         guard = _PauseGuard(session, before.facts.running and not live, job.hooks)
+        if spec.format in OWN_KDUMP_FORMATS:
+            return await _run_kdump(job, guard)
         async with guard:
             result = await survey(session) if guard.pause else before
             prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
@@ -212,6 +236,114 @@ class BackendEngine:
             copied_bytes=state.copied,
         )
         return EngineResult(plan.file_size, digest, paused_s, details, result)
+
+
+async def _run_kdump(job: EngineJob, guard: _PauseGuard) -> EngineResult:
+    """The kdump-compressed branch: the same survey, probe and coverage as the ELF path, then a
+    plan (:mod:`qmpdump.kdump.plan`) written by threads (:mod:`qmpdump.engines.kdump_writer`),
+    then the finished file hashed. Zero pages are found while compressing (no extra read)."""
+    session, spec, before, output = job.session, job.spec, job.before, job.output
+    codec = await asyncio.to_thread(codec_for_format, spec.format.value)
+    async with guard:
+        t0 = time.monotonic()
+        result = await survey(session) if guard.pause else before
+        prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
+        coverage = dump_loads(prefix)
+        wanted = result.population.populated | result.population.unknown
+        notes = notes_payload(prefix)
+        machine = parse_header(prefix).machine
+        utsname = await asyncio.to_thread(_kernel_utsname, result, notes, machine, wanted)
+        plan = plan_kdump(
+            notes,
+            coverage,
+            region_runs(result.layout, wanted & coverage),
+            codec_flag=codec.flag,
+            zero_pages=spec.kdump_zero_pages,
+            machine=machine,
+            utsname=utsname,
+            timestamp_s=int(time.time()),
+        )
+        t1 = time.monotonic()
+        total = plan.read_pages * plan.block_size
+        with _open_sources(result) as sources:
+            try:
+                written, digest = await _write_kdump(
+                    output, plan, sources, codec, total=total, job=job
+                )
+            except OSError as err:
+                raise write_error(err, output.final) from err
+        log.debug(
+            "kdump-%s: survey, probe and plan %.3f s, write and hash %.3f s",
+            codec.name,
+            t1 - t0,
+            time.monotonic() - t1,
+        )
+    job.report(Progress(written.file_size, total, total))
+    paused_s = guard.paused_s if guard.pause else probe_paused_s
+    details = KdumpDetails(
+        format=spec.format.value,
+        codec=codec.name,
+        mode=spec.mode.value,
+        zero_pages=spec.kdump_zero_pages.value,
+        ram_pages=plan.ram_pages,
+        read_pages=written.read_pages,
+        zero_read_pages=written.zero_read_pages,
+        dumped_pages=written.dumped_pages,
+        page_data_bytes=written.data_bytes,
+        copied_bytes=total,
+    )
+    return EngineResult(written.file_size, digest, paused_s, details, result)
+
+
+def _kernel_utsname(result: Survey, notes: bytes, machine: int, wanted: RangeSet) -> Utsname | None:
+    """The guest kernel's own utsname (``init_uts_ns``), for the kdump header's version,
+    nodename and domainname; ``None`` (the header then takes VMCOREINFO's release only) when
+    it is not x86_64, not found, in memory the host does not hold, or does not check out."""
+    info = vmcoreinfo_of(notes)
+    gpa = init_uts_ns_gpa(info) if info is not None and machine == EM_X86_64 else None
+    if info is None or gpa is None:
+        return None
+    if RangeSet.of(gpa, UTS_READ_SIZE) - wanted:
+        return None  # never read (or fault in) what the host does not hold
+    runs = region_runs(result.layout, RangeSet.of(gpa, UTS_READ_SIZE))
+    try:
+        with _open_sources(result) as sources:
+            blob = b"".join(read_source(sources[r.region], r.region_offset, r.size) for r in runs)
+    except OSError:
+        return None
+    return utsname_from_memory(blob, info.osrelease)
+
+
+async def _write_kdump(
+    output: DumpTarget,
+    plan: KdumpPlan,
+    sources: Mapping[str, Source],
+    codec: Codec,
+    *,
+    total: int,
+    job: EngineJob,
+) -> tuple[KdumpWriteResult, str]:
+    stop = threading.Event()
+    done = [0, 0]  # guest bytes read, file bytes written
+
+    def record(read: int, written: int) -> None:
+        done[:] = [read, written]
+
+    def write_and_hash() -> tuple[KdumpWriteResult, str]:
+        written = write_kdump(plan, sources, output.fd, codec, stop=stop, progress=record)
+        os.fdatasync(output.fd)
+        # Headers and bitmaps are final only now: hash the whole file (small, page cache).
+        state = CopyState(stop=stop)
+        state.finish(written.file_size)
+        return written, hash_output(output.fd, state)
+
+    async def tick() -> None:
+        job.report(Progress(done[1], done[0], total))
+
+    (outcome,) = await run_threads([write_and_hash], stop=stop, every_s=POLL_S, tick=tick)
+    written: KdumpWriteResult = outcome[0]
+    digest: str = outcome[1]
+    return written, digest
 
 
 async def _zero_pages(result: Survey, data: RangeSet) -> RangeSet:

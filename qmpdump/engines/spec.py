@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.errors import UsageError
+from qmpdump.kdump.plan import ZeroPages
 
 #: The snapshot engine's default limit on host memory growth (bytes).
 DEFAULT_MAX_HOST_GROWTH = 256 << 20
@@ -36,6 +37,7 @@ DEFAULT_MAX_HOST_GROWTH = 256 << 20
 __all__ = [
     "AUTO_ORDER",
     "ENGINE_TRAITS",
+    "OWN_KDUMP_FORMATS",
     "DumpFormat",
     "DumpSpec",
     "EngineName",
@@ -73,6 +75,9 @@ class DumpFormat(StrEnum):
     KDUMP_RAW_LZO = "kdump-raw-lzo"
     KDUMP_RAW_SNAPPY = "kdump-raw-snappy"
     WIN_DMP = "win-dmp"
+    #: qmpdump's own kdump writer only: zstd pages, or the codec every reader here opens
+    KDUMP_ZSTD = "kdump-zstd"
+    KDUMP = "kdump"
 
     @property
     def is_kdump(self) -> bool:
@@ -87,6 +92,18 @@ class DumpFormat(StrEnum):
         return "dmp" if self is DumpFormat.WIN_DMP else self.value
 
 
+#: The kdump-compressed formats qmpdump's own writer makes (:mod:`qmpdump.kdump`): always the
+#: standard layout; ``kdump`` picks the codec (:func:`qmpdump.kdump.codecs.auto_codec`).
+OWN_KDUMP_FORMATS: frozenset[DumpFormat] = frozenset(
+    {
+        DumpFormat.KDUMP,
+        DumpFormat.KDUMP_ZLIB,
+        DumpFormat.KDUMP_LZO,
+        DumpFormat.KDUMP_SNAPPY,
+        DumpFormat.KDUMP_ZSTD,
+    }
+)
+
 #: The options of a :class:`DumpSpec` that only some engines honour, with their CLI spelling.
 OPTIONS: Mapping[str, str] = {
     "paging": "--paging",
@@ -97,6 +114,7 @@ OPTIONS: Mapping[str, str] = {
     "zero_pages": "--zero-pages",
     "max_program_headers": "--max-program-headers",
     "max_host_growth": "--max-host-growth",
+    "kdump_zero_pages": "--kdump-zero-pages",
 }
 
 
@@ -118,15 +136,15 @@ class EngineTraits:
 ENGINE_TRAITS: Mapping[EngineName, EngineTraits] = {
     EngineName.BACKEND: EngineTraits(
         name=EngineName.BACKEND,
-        formats=frozenset({DumpFormat.ELF}),
+        formats=frozenset({DumpFormat.ELF}) | OWN_KDUMP_FORMATS,
         modes=frozenset(Mode),
-        options=frozenset({"zero_pages", "max_program_headers"}),
+        options=frozenset({"zero_pages", "max_program_headers", "kdump_zero_pages"}),
         passes_fds=True,  # QEMU's header probe (CPU notes, coverage)
         label="the backend engine",
     ),
     EngineName.QEMU: EngineTraits(
         name=EngineName.QEMU,
-        formats=frozenset(DumpFormat),
+        formats=frozenset(DumpFormat) - {DumpFormat.KDUMP, DumpFormat.KDUMP_ZSTD},
         modes=frozenset({Mode.CONSISTENT}),
         options=frozenset({"paging", "begin", "length", "fix_elf_header", "seekable"}),
         passes_fds=True,
@@ -160,6 +178,21 @@ class SpecProblem(ValueError):
         super().__init__(message)
 
 
+def _own_format_problem(spec: DumpSpec) -> SpecProblem | None:
+    """The backend's options that need a particular format (ELF, or its own kdump)."""
+    options = spec.options_set()
+    if spec.format is not DumpFormat.ELF:
+        for name in ("zero_pages", "max_program_headers"):
+            if name in options:
+                return SpecProblem((name, "format"), f"{OPTIONS[name]} is for the elf format only")
+    if "kdump_zero_pages" in options and spec.format not in OWN_KDUMP_FORMATS:
+        return SpecProblem(
+            ("kdump_zero_pages", "format"),
+            "--kdump-zero-pages is for qmpdump's own kdump formats only",
+        )
+    return None
+
+
 def _format_problem(spec: DumpSpec) -> SpecProblem | None:
     """Options that need a particular format."""
     if (spec.begin is None) != (spec.length is None):
@@ -168,6 +201,9 @@ def _format_problem(spec: DumpSpec) -> SpecProblem | None:
         return SpecProblem(("begin", "format"), "begin/length are for the elf format only")
     if spec.paging and spec.format is not DumpFormat.ELF:
         return SpecProblem(("paging", "format"), "paging is for the elf format only")
+    problem = _own_format_problem(spec)
+    if problem is not None:
+        return problem
     if spec.seekable and not spec.format.is_kdump:
         return SpecProblem(
             ("seekable", "format"),
@@ -181,6 +217,9 @@ def engine_refusal(traits: EngineTraits, spec: DumpSpec) -> SpecProblem | None:
     if spec.format not in traits.formats:
         if traits.formats == {DumpFormat.ELF}:
             why = f"{traits.label} writes ELF only, not {spec.format.value!r}"
+        elif len(traits.formats) < len(DumpFormat) / 2:
+            known = ", ".join(sorted(f.value for f in traits.formats))
+            why = f"{traits.label} does not write {spec.format.value!r} (it writes {known})"
         else:
             why = f"{traits.label} does not write {spec.format.value!r}"
         return SpecProblem(("format", "engine"), why)
@@ -220,6 +259,8 @@ class DumpSpec(BaseModel):
     #: snapshot: refuse when QEMU would allocate more host memory than this (bytes) for the
     #: holes of shmem-backed RAM
     max_host_growth: Annotated[int, Field(ge=0)] = DEFAULT_MAX_HOST_GROWTH
+    #: backend kdump: what becomes of zero pages (:class:`qmpdump.kdump.plan.ZeroPages`)
+    kdump_zero_pages: ZeroPages = ZeroPages.EXCLUDE_HOLES
 
     def options_set(self) -> list[str]:
         """The engine-specific options set away from their defaults."""

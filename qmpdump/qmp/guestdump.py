@@ -35,7 +35,9 @@ from qmpdump.errors import (
     QMPCommandError,
     QMPDisconnected,
     QMPTimeout,
+    UnsafeThroughLibvirt,
 )
+from qmpdump.host.libvirt_owner import libvirt_domain_of
 from qmpdump.qmp.events import DumpCompleted, Event, paused_seconds
 from qmpdump.qmp.models import DumpQueryResult, StatusInfo, parse_reply
 from qmpdump.qmp.session import EventQueue, QMPSession
@@ -192,6 +194,26 @@ async def _start(session: QMPSession, write_fd: int, args: DumpArguments) -> Non
         raise QEMUGone("the QMP connection dropped as the dump started") from err
 
 
+async def _refuse_under_libvirt(session: QMPSession) -> None:
+    """No dump of a libvirt domain's QEMU through a QMP socket beside libvirt's monitor.
+
+    QEMU sends DUMP_COMPLETED on every monitor, and libvirt 9.0's libvirtd segfaults on one that
+    ends a dump it did not start (measured: a dump through a second ``-qmp`` socket kills
+    libvirtd). ``--libvirt DOMAIN`` dumps such a VM through libvirt's API instead.
+    """
+    if session.pid is None:
+        return
+    domain = await asyncio.to_thread(libvirt_domain_of, session.pid)
+    if domain is not None:
+        raise UnsafeThroughLibvirt(
+            "dump-guest-memory",
+            "qmpdump",
+            f"QEMU pid {session.pid} runs libvirt domain {domain!r}, and libvirtd crashes on the "
+            "DUMP_COMPLETED event of a dump it did not start; use --libvirt "
+            f"{domain} (QEMU's dump through libvirt's API)",
+        )
+
+
 @contextlib.asynccontextmanager
 async def guest_dump(
     session: QMPSession, args: DumpArguments, *, pipe_size: int = DEFAULT_PIPE_SIZE
@@ -203,6 +225,7 @@ async def guest_dump(
     what it was before. The caller judges success with :meth:`GuestDump.verdict` inside the
     block, after reading to end of file.
     """
+    await _refuse_under_libvirt(session)
     was_running = await _precheck(session)
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:

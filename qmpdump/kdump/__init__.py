@@ -1,0 +1,1 @@
+"""kdump-compressed ("diskdump") output: format, planning, codecs (pure)."""
