@@ -1,32 +1,34 @@
 """Engine 3: a point-in-time dump through QEMU's background snapshot, the guest paused briefly.
 
-QEMU's ``background-snapshot`` migration capability (QEMU 6.0+, safe from 8.1: see below)
-write-protects guest RAM with userfaultfd at the snapshot point and resumes the guest at once;
-a page the guest is about to write is sent before the write lands, the rest in order. The
-stream goes into a pipe qmpdump passed over QMP (``getfd``, ``migrate fd:NAME``); a worker
-thread parses it (:mod:`qmpdump.migstream`) and writes each page of populated memory to its
-place in an ELF core planned beforehand (:mod:`qmpdump.elf.plan`).
+QEMU's ``background-snapshot`` migration capability write-protects guest RAM with userfaultfd
+at the snapshot point and resumes the guest at once; a page the guest is about to write is sent
+before the write lands, the rest in order. The stream goes into a UNIX socket qmpdump passed over
+QMP (``getfd``, ``migrate fd:NAME``; a socket rather than a pipe so that ``shutdown`` unblocks
+both ends on abort); a worker thread parses it (:mod:`qmpdump.migstream`) and writes each page
+into an ELF core planned with :mod:`qmpdump.elf.plan` (the backend engine's layout).
 
 The instant, and notes of that instant:
 
-1. Before the pause: the layout (:func:`qmpdump.survey.survey`), a pipe handed to QEMU, the
-   migration capabilities and parameters saved and set.
-2. ``stop``. While stopped: the populated memory of every region is scanned again from the host
-   (SEEK_DATA, PAGEMAP_SCAN: milliseconds), and QEMU's dump headers are read
-   (:func:`qmpdump.survey.probe_prefix_without_growth`): the CPU state and VMCOREINFO notes and
-   QEMU's PT_LOAD coverage, *of the stopped VM*. The core is planned from them.
-3. ``migrate``. QEMU saves the device state, write-protects RAM, and starts sending pages. With
-   the VM stopped by us, the snapshot point lies inside our pause, so the notes, the coverage
-   and the populated set describe the same instant as the pages.
+1. Before the pause: the layout (:func:`qmpdump.survey.survey`), the socket handed to QEMU, the
+   migration capabilities and ``max-bandwidth`` saved and set, and the holes of plugged RAM
+   faulted into QEMU's page tables (:func:`preallocate`), so that QEMU's pre-touch inside our
+   pause has nothing left to do.
+2. ``stop``, then QEMU's dump headers (:func:`qmpdump.survey.probe_prefix_without_growth`):
+   the CPU state and VMCOREINFO notes and QEMU's PT_LOAD coverage *of the stopped VM*.
+3. ``migrate``. QEMU saves the device state, write-protects RAM and starts sending pages. With
+   the VM stopped by us, the snapshot point lies inside our pause: the notes and coverage
+   describe the same instant as the pages.
 4. ``cont`` as soon as the first page arrives (pages come only after write-protection is on).
    QEMU's own resume (``bg_migration_vm_start_bh``: ``vm_resume`` of the state it found, i.e.
-   paused) may run after our ``cont`` in theory and would mark the running VM paused; the run
-   state is checked after ``cont`` and ``cont`` repeated if so.
+   paused) is scheduled before the first page is written; the run state is checked after
+   ``cont`` and ``cont`` repeated if QEMU's resume marked the running VM paused.
+5. After ``cont``: the populated set from the host, and the plan. On anonymous RAM the set can
+   only have grown since the instant (a superset is a correct plan: pages that arrive as zero
+   stay holes); on shmem the holes were faulted in before the pause anyway.
 
-QEMU 7.2 (and anything before 8.1) is refused: a background snapshot that fails or is cancelled
-after write-protection started leaves the guest blocked on its next write there (fixed by
-"migration: Handle block device inactivation failures better"-era cleanups in 8.1, where
-``ram_write_tracking_stop`` runs on every exit path).
+QEMU before 8.1 is refused: there, a background snapshot that fails or is cancelled after
+write-protection started leaves the guest blocked on its next write (as the issue and
+``shared/FACTS.md`` report; this engine never runs it on 7.2).
 
 Never a wrong dump: every page of QEMU's coverage must arrive exactly once; a page that holds
 data where the host said the memory was unpopulated, a stream that stops early, or a
