@@ -40,6 +40,7 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
           +-- QEMUGone           QEMU exited or the QMP connection dropped mid-dump (exit 42)
           +-- DiskFull           the target filesystem is full (exit 43)
           +-- DumpFailed         QEMU reported the dump as failed (exit 44)
+          +-- SourceUnproven     the backend engine cannot prove what it would read (exit 49)
           +-- SinkError          the dump could not be stored in object storage (exit 45)
                +-- SinkCredentials    no credentials, or the server refused them (exit 46)
                +-- SinkBucketMissing  the bucket does not exist (exit 47)
@@ -94,6 +95,7 @@ __all__ = [
     "SnapshotRefused",
     "SocketMissing",
     "SocketPermission",
+    "SourceUnproven",
     "TestbedError",
     "Unavailable",
     "UnsafeThroughLibvirt",
@@ -332,6 +334,26 @@ class DumpFailed(DumpError):
     """Raised when QEMU reports the dump as failed, with QEMU's reason."""
 
     exit_code = 44
+
+
+class SourceUnproven(DumpError):
+    """Raised before the backend engine reads anything, when it cannot prove that the source it
+    would read (a backing file, QEMU's address space) holds the guest's bytes: QEMU's pid unknown
+    (QMP over TCP) or the QMP peer not QEMU (a proxy), a private mapping it cannot read without
+    allocating, an unexpected mapping.
+    ``region`` names the region (None when ``reason`` names it); ``--engine auto`` would have
+    chosen QEMU's engine instead."""
+
+    exit_code = 49
+
+    def __init__(self, region: str | None, reason: str) -> None:
+        self.region = region
+        self.reason = reason
+        where = f"{region}: " if region is not None else ""
+        super().__init__(
+            f"the backend engine cannot dump this VM: {where}{reason}; "
+            "QEMU's own engine can (--engine qemu)"
+        )
 
 
 class SinkError(DumpError):

@@ -33,6 +33,8 @@ from qmpdump.testbed.vm import (
 
 #: Guest boot-to-plugged times measured in this run, reported at the end.
 BOOT_TIMES: list[tuple[str, float]] = []
+#: Lines tests add for the end of the run (e.g. the fidelity matrix), printed in the summary.
+SUMMARY: list[str] = []
 
 SHARED_GUEST = VMSpec(
     name="qmpdump-shared-guest",
@@ -102,3 +104,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for name, seconds in BOOT_TIMES:
         terminalreporter.write_line(f"testbed: {name} booted and plugged in {seconds:.1f} s")
+    for line in SUMMARY:
+        terminalreporter.write_line(line)

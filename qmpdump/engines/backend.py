@@ -48,7 +48,7 @@ from qmpdump.engines.copyplan import CopyOp, copy_ops, region_runs
 from qmpdump.engines.kdump_writer import KdumpWriteResult, read_source, write_kdump
 from qmpdump.engines.spec import ENGINE_TRAITS, OWN_KDUMP_FORMATS, EngineName, EngineTraits, Mode
 from qmpdump.engines.threads import run_threads
-from qmpdump.errors import DumpError, HostAccessError, QMPCommandError
+from qmpdump.errors import DumpError, HostAccessError, QMPCommandError, SourceUnproven
 from qmpdump.kdump.codecs import Codec, codec_for_format
 from qmpdump.kdump.format import UTS_READ_SIZE, Utsname, init_uts_ns_gpa, utsname_from_memory
 from qmpdump.kdump.plan import KdumpPlan, plan_kdump, vmcoreinfo_of
@@ -57,9 +57,22 @@ from qmpdump.output import DumpTarget, write_error
 from qmpdump.qmp.events import paused_seconds
 from qmpdump.qmp.plugged import dump_loads
 from qmpdump.qmp.session import QMPSession
-from qmpdump.survey import RegionAccess, Survey, probe_prefix_without_growth, survey
+from qmpdump.survey import (
+    ReadFrom,
+    RegionAccess,
+    Survey,
+    probe_prefix_without_growth,
+    survey,
+)
 
-__all__ = ["ENGINE", "BackendDetails", "BackendEngine", "KdumpDetails", "readable"]
+__all__ = [
+    "ENGINE",
+    "BackendDetails",
+    "BackendEngine",
+    "KdumpDetails",
+    "readable",
+    "sources_record",
+]
 
 POLL_S = 0.1
 log = logging.getLogger(__name__)
@@ -75,6 +88,9 @@ class BackendDetails(EngineDetails):
     data_bytes: int
     zero_fill_bytes: int
     copied_bytes: int
+    #: per RAM region: ``read_from`` (file or process) and the ``proof`` that it holds the
+    #: guest's bytes (:mod:`qmpdump.survey`)
+    sources: dict[str, dict[str, str | None]]
 
 
 class KdumpDetails(EngineDetails):
@@ -92,18 +108,34 @@ class KdumpDetails(EngineDetails):
 
 
 def readable(result: Survey) -> tuple[bool, str]:
-    """Whether the sparse reader can read every RAM region of a surveyed VM, and if not why."""
+    """Whether the sparse reader can read every RAM region of a surveyed VM, and if not why.
+
+    Every region needs a source proven to hold the guest's bytes (:class:`RegionAccess.proof
+    <qmpdump.survey.RegionAccess>`: a shared mapping of that very file, or QEMU's own address
+    space) and a known population. Anything else is a refusal, never a guess.
+    """
     for backend in result.layout.backends:
+        access = result.access.get(backend.region)
         region = result.population.regions.get(backend.region)
+        if access is None or access.read_from is None:
+            why = access.proof if access is not None and access.proof else None
+            why = why or (region.note if region is not None and region.note else "not inspected")
+            return False, (
+                f"{backend.region} cannot be read from the host: no source is proven to hold "
+                f"the guest's bytes ({why})"
+            )
         if region is None or not region.known:
             why = region.note if region is not None else "not inspected"
             return False, f"the population of {backend.region} is unknown: {why}"
-        access = result.access.get(backend.region)
-        if access is None or (access.path is None and access.hva is None):
-            return False, f"{backend.region} cannot be read from the host"
-        if access.path is None and result.facts.pid is None:
-            return False, f"{backend.region} is anonymous memory and QEMU's pid is unknown"
     return True, "every RAM region can be read from the host"
+
+
+def sources_record(result: Survey) -> dict[str, dict[str, str | None]]:
+    """Per region: the source read and the proof that it holds the guest's bytes (sidecar)."""
+    return {
+        region: {"read_from": access.read_from, "proof": access.proof}
+        for region, access in sorted(result.access.items())
+    }
 
 
 @contextlib.contextmanager
@@ -120,7 +152,9 @@ def _open_sources(result: Survey) -> Iterator[dict[str, Source]]:
 
 
 def _source(access: RegionAccess, pid: int | None, fds: list[int]) -> Source:
-    if access.path is not None:
+    if access.read_from is None:
+        raise SourceUnproven(access.region, access.proof)
+    if access.read_from is ReadFrom.FILE and access.path is not None:
         try:
             fd = os.open(access.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
@@ -192,13 +226,16 @@ class BackendEngine:
         session, spec, before, output = job.session, job.spec, job.before, job.output
         ok, why = self.assess(before)
         if not ok:
-            raise DumpError(f"{self.traits.label} cannot dump this VM: {why}")
+            raise SourceUnproven(None, why)
         live = spec.mode is Mode.LIVE
         guard = _PauseGuard(session, before.facts.running and not live, job.hooks)
         if spec.format in OWN_KDUMP_FORMATS:
             return await _run_kdump(job, guard)
         async with guard:
             result = await survey(session) if guard.pause else before
+            ok, why = self.assess(result)
+            if not ok:  # the second look, with the VM stopped, must prove it again
+                raise SourceUnproven(None, why)
             prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
             coverage = dump_loads(prefix)
             wanted = result.population.populated | result.population.unknown
@@ -234,6 +271,7 @@ class BackendEngine:
             data_bytes=plan.data.total,
             zero_fill_bytes=plan.zero_fill.total,
             copied_bytes=state.copied,
+            sources=sources_record(result),
         )
         return EngineResult(plan.file_size, digest, paused_s, details, result)
 
@@ -247,6 +285,9 @@ async def _run_kdump(job: EngineJob, guard: _PauseGuard) -> EngineResult:
     async with guard:
         t0 = time.monotonic()
         result = await survey(session) if guard.pause else before
+        ok, why = readable(result)
+        if not ok:  # the second look, with the VM stopped, must prove it again
+            raise SourceUnproven(None, why)
         prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
         coverage = dump_loads(prefix)
         wanted = result.population.populated | result.population.unknown

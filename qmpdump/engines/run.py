@@ -32,9 +32,9 @@ from qmpdump.engines.spec import (
 )
 from qmpdump.errors import (
     DumpCancelled,
-    DumpError,
     DumpFailed,
     FdPassingUnavailable,
+    SourceUnproven,
     UsageError,
 )
 from qmpdump.output import DumpFile, sidecar_path
@@ -72,8 +72,9 @@ def choose_engine(spec: DumpSpec, before: Survey, session: QMPSession) -> tuple[
     handed to an engine that pauses the VM): :class:`FdPassingUnavailable` when every fitting
     engine needs a UNIX QMP socket and the session has none, else :class:`UsageError` listing
     why each engine stepped aside. An engine asked for by name that cannot dump this VM
-    (:meth:`~qmpdump.engines.base.Engine.assess`) is a :class:`DumpError` with its reason,
-    before any file is created.
+    (:meth:`~qmpdump.engines.base.Engine.assess`: the backend engine cannot prove that what it
+    would read holds the guest's bytes) is a :class:`SourceUnproven` with its reason, before
+    any file is created.
     """
     if spec.engine is not EngineName.AUTO:
         traits = ENGINE_TRAITS[spec.engine]
@@ -81,8 +82,8 @@ def choose_engine(spec: DumpSpec, before: Survey, session: QMPSession) -> tuple[
             raise FdPassingUnavailable(session.where, traits.name.value)
         engine = ENGINES[spec.engine]
         ok, why = engine.assess(before)
-        if not ok:
-            raise DumpError(f"{traits.label} cannot dump this VM: {why}")
+        if not ok:  # only the backend steps aside: it cannot prove what it would read
+            raise SourceUnproven(None, why)
         return engine, "asked for"
     skipped: list[str] = []
     fd_blocked = False

@@ -15,6 +15,11 @@ QEMU opened it. A candidate path counts only if ``os.stat`` gives the mapping's 
 Candidates, in order: QEMU's open descriptors (``/proc/PID/fd/N``: QEMU keeps a backend's fd
 open for the RAM block's life), then ``/proc/PID/map_files/START-END`` (needs ``CAP_SYS_ADMIN``),
 then the printed path itself when it still exists.
+
+Whether a file holds the guest's bytes depends on how QEMU maps it (:func:`region_mapping`): a
+``MAP_SHARED`` mapping (``s`` in the permissions; QEMU's ``share=on``) writes through to the file;
+a ``MAP_PRIVATE`` one (``p``; ``share=off``) keeps every page the guest wrote in an anonymous
+copy-on-write page of QEMU's, and the file keeps its old content (``mmap(2)``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
 
 from qmpdump.host import host_access_error, proc_error
@@ -31,13 +37,17 @@ from qmpdump.memmap.ranges import Range
 
 __all__ = [
     "BackingFile",
+    "MappingKind",
     "MapsEntry",
+    "RegionMapping",
     "find_mapping",
     "find_mapping_file",
+    "mapped_file",
     "mapping_at",
     "parse_maps",
     "parse_maps_line",
     "read_maps",
+    "region_mapping",
 ]
 
 _DELETED = " (deleted)"
@@ -118,6 +128,91 @@ class BackingFile:
     def mapped_file_range(self) -> Range:
         """The file offsets this one VMA maps (a RAM block may span several VMAs)."""
         return Range(self.mapping.offset, self.mapping.size)
+
+
+class MappingKind(StrEnum):
+    """How a RAM block is mapped in QEMU, and so which source holds the guest's bytes."""
+
+    #: private anonymous memory (``pc.ram``, ``memory-backend-ram``): only QEMU's address space
+    ANONYMOUS = "anonymous"
+    #: ``MAP_SHARED`` of one file (``share=on``): the file holds every byte the guest wrote
+    SHARED_FILE = "shared-file"
+    #: ``MAP_PRIVATE`` of one file (``share=off``): the guest's writes are QEMU's private pages
+    PRIVATE_FILE = "private-file"
+
+
+@dataclass(frozen=True, slots=True)
+class RegionMapping:
+    """The VMAs that map one RAM block of QEMU, all of one :class:`MappingKind`."""
+
+    hva: Range
+    kind: MappingKind
+    #: the VMAs covering :attr:`hva`, in address order, without gaps
+    entries: tuple[MapsEntry, ...]
+
+    @property
+    def first(self) -> MapsEntry:
+        """The VMA holding the block's first byte."""
+        return self.entries[0]
+
+    @property
+    def file_offset(self) -> int:
+        """The file offset mapped at the block's first byte (0 for anonymous memory)."""
+        return 0 if self.kind is MappingKind.ANONYMOUS else self.first.file_offset(self.hva.start)
+
+    def describe(self) -> str:
+        """A short phrase for reasons and proofs, e.g. ``a shared mapping of 00:01 inode 1061``."""
+        e = self.first
+        if self.kind is MappingKind.ANONYMOUS:
+            return f"anonymous private memory at {self.hva}"
+        how = "shared" if self.kind is MappingKind.SHARED_FILE else "private"
+        name = e.path or "a file"
+        return (
+            f"a {how} mapping of {name} (device {e.dev_major:02x}:{e.dev_minor:02x}, "
+            f"inode {e.inode}) at {self.hva}"
+        )
+
+
+def region_mapping(entries: Sequence[MapsEntry], hva: Range) -> RegionMapping:
+    """Classify how ``hva`` (one RAM block) is mapped, from address-sorted ``entries``.
+
+    Pure. The block counts as one kind only if VMAs cover it without a gap and all agree: all
+    anonymous and private, or all the same file (device and inode) at consecutive offsets and
+    all shared or all private. Raises ``ValueError`` saying what did not fit otherwise (a gap,
+    a mix, anonymous shared memory); the caller then cannot prove which source holds the bytes.
+    """
+    index = max(0, bisect_right([e.start for e in entries], hva.start) - 1)
+    covering: list[MapsEntry] = []
+    position = hva.start
+    for entry in entries[index:]:
+        if position >= hva.end:
+            break
+        if entry.end <= position:
+            continue
+        if entry.start > position:
+            break
+        covering.append(entry)
+        position = entry.end
+    if position < hva.end:
+        raise ValueError(f"no mapping of QEMU holds host address {position:#x} of {hva}")
+    first = covering[0]
+    for entry in covering:
+        same = (
+            entry.inode == first.inode
+            and (entry.dev_major, entry.dev_minor) == (first.dev_major, first.dev_minor)
+            and entry.is_shared == first.is_shared
+        )
+        if not same:
+            raise ValueError(f"{hva} is mapped by VMAs of different kinds (maps: {entry.path!r})")
+        if not first.is_anonymous and entry.offset != first.offset + (entry.start - first.start):
+            raise ValueError(f"{hva} maps non-consecutive offsets of {first.path or 'a file'}")
+    if first.is_anonymous:
+        if first.is_shared:
+            raise ValueError(f"{hva} is shared anonymous memory without a file to read")
+        kind = MappingKind.ANONYMOUS
+    else:
+        kind = MappingKind.SHARED_FILE if first.is_shared else MappingKind.PRIVATE_FILE
+    return RegionMapping(hva, kind, tuple(covering))
 
 
 def parse_maps_line(line: str) -> MapsEntry:
@@ -203,6 +298,14 @@ def find_mapping_file(pid: int, hva: int) -> BackingFile | None:
     entry = find_mapping(pid, hva)
     if entry.is_anonymous:
         return None
+    return mapped_file(pid, entry, hva)
+
+
+def mapped_file(pid: int, entry: MapsEntry, hva: int) -> BackingFile:
+    """The file ``entry`` (a file-backed VMA of process ``pid``) maps, with the offset of ``hva``.
+
+    Raises :class:`~qmpdump.errors.HostAccessError` as :func:`find_mapping_file` does.
+    """
     file_offset = entry.file_offset(hva)
     fd_dir = f"/proc/{pid}/fd"
     try:

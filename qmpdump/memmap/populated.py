@@ -38,6 +38,9 @@ class Source(StrEnum):
 
     SEEK_DATA = "seek_data"  # lseek SEEK_DATA/SEEK_HOLE on the backing file: exact, 4 KiB pages
     PAGEMAP_SCAN = "pagemap_scan"  # PAGEMAP_SCAN ioctl, zero-page mappings excluded: exact
+    #: a private file mapping (``share=off``): the file's SEEK_DATA extents united with QEMU's
+    #: copy-on-write pages of the mapping (PAGEMAP_SCAN): exact
+    SEEK_DATA_AND_PAGEMAP_SCAN = "seek_data+pagemap_scan"
     PAGEMAP = "pagemap"  # raw pagemap: may count pages mapped to the zero page (a superset)
     UNKNOWN = "unknown"  # QEMU's memory could not be inspected; see the note
 
@@ -54,7 +57,11 @@ class RegionPopulation:
     @property
     def exact(self) -> bool:
         """True when ``offsets`` is exactly the populated memory (not a superset, not unknown)."""
-        return self.source in (Source.SEEK_DATA, Source.PAGEMAP_SCAN)
+        return self.source in (
+            Source.SEEK_DATA,
+            Source.PAGEMAP_SCAN,
+            Source.SEEK_DATA_AND_PAGEMAP_SCAN,
+        )
 
     @property
     def known(self) -> bool:

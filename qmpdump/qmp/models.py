@@ -152,6 +152,16 @@ class StatusInfo(QMPModel):
     status: str
 
 
+class CpuInfoFast(QMPModel):
+    """One entry of ``query-cpus-fast``: QAPI ``CpuInfoFast`` (qapi/machine.json).
+
+    ``thread-id`` is the host thread (TID) running the vCPU, a thread of QEMU's own process.
+    """
+
+    cpu_index: int
+    thread_id: int
+
+
 class VersionTriple(QMPModel):
     """QAPI ``VersionTriple`` (qapi/control.json)."""
 

@@ -17,15 +17,27 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from qmpdump.errors import LayoutError, QMPCommandError
+from qmpdump.errors import LayoutError, QMPCommandError, QMPReplyError
 from qmpdump.memmap.layout import Backend, BackendType, Layout, Piece, VirtioMem, build_layout
 from qmpdump.memmap.ranges import Range
-from qmpdump.qmp.models import StatusInfo, VersionInfo, parse_memory_devices, parse_reply
+from qmpdump.qmp.models import (
+    CpuInfoFast,
+    StatusInfo,
+    VersionInfo,
+    parse_memory_devices,
+    parse_reply,
+)
 from qmpdump.qmp.mtree import parse_system_flatview
 from qmpdump.qmp.ramblock import parse_ramblocks, ramblock_for_region
 from qmpdump.qmp.session import QMPSession
 
-__all__ = ["VMFacts", "read_layout", "read_vm_facts", "region_host_addresses"]
+__all__ = [
+    "VMFacts",
+    "read_layout",
+    "read_vm_facts",
+    "region_host_addresses",
+    "vcpu_thread_ids",
+]
 
 _BACKEND_TYPES = {
     "memory-backend-memfd": BackendType.MEMFD,
@@ -131,6 +143,14 @@ async def read_layout(session: QMPSession) -> Layout:
             )
         )
     return build_layout(pieces, devices)
+
+
+async def vcpu_thread_ids(session: QMPSession) -> tuple[int, ...]:
+    """The host thread ids of the VM's vCPUs (``query-cpus-fast``): threads of QEMU's process."""
+    raw = await session.execute("query-cpus-fast")
+    if not isinstance(raw, list):
+        raise QMPReplyError("query-cpus-fast", f"expected a list, got {type(raw).__name__}")
+    return tuple(parse_reply(CpuInfoFast, cpu, "query-cpus-fast").thread_id for cpu in raw)
 
 
 async def region_host_addresses(session: QMPSession, layout: Layout) -> dict[str, int]:

@@ -41,8 +41,11 @@ __all__ = [
     "VM",
     "Accel",
     "Backend",
+    "BackendOptions",
+    "DimmSpec",
     "GiB",
     "MiB",
+    "NumaNodeSpec",
     "QemuBuild",
     "VMSpec",
     "VirtioMemSpec",
@@ -69,6 +72,72 @@ class Backend(StrEnum):
     FILE = "file"  # memory-backend-file on /dev/shm, share=on
 
 
+@dataclass(frozen=True, slots=True)
+class BackendOptions:
+    """How a memory backend object maps its memory (``backends/hostmem*.c`` properties)."""
+
+    #: memfd/file: ``share=on`` maps ``MAP_SHARED`` (writes reach the file), ``share=off``
+    #: ``MAP_PRIVATE`` (writes stay in QEMU's copy-on-write pages). ram: anonymous either way.
+    share: bool = True
+    #: memfd only: ``hugetlb=on`` (2 MiB pages from ``vm.nr_hugepages``, which the caller reserves)
+    hugetlb: bool = False
+    #: file only: a folder for the backing file instead of the VM's /dev/shm folder (e.g. a
+    #: hugetlbfs mount the caller made); the file is removed with the VM
+    mem_dir: Path | None = None
+    #: ``prealloc=on``: QEMU touches every page at start-up
+    prealloc: bool = False
+
+    def properties(self, kind: Backend) -> str:
+        """The ``,key=value`` properties these options add to a ``kind`` backend object."""
+        if self.hugetlb and kind is not Backend.MEMFD:
+            raise UsageError("hugetlb=on is a memory-backend-memfd property")
+        if self.mem_dir is not None and kind is not Backend.FILE:
+            raise UsageError("a mem-path folder is for memory-backend-file only")
+        props = ""
+        if kind in (Backend.MEMFD, Backend.FILE):
+            props += f",share={'on' if self.share else 'off'}"
+        elif not self.share:
+            raise UsageError("share=off applies to memfd and file backends")
+        if self.hugetlb:
+            props += f",hugetlb=on,hugetlbsize={2 * MiB}"
+        if self.prealloc:
+            props += ",prealloc=on"
+        return props
+
+
+SHARED = BackendOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class NumaNodeSpec:
+    """One NUMA node of main RAM, with a memory backend of its own (``-numa node,memdev=``)."""
+
+    size: int
+    backend: Backend = Backend.MEMFD
+    options: BackendOptions = SHARED
+
+    def __post_init__(self) -> None:
+        if self.backend is Backend.DEFAULT:
+            raise UsageError("a NUMA node needs a memory backend (ram, memfd or file)")
+        if self.size <= 0 or self.size % MiB:
+            raise UsageError("a NUMA node's size must be a positive multiple of 1 MiB")
+
+
+@dataclass(frozen=True, slots=True)
+class DimmSpec:
+    """A ``pc-dimm`` hot-plugged at run time (:meth:`VM.hotplug_dimm`): its id, size, backend."""
+
+    id: str = "dimm0"
+    size: int = 128 * MiB
+    backend: Backend = Backend.MEMFD
+    options: BackendOptions = SHARED
+
+    @property
+    def memdev(self) -> str:
+        """The id of this DIMM's memory backend object."""
+        return f"mem-{self.id}"
+
+
 class Accel(StrEnum):
     """QEMU accelerator. TCG works everywhere; KVM only where /dev/kvm boots kernels in time."""
 
@@ -89,6 +158,9 @@ class VirtioMemSpec:
     max_size: int = 2 * GiB
     block_size: int = 2 * MiB
     requested_size: int = 256 * MiB
+    options: BackendOptions = SHARED
+    #: the NUMA node the device's memory belongs to (``node=``), when the VM has nodes
+    node: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend is Backend.DEFAULT:
@@ -113,6 +185,14 @@ class VMSpec:
     machine: str = "q35"
     ram_backend: Backend = Backend.DEFAULT
     ram_size: int = 512 * MiB
+    #: how main RAM's backend object maps its memory (not for ``Backend.DEFAULT``)
+    ram_options: BackendOptions = SHARED
+    #: main RAM as NUMA nodes, a backend each (their sizes sum to ``ram_size``; then
+    #: ``ram_backend`` must be ``DEFAULT``: no ``memory-backend=``)
+    numa: tuple[NumaNodeSpec, ...] = ()
+    #: room for pc-dimms hot-plugged at run time: ``slots=`` and bytes added to ``maxmem``
+    dimm_slots: int = 0
+    dimm_space: int = 0
     #: ``max-ram-below-4g``: with a value below ram_size, main RAM is split below/above 4 GiB.
     below_4g: int | None = None
     virtio_mem: tuple[VirtioMemSpec, ...] = ()
@@ -128,6 +208,8 @@ class VMSpec:
     writer_mib: int = 0
     name: str = "qmpdump-test"
     boot_timeout_s: float = 180.0
+    #: also serve QMP on ``127.0.0.1:PORT`` (QMP over TCP: QEMU's pid is then unknown)
+    qmp_tcp_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.machine not in ("q35", "pc"):
@@ -139,6 +221,19 @@ class VMSpec:
             raise UsageError(f"virtio-mem ids must be unique: {ids}")
         if self.pattern_mib and not self.guest:
             raise UsageError("a pattern needs a guest; bare VMs get bytes from the host")
+        if self.numa:
+            if self.ram_backend is not Backend.DEFAULT:
+                raise UsageError("with NUMA nodes, main RAM is the nodes' backends")
+            if sum(n.size for n in self.numa) != self.ram_size:
+                raise UsageError("the NUMA nodes' sizes must sum to ram_size")
+        elif self.ram_backend is Backend.DEFAULT and self.ram_options != SHARED:
+            raise UsageError("default pc.ram has no backend options")
+        nodes = len(self.numa)
+        for dev in self.virtio_mem:
+            if dev.node is not None and not 0 <= dev.node < max(nodes, 1):
+                raise UsageError(f"virtio-mem {dev.id}: node {dev.node} does not exist")
+        if bool(self.dimm_slots) != bool(self.dimm_space):
+            raise UsageError("pc-dimm hot-plug needs both slots and space")
 
     @property
     def main_memdev(self) -> str | None:
@@ -146,16 +241,30 @@ class VMSpec:
         return None if self.ram_backend is Backend.DEFAULT else "ram0"
 
 
-def _backend_object(kind: Backend, obj_id: str, size: int, backing_dir: Path) -> str:
+def _backend_object(
+    kind: Backend, obj_id: str, size: int, backing_dir: Path, options: BackendOptions = SHARED
+) -> str:
+    props = options.properties(kind)
     if kind is Backend.RAM:
-        return f"memory-backend-ram,id={obj_id},size={size}"
+        return f"memory-backend-ram,id={obj_id},size={size}{props}"
     if kind is Backend.MEMFD:
-        return f"memory-backend-memfd,id={obj_id},size={size},share=on"
+        return f"memory-backend-memfd,id={obj_id},size={size}{props}"
     if kind is Backend.FILE:
-        return (
-            f"memory-backend-file,id={obj_id},mem-path={backing_dir / obj_id},size={size},share=on"
-        )
+        path = (options.mem_dir or backing_dir) / obj_id
+        return f"memory-backend-file,id={obj_id},mem-path={path},size={size}{props}"
     raise UsageError(f"backend {kind} has no memory-backend object")
+
+
+def backend_object_qmp(
+    kind: Backend, obj_id: str, size: int, backing_dir: Path, options: BackendOptions = SHARED
+) -> dict[str, Any]:
+    """``object-add`` arguments for the backend object :func:`_backend_object` describes."""
+    qom_type, *props = _backend_object(kind, obj_id, size, backing_dir, options).split(",")
+    args: dict[str, Any] = {"qom-type": qom_type}
+    for prop in props:
+        key, value = prop.split("=", 1)
+        args[key] = {"on": True, "off": False}.get(value, int(value) if value.isdigit() else value)
+    return args
 
 
 def qemu_argv(
@@ -175,20 +284,36 @@ def qemu_argv(
     argv = [*qemu.argv_prefix(), "-name", f"guest={spec.name},debug-threads=on"]
     if spec.main_memdev:
         machine.append(f"memory-backend={spec.main_memdev}")
-        argv += ["-object", _backend_object(spec.ram_backend, "ram0", spec.ram_size, backing_dir)]
+        main = _backend_object(
+            spec.ram_backend, "ram0", spec.ram_size, backing_dir, spec.ram_options
+        )
+        argv += ["-object", main]
+    for index, node in enumerate(spec.numa):
+        memdev = f"node{index}"
+        argv += [
+            "-object",
+            _backend_object(node.backend, memdev, node.size, backing_dir, node.options),
+        ]
+        argv += ["-numa", f"node,nodeid={index},memdev={memdev}"]
     mem = f"{spec.ram_size // MiB}M"
-    if spec.virtio_mem:
-        maxmem = spec.ram_size + sum(d.max_size for d in spec.virtio_mem)
+    if spec.dimm_slots:
+        mem += f",slots={spec.dimm_slots}"
+    if spec.virtio_mem or spec.dimm_space:
+        maxmem = spec.ram_size + sum(d.max_size for d in spec.virtio_mem) + spec.dimm_space
         mem += f",maxmem={maxmem // MiB}M"
     cpu = os.environ.get("QMPDUMP_CPU") or ("max" if spec.accel is Accel.TCG else "host")
     argv += ["-machine", ",".join(machine), "-accel", spec.accel.value, "-cpu", cpu]
     argv += ["-m", mem, "-smp", str(spec.cpus)]
     for dev in spec.virtio_mem:
-        argv += ["-object", _backend_object(dev.backend, dev.memdev, dev.max_size, backing_dir)]
+        argv += [
+            "-object",
+            _backend_object(dev.backend, dev.memdev, dev.max_size, backing_dir, dev.options),
+        ]
+        on_node = "" if dev.node is None else f",node={dev.node}"
         argv += [
             "-device",
             f"virtio-mem-pci,id={dev.id},memdev={dev.memdev},"
-            f"block-size={dev.block_size},requested-size={dev.requested_size}",
+            f"block-size={dev.block_size},requested-size={dev.requested_size}{on_node}",
         ]
     argv += ["-device", "vmcoreinfo", "-nodefaults", "-no-user-config", "-display", "none"]
     argv += ["-no-reboot", "-pidfile", str(run_dir / "qemu.pid")]
@@ -196,6 +321,8 @@ def qemu_argv(
     # free for qmpdump. QEMU serves one client per QMP monitor.
     argv += ["-qmp", f"unix:{run_dir / 'control.sock'},server=on,wait=off"]
     argv += ["-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off"]
+    if spec.qmp_tcp_port is not None:
+        argv += ["-qmp", f"tcp:127.0.0.1:{spec.qmp_tcp_port},server=on,wait=off"]
     argv += [
         "-chardev",
         f"socket,id=ser0,path={run_dir / 'serial.sock'},server=on,wait=off,"
@@ -372,6 +499,18 @@ class VM:
                 "value": requested_size,
             },
         )
+
+    async def hotplug_dimm(self, dimm: DimmSpec, node: int | None = None) -> None:
+        """Hot-plug a ``pc-dimm`` now: ``object-add`` of its backend, then ``device_add``."""
+        assert self.qmp is not None
+        args = backend_object_qmp(
+            dimm.backend, dimm.memdev, dimm.size, self.backing_dir, dimm.options
+        )
+        await self.qmp.execute("object-add", args)
+        device: dict[str, Any] = {"driver": "pc-dimm", "id": dimm.id, "memdev": dimm.memdev}
+        if node is not None:
+            device["node"] = node
+        await self.qmp.execute("device_add", device)
 
     async def _start(self) -> None:
         await self._wait_socket(timeout_s=30.0)
