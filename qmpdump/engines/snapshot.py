@@ -144,6 +144,8 @@ _ACTIVE: Final = frozenset(
 _FINAL: Final = frozenset({"completed", "failed", "cancelled"})
 _SOCKET_BUFFER: Final = 4 << 20
 _TOUCH_CHUNK: Final = 8 << 20
+#: data pages held in memory while the plan is being made (then the reader waits for it)
+_EARLY_LIMIT: Final = 512 << 20
 #: max-bandwidth while the snapshot streams (bytes/s; QEMU's default is 128 MiB/s)
 _BANDWIDTH: Final = 16 << 30
 _READ_BUFFER: Final = 4 << 20
@@ -393,6 +395,9 @@ class _Reader:
     done_at: float = 0.0
     #: called (in the reader thread) when the first page arrived
     on_first_page: Callable[[], object] | None = None
+    #: pages that arrived before the plan was ready: (block, offset, data)
+    early: list[tuple[str, int, bytes | None]] = field(default_factory=list)
+    early_bytes: int = 0
     blocks: RamBlocks | None = None
     windows: dict[str, tuple[Window, ...]] | None = None
     starts: dict[str, list[int]] = field(default_factory=dict)
@@ -411,6 +416,12 @@ class _Reader:
             if isinstance(record, RamBlocks):
                 self.blocks = record
             elif isinstance(record, RamDone):
+                while not self.plan_ready.wait(0.1):
+                    if self.stop.is_set():
+                        raise _Stopped
+                early, self.early = self.early, []
+                for held in early:
+                    self._place(*held)
                 self.pending.flush()
                 self.done = True
                 self.done_at = time.monotonic()
@@ -422,7 +433,38 @@ class _Reader:
                 raise _Stopped
 
     def page(self, block: str, offset: int, data: bytes | None, /) -> None:
-        """One page from the parser (the hot path: a cached window, a few comparisons)."""
+        """One page from the parser (the hot path: a cached window, a few comparisons).
+
+        Until the plan is ready, pages are kept in memory rather than waited on: QEMU must never
+        block on our socket then, because QEMU's main thread may itself be waiting, on a write
+        to a protected page, for the migration thread that would be blocked (and our ``cont``
+        is waiting for QEMU's main thread).
+        """
+        if self.windows is None and not self.plan_ready.is_set():
+            self._hold(block, offset, data)
+            return
+        if self.early:
+            early, self.early = self.early, []
+            for held in early:
+                self._place(*held)
+        self._place(block, offset, data)
+
+    def _hold(self, block: str, offset: int, data: bytes | None) -> None:
+        if not self.first_page.is_set():
+            self.first_at = time.monotonic()
+            self.first_page.set()
+            if self.on_first_page is not None:
+                self.on_first_page()
+        self.early.append((block, offset, data))
+        self.early_bytes += PAGE_SIZE if data is not None else 0
+        if self.early_bytes > _EARLY_LIMIT:  # bounded: only now wait for the plan
+            while not self.plan_ready.wait(0.1):
+                if self.stop.is_set():
+                    raise _Stopped
+        if self.stop.is_set():
+            raise _Stopped
+
+    def _place(self, block: str, offset: int, data: bytes | None) -> None:
         w = self._last.get(block)
         if w is None or not w.start <= offset < w.end:
             w = self._window(block, offset)
@@ -449,14 +491,6 @@ class _Reader:
         self.copied += PAGE_SIZE
 
     def _window(self, block: str, offset: int) -> Window | None:
-        if not self.first_page.is_set():
-            self.first_at = time.monotonic()
-            self.first_page.set()
-            if self.on_first_page is not None:
-                self.on_first_page()
-            while not self.plan_ready.wait(0.1):
-                if self.stop.is_set():
-                    raise _Stopped
         if self.stop.is_set():
             raise _Stopped
         if self.windows is None:
