@@ -10,6 +10,7 @@ import pytest
 
 from qmpdump.errors import UsageError
 from qmpdump.qmp.session import QMPSession
+from qmpdump.testbed import qemus
 from qmpdump.testbed.qemus import (
     BINARY_ENV,
     BUILD_ENV,
@@ -81,6 +82,15 @@ async def test_selected_build_is_the_qemu_that_runs(
     # Both builds on every run, whatever QMPDUMP_QEMU_BUILD says: the selector itself is tested.
     monkeypatch.delenv(BINARY_ENV, raising=False)
     install = resolve(build)
+
+    def no_apt(argv: list[str], **_: object) -> str:
+        raise AssertionError(f"ran {argv} although the cache holds the answer")
+
+    # The next launch asks no apt: the version comes from the memo beside the lists.
+    monkeypatch.setattr(qemus, "_run", no_apt)
+    assert resolve(build) == install
+    monkeypatch.undo()
+    monkeypatch.delenv(BINARY_ENV, raising=False)
     if build is QemuBuild.BACKPORTS_10_0:
         binary = Path(install.binary)
         assert binary.is_file()
@@ -89,6 +99,14 @@ async def test_selected_build_is_the_qemu_that_runs(
         assert install.version.startswith("1:10.0.")
     vm = await vm_factory(VMSpec(name=f"bare-build-{build}", guest=False, qemu=build))
     assert vm.argv[: len(install.argv_prefix())] == install.argv_prefix()
+    environ = Path(f"/proc/{vm.pid}/environ").read_bytes().split(b"\0")
+    module_dirs = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"QEMU_MODULE_DIR=")]
+    if build is QemuBuild.BACKPORTS_10_0:
+        # Its own modules, never the installed 7.2's (which 10.0 fails to load).
+        (module_dir,) = module_dirs
+        assert Path(module_dir.decode()).joinpath("hw-usb-host.so").is_file()
+    else:
+        assert module_dirs == [e.encode() for k, e in install.env if k == "QEMU_MODULE_DIR"]
     async with QMPSession(str(vm.qmp_path)) as qmp:
         version = await qmp.execute("query-version")
     assert f"{version['qemu']['major']}.{version['qemu']['minor']}" == build.upstream

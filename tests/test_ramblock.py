@@ -1,7 +1,7 @@
 """Tests of the ``info ramblock`` parser on text captured from QEMU 7.2 and 10.0.
 
-Captures: ``tests/data/mtree/*.ramblock.txt`` (7.2) and ``tests/data/qemu-10.0/*.ramblock.txt``
-(10.0), both from the testbed's bare VMs (command lines in the folders' READMEs). 10.0 adds the
+Captures: ``tests/data/ramblock/7.2`` and ``tests/data/ramblock/10.0``, from the testbed's bare
+VMs (README there). 10.0 adds the
 ``HVA`` and ``RO`` columns; the parser finds columns by the header's names. The broken inputs are
 edits of a real capture, as QEMU cannot be made to print them.
 """
@@ -16,14 +16,13 @@ import pytest
 from qmpdump.errors import LayoutError
 from qmpdump.qmp.ramblock import RamBlock, parse_ramblocks, ramblock_for_region
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "data" / "ramblock"
 MiB = 1 << 20
 KiB = 1 << 10
 
 
 def capture(version: str, name: str) -> str:
-    folder = DATA / ("mtree" if version == "7.2" else "qemu-10.0")
-    return (folder / f"{name}.ramblock.txt").read_bytes().decode()
+    return (DATA / version / f"{name}.txt").read_bytes().decode()
 
 
 #: pc-file-vmem2: name, used, total, read-only (10.0); the same on both versions.

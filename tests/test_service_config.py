@@ -229,7 +229,7 @@ def test_per_vm_dump_defaults(tmp_path: Path) -> None:
             MINIMAL.replace("[[vm]]", "[vm]"),
             "vm: must be an array of tables: write [[vm]], not [vm]",
         ),
-        (DAEMON, "no [[vm]] and no [[discover]]: there would be nothing to dump"),
+        (DAEMON, "no [[vm]], [[discover]] or [[libvirt]]: there would be nothing to dump"),
         # retention
         (
             MINIMAL + "[vm.retention]\nkeep_count = 0\n",
@@ -460,3 +460,72 @@ def test_static_socket_path_is_normalised() -> None:
     config = parse_config(tomllib.loads(text))
     assert config.vm[1].qmp == "/run/qemu/web.qmp"
     assert "/run/qemu/web.qmp" in [s.path for s in config.discover_vms(fake_glob).skipped]
+
+
+# --- [[libvirt]] and connect = "on-demand" ---
+
+
+def test_libvirt_entries_and_on_demand(tmp_path: Path) -> None:
+    text = (
+        MINIMAL
+        + 'connect = "on-demand"\n'
+        + "[[libvirt]]\n"
+        + '[[libvirt]]\nuri = "qemu:///session"\ndomains = ["web*", "db1"]\n'
+        + 'monitor = "passthrough"\nengine = "backend"\n'
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.static_vms()[0].on_demand
+    first, second = config.libvirt
+    assert (first.uri, first.domains, first.monitor) == ("qemu:///system", [], "supported")
+    assert (second.uri, second.domains, second.monitor) == (
+        "qemu:///session",
+        ["web*", "db1"],
+        "passthrough",
+    )
+    vm = config.libvirt_vm(1, "web1")
+    assert vm is not None
+    assert vm.libvirt is not None
+    assert (vm.name, vm.origin, vm.libvirt.domain, vm.libvirt.monitor) == (
+        "web1",
+        "libvirt[1]",
+        "web1",
+        "passthrough",
+    )
+    assert vm.engine.value == "backend"
+    assert vm.dump_dir == Path("/var/lib/qmpdump/dumps/web1")
+    assert config.libvirt_vm(0, "bad/name") is None
+    # a [[libvirt]] alone is a configuration
+    assert load_config(write(tmp_path, DAEMON + "[[libvirt]]\n")).libvirt[0].monitor == "supported"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            DAEMON + '[[libvirt]]\nmonitor = "exclusive"\n',
+            "libvirt[0].monitor: input should be 'supported' or 'passthrough' (got 'exclusive')",
+        ),
+        (DAEMON + '[[libvirt]]\nuri = "system"\n', "libvirt[0].uri: 'system' is not a libvirt URI"),
+        (
+            DAEMON + '[[libvirt]]\ndomains = ["a", ""]\n',
+            "libvirt[0].domains[1]: expected a domain name or glob, not an empty string",
+        ),
+        (DAEMON + '[[libvirt]]\ndomain = ["a"]\n', "libvirt[0].domain: unknown key (did you mean"),
+        (
+            DAEMON + '[[libvirt]]\nengine = "backend"\n',
+            'libvirt[0].engine: the backend engine needs monitor = "passthrough"',
+        ),
+        (DAEMON + "[libvirt]\n", "libvirt: must be an array of tables: write [[libvirt]]"),
+        (
+            MINIMAL + 'connect = "sometimes"\n',
+            "vm[0].connect: input should be 'persistent' or 'on-demand' (got 'sometimes')",
+        ),
+        (
+            DAEMON + '[[discover]]\nglob = "/run/*.qmp"\nconnect = "lazy"\n',
+            "discover[0].connect: input should be 'persistent' or 'on-demand'",
+        ),
+    ],
+)
+def test_libvirt_error_lines(tmp_path: Path, text: str, expected: str) -> None:
+    lines = problems(tmp_path, text)
+    assert any(line.startswith(expected) for line in lines), lines

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,27 @@ async def run(args: argparse.Namespace) -> int:
     if args.check:
         vms = config.resolve_vms()
         print(f"{args.config}: valid; {len(vms)} VM(s): " + ", ".join(v.name for v in vms))
+        for i, entry in enumerate(config.libvirt):
+            globs = ", ".join(entry.domains) or "every domain"
+            print(f"  libvirt[{i}]: {entry.uri}, {globs} (monitor {entry.monitor})")
         return 0
     if not args.verbose:
         # A service's log: what it does, at INFO (journald keeps it), the QMP library quiet.
         logging.getLogger("qmpdump").setLevel(logging.INFO)
-    return await Daemon(config).run()
+    code = await Daemon(config).run()
+    if config.libvirt:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process once the daemon has shut down in order (jobs, API socket, store, lock).
+
+    libvirt's event implementation is process-wide and bound for good to the asyncio loop
+    (``libvirtaio``; it can't be unregistered): libvirt objects the interpreter frees at exit
+    would call into the closed loop and print tracebacks. Nothing is left to clean up by then.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -8,6 +8,9 @@
 4. Request a dump with the CLI (a progress bar on a terminal), then QEMU's own dump of the same
    VM, and list both with their sizes and times.
 5. Stop the daemon (SIGTERM) and the VM. The dumps and the picture stay in the demo folder.
+6. A libvirt host (:mod:`qmpdump.cli.demo_libvirt`): a private libvirtd, a domain, the daemon
+   with a ``[[libvirt]]`` section dumping it; everything stopped again (``--no-libvirt``
+   skips it).
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def add_parser(commands: Any) -> None:
         default=None,
         help=f"QEMU to run the demo VM on: Debian's 7.2 or bookworm-backports' 10.0 (fetched "
         f"into the cache on first use; default: ${BUILD_ENV} or 7.2)",
+    )
+    parser.add_argument(
+        "--no-libvirt",
+        action="store_true",
+        help="skip the libvirt part (a private libvirtd, a domain, the daemon dumping it)",
     )
     parser.set_defaults(run=run)
 
@@ -201,4 +209,9 @@ async def run(args: argparse.Namespace) -> int:
         f"\n5. daemon stopped (exit {daemon.returncode}), VM stopped. "
         f"Dumps, sidecars, picture and log: {folder}"
     )
-    return code or daemon.returncode or 0
+    code = code or daemon.returncode or 0
+    if not args.no_libvirt:
+        from qmpdump.cli.demo_libvirt import run_libvirt_part  # noqa: PLC0415
+
+        code = code or await run_libvirt_part(folder / "libvirt", 6)
+    return code

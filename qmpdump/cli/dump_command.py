@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from qmpdump.cli.progress import ProgressBar
 from qmpdump.cli.source import add_source_arguments, libvirt_ref, monitor_mode, open_session
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
+from qmpdump.engines.base import ProgressCallback
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
 from qmpdump.engines.spec import (
     DEFAULT_MAX_HOST_GROWTH,
@@ -32,8 +33,8 @@ from qmpdump.kdump.plan import ZeroPages
 from qmpdump.output import dump_name
 from qmpdump.service.config import VM_NAME_PATTERN
 from qmpdump.service.store import new_job_id
-from qmpdump.sinks.deliver import SinkOutcome, dump_to_s3
-from qmpdump.sinks.s3 import S3Location
+from qmpdump.sinks.deliver import SinkOutcome, dump_to_s3, then
+from qmpdump.sinks.s3 import S3Location, UploadProgress
 from qmpdump.sizes import format_size, parse_size
 
 __all__ = ["add_parser", "run"]
@@ -128,8 +129,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--seekable",
         action="store_true",
-        help="kdump: write the standard layout that crash and makedumpfile read directly, "
-        "rebuilt from QEMU's flattened stream as makedumpfile -R does (hashed at the end)",
+        help="kdump: write the standard layout that crash and makedumpfile read directly: "
+        "QEMU's own kdump-raw-* where it offers it (10.0), else rebuilt from QEMU's flattened "
+        "stream as makedumpfile -R does (7.2); hashed at the end",
     )
     parser.add_argument(
         "--zero-pages",
@@ -196,9 +198,16 @@ def _through_libvirts_api(mode: str | None, spec: DumpSpec) -> bool:
 
 
 async def _dump_at(
-    args: argparse.Namespace, spec: DumpSpec, target: Path, bar: ProgressBar, *, overwrite: bool
+    args: argparse.Namespace,
+    spec: DumpSpec,
+    target: Path,
+    bar: ProgressBar,
+    *,
+    overwrite: bool,
+    tap: ProgressCallback | None = None,
 ) -> DumpOutcome:
-    """One dump into ``target`` from ``--qmp`` or ``--libvirt`` (either monitor mode)."""
+    """One dump into ``target`` from ``--qmp`` or ``--libvirt`` (either monitor mode);
+    ``tap`` also gets the engine's progress (a sink streaming the dump)."""
     mode = monitor_mode(args)
     if _through_libvirts_api(mode, spec):
         assert mode is not None
@@ -210,7 +219,7 @@ async def _dump_at(
                 target,
                 spec,
                 overwrite=overwrite,
-                progress=lambda p: bar.show(p.completed, p.total),
+                progress=then(lambda p: bar.show(p.completed, p.total), tap),
             )
     except UnsafeThroughLibvirt:
         if mode != "passthrough":
@@ -290,15 +299,19 @@ async def _dump_to_bucket(
     """Dump into a spool and upload (``stored`` receives where it went)."""
     with ProgressBar("dump") as bar:
 
-        async def write(target: Path) -> DumpOutcome:
-            return await _dump_at(args, spec, target, bar, overwrite=False)
+        async def write(target: Path, tap: ProgressCallback) -> DumpOutcome:
+            return await _dump_at(args, spec, target, bar, overwrite=False, tap=tap)
+
+        def uploaded(u: UploadProgress) -> None:
+            if u.total is not None:  # parts sent while the dump runs: its bar stays
+                bar.show(u.uploaded, u.total, "upload")
 
         done = await dump_to_s3(
             write,
             location=location,
             name=name,
             spool_root=args.spool_dir,
-            progress=lambda u: bar.show(u.uploaded, u.total, "upload"),
+            progress=uploaded,
         )
     stored.append(done)
     return done.dump

@@ -378,8 +378,18 @@ async def _write_kdump(
         state.finish(written.file_size)
         return written, hash_output(output.fd, state)
 
+    # Final once written (the writer's order, module docstring of kdump_writer): the prefix and
+    # 1st bitmap from the start, page data below the cursor; the 2nd bitmap and the page
+    # descriptors only at the end. Raw pages bound the size.
+    head = RangeSet.of(0, plan.bitmap2_offset)
+    bound = plan.first_page_offset + plan.read_pages * plan.block_size
+
     async def tick() -> None:
-        job.report(Progress(done[1], done[0], total))
+        cursor = done[1]
+        settled = None
+        if cursor > plan.data_offset:  # the writer has started, and written page data
+            settled = head | RangeSet.of(plan.data_offset, cursor - plan.data_offset)
+        job.report(Progress(cursor, done[0], total, settled, bound))
 
     (outcome,) = await run_threads([write_and_hash], stop=stop, every_s=POLL_S, tick=tick)
     written: KdumpWriteResult = outcome[0]
@@ -440,7 +450,10 @@ async def _copy(
             state.changed.notify_all()
 
     async def tick() -> None:
-        job.report(Progress(state.final_upto, state.copied, total))
+        # final_upto is the hasher's mark: nothing below it is written again
+        upto = state.final_upto
+        settled = RangeSet.of(0, upto) if upto else None
+        job.report(Progress(upto, state.copied, total, settled, plan.file_size))
 
     state.advance(0, len(plan.header))
     _, digest = await run_threads(

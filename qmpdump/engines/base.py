@@ -18,6 +18,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict
 
 from qmpdump.engines.spec import DumpSpec, EngineTraits
+from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpTarget
 from qmpdump.qmp.session import QMPSession
 from qmpdump.survey import Survey
@@ -41,11 +42,18 @@ class Progress:
     ``query-dump`` counters; the backend's populated bytes). ``written``: bytes written to the
     output so far (compressed formats write fewer, zero-fill none). A percentage is
     ``completed / total``.
+
+    ``settled`` (engines that track it): byte ranges of the output file that are final, which
+    the engine will not write again, and ``size_bound`` an upper bound of the file's final size.
+    A sink may ship settled bytes while the dump runs (:mod:`qmpdump.sinks.s3`); ``None``:
+    nothing is promised until the engine returns.
     """
 
     written: int
     completed: int
     total: int
+    settled: RangeSet | None = None
+    size_bound: int | None = None
 
     @property
     def fraction(self) -> float | None:

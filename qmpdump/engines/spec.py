@@ -250,7 +250,8 @@ class DumpSpec(BaseModel):
     length: Annotated[int, Field(gt=0)] | None = None
     #: QEMU: rewrite 7.2's ELF header so that makedumpfile reads it
     fix_elf_header: bool = True
-    #: QEMU: kdump in the standard layout, rebuilt from the flattened stream
+    #: QEMU: kdump in the standard layout (QEMU's kdump-raw-* where offered, else rebuilt from
+    #: the flattened stream)
     seekable: bool = False
     #: backend: leave out all-zero pages inside populated memory
     zero_pages: bool = False

@@ -65,7 +65,15 @@ from qmpdump.qmp.plugged import _read_prefix
 from qmpdump.report import VMSummary
 from qmpdump.sizes import format_size
 
-__all__ = ["FORMATS", "RegionFacts", "SupportedMap", "dump_supported", "map_supported"]
+__all__ = [
+    "FORMATS",
+    "STATE_NAMES",
+    "RegionFacts",
+    "SupportedMap",
+    "dump_supported",
+    "map_supported",
+    "use_fifo_dir",
+]
 
 #: qmpdump's format names -> libvirt's ``VIR_DOMAIN_CORE_DUMP_FORMAT_*`` names
 FORMATS = {
@@ -77,6 +85,8 @@ FORMATS = {
 }
 _POLL_S = 0.25
 _STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shut off"}
+#: libvirt's ``virDomainState`` values by name
+STATE_NAMES = _STATES
 
 
 def _iso(t: float) -> str:
@@ -274,12 +284,24 @@ def render_supported(result: SupportedMap) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: where the FIFOs go (None: ``$TMPDIR``); see :func:`use_fifo_dir`
+_fifo_dir: Path | None = None
+
+
+def use_fifo_dir(folder: Path | None) -> None:
+    """Make the dump FIFOs in ``folder``: libvirtd opens them by path, in its own mount
+    namespace, so a daemon whose systemd unit has ``PrivateTmp=yes`` puts them in its state
+    folder (which libvirtd sees) instead of its private ``/tmp``."""
+    global _fifo_dir  # noqa: PLW0603 - one setting for the process
+    _fifo_dir = folder
+
+
 class _Fifo:
     """A FIFO in a private folder: our read end, and a write end we hold until libvirt is done
     (a reader alone would see end-of-file before libvirt's writer opens)."""
 
     def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="qmpdump-fifo-"))
+        self.folder = Path(tempfile.mkdtemp(prefix="qmpdump-fifo-", dir=_fifo_dir))
         self.path = self.folder / "dump.fifo"
         os.mkfifo(self.path, 0o600)
         self.read_fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

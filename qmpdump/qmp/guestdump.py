@@ -3,15 +3,18 @@
 :func:`guest_dump` owns the whole exchange (``qapi/dump.json``, ``dump/dump.c``):
 
 1. ``query-status`` (was the VM running?) and ``query-dump`` (is a dump running already?);
-2. a pipe; its write end passed to QEMU (``SCM_RIGHTS`` + ``getfd``) and closed here;
+2. a pipe (or, for the formats QEMU writes only into a seekable file, ``kdump-raw-*``, a
+   sealable memfd: :mod:`qmpdump.qmp.sealsink`); its write end passed to QEMU (``SCM_RIGHTS`` +
+   ``getfd``) and closed here;
 3. ``dump-guest-memory`` with ``protocol: "fd:NAME"``, ``detach: true``; a refusal releases the
    fd (``closefd``) and becomes :class:`~qmpdump.errors.DumpBusy` or
    :class:`~qmpdump.errors.DumpFailed`;
 4. while the caller reads the pipe: ``DUMP_COMPLETED``, ``STOP`` and ``RESUME`` as typed events,
    and the time QEMU kept the VM paused (their own timestamps);
-5. on exit: the read end closed (QEMU's next write fails with EPIPE, the dump ends ``failed``
-   and QEMU restores the run state), ``DUMP_COMPLETED`` awaited, and ``save-vm`` waited out --
-   QEMU sends RESUME after DUMP_COMPLETED and before ``query-status`` shows the VM running.
+5. on exit: the read end closed or the memfd sealed (QEMU's next write fails with EPIPE or
+   EPERM, the dump ends ``failed`` and QEMU restores the run state), ``DUMP_COMPLETED``
+   awaited, and ``save-vm`` waited out -- QEMU sends RESUME after DUMP_COMPLETED and before
+   ``query-status`` shows the VM running.
 
 Every error is qmpdump's (:mod:`qmpdump.errors`). No ``cont``: QEMU restores the run state itself
 (``dump_cleanup``); a VM paused afterwards was paused by someone else, whose decision that is.
@@ -40,6 +43,7 @@ from qmpdump.errors import (
 from qmpdump.host.libvirt_owner import libvirt_domain_of
 from qmpdump.qmp.events import DumpCompleted, Event, paused_seconds
 from qmpdump.qmp.models import DumpQueryResult, StatusInfo, parse_reply
+from qmpdump.qmp.sealsink import SealSink
 from qmpdump.qmp.session import EventQueue, QMPSession
 
 __all__ = ["DumpArguments", "GuestDump", "dump_busy", "guest_dump", "wait_out_save_vm"]
@@ -95,7 +99,8 @@ async def wait_out_save_vm(session: QMPSession, was_running: bool) -> None:
 
 @dataclass(eq=False)
 class GuestDump:
-    """A running ``dump-guest-memory``: read :attr:`read_fd` (non-blocking) until end of file."""
+    """A running ``dump-guest-memory``: read :attr:`read_fd` (non-blocking) until end of file,
+    or, with a seekable target, wait for :meth:`finished` and copy :attr:`sink`."""
 
     session: QMPSession
     read_fd: int
@@ -117,9 +122,17 @@ class GuestDump:
         """Seconds QEMU kept the VM paused (STOP to RESUME), None if it did not pause it."""
         return paused_seconds(self.events)
 
+    #: the sealable memfd QEMU writes into instead of the pipe (``seekable=True``)
+    sink: SealSink | None = None
+
     def close_pipe(self) -> None:
-        """Close our read end: QEMU's next write fails and the dump stops. Idempotent."""
-        if self.read_fd >= 0:
+        """Close our read end (or seal the memfd): QEMU's next write fails and the dump stops.
+
+        Idempotent."""
+        if self.sink is not None:
+            self.sink.close()
+            self.read_fd = -1
+        elif self.read_fd >= 0:
             os.close(self.read_fd)
             self.read_fd = -1
 
@@ -216,9 +229,17 @@ async def _refuse_under_libvirt(session: QMPSession) -> None:
 
 @contextlib.asynccontextmanager
 async def guest_dump(
-    session: QMPSession, args: DumpArguments, *, pipe_size: int = DEFAULT_PIPE_SIZE
+    session: QMPSession,
+    args: DumpArguments,
+    *,
+    pipe_size: int = DEFAULT_PIPE_SIZE,
+    seekable: bool = False,
 ) -> AsyncIterator[GuestDump]:
     """Start ``dump-guest-memory`` into a new pipe; yield it; stop and settle it on exit.
+
+    ``seekable``: QEMU writes into a sealable memfd (:mod:`qmpdump.qmp.sealsink`) instead, for
+    the formats QEMU writes only into a seekable file (``kdump-raw-*``); sealing it stops QEMU
+    as closing the pipe does.
 
     On exit (normal, error or cancel) the pipe is closed, QEMU's DUMP_COMPLETED awaited (up to
     10 s when the pipe was closed early) and ``save-vm`` waited out: the VM's run state is then
@@ -227,16 +248,21 @@ async def guest_dump(
     """
     await _refuse_under_libvirt(session)
     was_running = await _precheck(session)
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    try:
-        with contextlib.suppress(OSError):  # a smaller pipe only costs wake-ups
-            fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", F_SETPIPE_SZ), pipe_size)
-        os.set_blocking(read_fd, False)
-    except BaseException:
-        os.close(read_fd)
-        os.close(write_fd)
-        raise
-    dump = GuestDump(session, read_fd, was_running)
+    sink: SealSink | None = None
+    if seekable:
+        sink = SealSink.create()
+        read_fd, write_fd = sink.fd, os.dup(sink.fd)
+    else:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):  # a smaller pipe only costs wake-ups
+                fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", F_SETPIPE_SZ), pipe_size)
+            os.set_blocking(read_fd, False)
+        except BaseException:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+    dump = GuestDump(session, read_fd, was_running, sink=sink)
     with session.listen(*_EVENTS) as queue:
         pump = asyncio.create_task(_pump(queue, dump), name="dump-events")
         try:

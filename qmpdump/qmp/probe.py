@@ -1,13 +1,20 @@
 """Read a VM's memory layout over QMP and build the pure :class:`~qmpdump.memmap.layout.Layout`.
 
-Sources, each of QEMU 7.2:
+Sources, the same on QEMU 7.2 and 10.0:
 
 * ``info mtree -f`` (HMP): the system FlatView's RAM pieces (:mod:`qmpdump.qmp.mtree`);
 * ``qom-list /objects`` and ``qom-get`` of ``size``, ``share``, ``mem-path``: the memory backend
   objects (``backends/hostmem*.c``; ``query-memdev`` carries neither type nor path);
-* ``info ramblock`` (HMP): sizes of RAM that is no backend object (``pc.bios``, ``pc.rom``);
+* ``info ramblock`` (HMP): sizes of RAM that is no backend object (``pc.bios``, ``pc.rom``), and
+  on QEMU 10.0 each block's host virtual address;
 * ``query-memory-devices``: virtio-mem devices;
-* ``gpa2hva`` (HMP): QEMU's host virtual address of a region, to find its file or pages.
+* ``gpa2hva`` (HMP): QEMU's host virtual address of a region where ``info ramblock`` lacks it
+  (7.2), to find its file or pages.
+
+QEMU 10.0 has no structured QMP command for any of the HMP text read here: ``x-query-ramblock``
+and the other ``x-query-*`` commands return the same text (``HumanReadableText``), and there is
+no QMP form of ``info mtree`` or ``gpa2hva``. So the HMP path serves both versions, its text
+parsed by meaning (header names, region names), not by column position.
 
 Nothing here reads guest memory or pauses the VM.
 """
@@ -154,12 +161,19 @@ async def vcpu_thread_ids(session: QMPSession) -> tuple[int, ...]:
 
 
 async def region_host_addresses(session: QMPSession, layout: Layout) -> dict[str, int]:
-    """QEMU's host virtual address of offset 0 of every RAM region (one ``gpa2hva`` each).
+    """QEMU's host virtual address of offset 0 of every RAM region.
 
-    A RAM block is one contiguous host mapping, so one address per region is enough.
+    A RAM block is one contiguous host mapping, so one address per region is enough. QEMU 10.0
+    prints it in ``info ramblock`` (``HVA``), all regions in one command; where that column is
+    missing (7.2), one ``gpa2hva`` per region gives it.
     """
+    blocks = parse_ramblocks(await session.hmp("info ramblock"))
     bases: dict[str, int] = {}
     for backend in layout.backends:
+        block = ramblock_for_region(blocks, backend.region)
+        if block is not None and block.hva is not None:
+            bases[backend.region] = block.hva
+            continue
         piece = layout.pieces_of(backend.region)[0]
         try:
             text = await session.hmp(f"gpa2hva {piece.gpa.start:#x}")

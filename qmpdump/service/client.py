@@ -15,16 +15,23 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 from urllib.parse import quote
 
 import aiohttp
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from qmpdump.errors import Conflict, NotFound, ServiceError, Unavailable, UsageError
 from qmpdump.report import MapReport
 from qmpdump.service.api import ErrorView
-from qmpdump.service.views import DumpRequest, DumpView, HealthView, JobView, VMView
+from qmpdump.service.views import (
+    DumpRequest,
+    DumpView,
+    HealthView,
+    JobView,
+    LibvirtMapView,
+    VMView,
+)
 
 __all__ = ["DEFAULT_TIMEOUT_S", "ApiClient"]
 
@@ -92,9 +99,13 @@ class ApiClient:
         """``GET /v1/vms/{vm}``; NotFound."""
         return await self._get(TypeAdapter(VMView), f"/v1/vms/{_segment(name)}")
 
-    async def map(self, name: str) -> MapReport:
-        """``GET /v1/vms/{vm}/map``; NotFound, Unavailable."""
-        return await self._get(TypeAdapter(MapReport), f"/v1/vms/{_segment(name)}/map")
+    async def map(self, name: str) -> MapReport | LibvirtMapView:
+        """``GET /v1/vms/{vm}/map``; NotFound, Unavailable. A libvirt domain in supported
+        monitor mode has a :class:`LibvirtMapView` (``qmpdump.libvirt-map/1``)."""
+        adapter: TypeAdapter[MapReport | LibvirtMapView] = TypeAdapter(
+            Annotated[MapReport | LibvirtMapView, Field(union_mode="left_to_right")]
+        )
+        return await self._get(adapter, f"/v1/vms/{_segment(name)}/map")
 
     async def request(self, vm: str, request: DumpRequest | None = None) -> JobView:
         """``POST /v1/vms/{vm}/dumps``: the queued job; NotFound, Conflict, UsageError."""

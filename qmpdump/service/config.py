@@ -16,6 +16,14 @@ The file (see :func:`example_config` for a commented one) has four parts:
 * ``[[discover]]`` -- QMP sockets found by a glob at run time; each match becomes a VM named
   after the file (``name_from = "stem"``) or its directory (``"parent"``), with the same optional
   defaults and retention override as a ``[[vm]]``.
+* ``[[libvirt]]`` -- the running domains of a libvirt (``uri``, default ``qemu:///system``)
+  whose names match ``domains`` (globs; default all): each is a VM named after the domain, for
+  as long as it runs (the daemon follows libvirt's lifecycle events). ``monitor`` is
+  ``"supported"`` (default: libvirt's public API only, no taint) or ``"passthrough"`` (QMP
+  through libvirt's monitor passthrough; libvirt marks the domain tainted).
+
+A ``[[vm]]`` or ``[[discover]]`` may say ``connect = "on-demand"``: the daemon then holds no QMP
+connection to it, and connects only for a job or a map request (a socket other tools share).
 
 Rules worth knowing:
 
@@ -24,6 +32,8 @@ Rules worth knowing:
 * A VM name names folders and URLs, so it must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``.
 * Per-key inheritance: a VM's ``engine``, ``format``, ``mode`` and each retention key override the
   ``[daemon]`` defaults and ``[retention]`` one by one; ``"unlimited"`` lifts a global limit.
+* A domain never replaces a ``[[vm]]`` or a discovered VM of its name (checked as domains come
+  and go); between two ``[[libvirt]]`` entries, the earlier one wins.
 * A discovered VM never replaces a ``[[vm]]``: a discovered name equal to a static VM's name, or a
   discovered socket that a static VM already uses, is skipped (and reported in
   :attr:`Discovery.skipped`), so a static entry can pin a discovered VM's settings. Between two
@@ -71,6 +81,7 @@ from qmpdump.qmp.session import QMPAddress, parse_address
 from qmpdump.sinks.s3 import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_PART_SIZE,
+    DEFAULT_STREAM_IN_FLIGHT,
     MIN_PART_SIZE,
     S3Location,
     S3Settings,
@@ -86,6 +97,8 @@ __all__ = [
     "DiscoverConfig",
     "Discovery",
     "Engine",
+    "LibvirtConfig",
+    "LibvirtDomain",
     "Mode",
     "ResolvedVM",
     "Retention",
@@ -229,6 +242,19 @@ def _glob_pattern(value: str) -> str:
     return value
 
 
+def _domain_glob(value: str) -> str:
+    if not value:
+        raise ValueError("expected a domain name or glob, not an empty string")
+    return value
+
+
+def _libvirt_uri(value: str) -> str:
+    scheme, sep, _rest = value.partition(":")
+    if not sep or not scheme:
+        raise ValueError(f'{value!r} is not a libvirt URI such as "qemu:///system"')
+    return value
+
+
 def _sink_name(value: str) -> str:
     if not _VM_NAME_RE.fullmatch(value):
         raise ValueError(
@@ -322,18 +348,24 @@ class _DumpDefaults(_Strict):
     retention: Retention = Field(default_factory=Retention)
 
 
+#: ``persistent``: one QMP connection kept up; ``on-demand``: connected for a job or a map only
+Connect = Literal["persistent", "on-demand"]
+
+
 class VMConfig(_DumpDefaults):
     """A ``[[vm]]`` entry: a VM named in the file."""
 
     name: Annotated[str, AfterValidator(_vm_name)]
     #: an absolute UNIX socket path, or ``tcp:HOST:PORT``
     qmp: Annotated[str, AfterValidator(_qmp)]
+    connect: Connect = "persistent"
 
 
 class DiscoverConfig(_DumpDefaults):
     """A ``[[discover]]`` entry: every path the glob matches is a VM's QMP socket."""
 
     glob: Annotated[str, AfterValidator(_glob_pattern)]
+    connect: Connect = "persistent"
     #: ``stem``: the file name without its suffix; ``parent``: the directory's name
     name_from: Literal["stem", "parent"] = "stem"
 
@@ -341,6 +373,26 @@ class DiscoverConfig(_DumpDefaults):
         """The VM name this entry gives to a matched path (not validated)."""
         p = PurePosixPath(path)
         return p.stem if self.name_from == "stem" else p.parent.name
+
+
+class LibvirtConfig(_DumpDefaults):
+    """A ``[[libvirt]]`` entry: the running domains of one libvirt, each a VM of its name."""
+
+    uri: Annotated[str, AfterValidator(_libvirt_uri)] = "qemu:///system"
+    #: fnmatch globs on domain names; empty: every domain
+    domains: list[Annotated[str, AfterValidator(_domain_glob)]] = Field(default_factory=list)
+    #: ``supported``: libvirt's public API only (no taint); ``passthrough``: QMP through
+    #: libvirt's monitor passthrough (every engine, the full map; the domain is tainted)
+    monitor: Literal["supported", "passthrough"] = "supported"
+
+
+@dataclass(frozen=True, slots=True)
+class LibvirtDomain:
+    """Where a VM that is a libvirt domain is: libvirt's URI, the domain, the monitor mode."""
+
+    uri: str
+    domain: str
+    monitor: str
 
 
 class SinkConfig(_Strict):
@@ -358,10 +410,13 @@ class SinkConfig(_Strict):
     region: str | None = None
     part_size: Annotated[int, BeforeValidator(_part_size)] = DEFAULT_PART_SIZE
     max_in_flight: Annotated[int, Field(ge=1, le=64)] = DEFAULT_MAX_IN_FLIGHT
+    stream_in_flight: Annotated[int, Field(ge=0, le=64)] = DEFAULT_STREAM_IN_FLIGHT
 
     @model_validator(mode="after")
     def _where(self) -> SinkConfig:
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.stream_in_flight > self.max_in_flight:
+            problems.append((("stream_in_flight",), "may not exceed max_in_flight"))
         try:
             S3Location.of(self.bucket)
         except UsageError as err:
@@ -385,6 +440,7 @@ class SinkConfig(_Strict):
             region=self.region,
             part_size=self.part_size,
             max_in_flight=self.max_in_flight,
+            stream_in_flight=self.stream_in_flight,
         )
 
 
@@ -408,6 +464,9 @@ class DaemonConfig(_Strict):
     reconnect_min_s: Seconds = 1.0
     reconnect_max_s: Seconds = 60.0
     qmp_timeout_s: Seconds = 10.0
+    #: ``connect = "on-demand"`` VMs: how long a job or a map request retries a QMP socket
+    #: that another client holds
+    on_demand_wait_s: Seconds = 60.0
     #: how long one dump may take before it is cancelled
     dump_timeout_s: Seconds = 3600.0
     #: on SIGTERM: how long running dumps may finish before they are cancelled
@@ -453,6 +512,15 @@ class ResolvedVM:
     origin: str
     #: the ``[[sink]]`` its dumps go to by default; None: ``dump_dir``
     sink: str | None = None
+    #: ``persistent`` or ``on-demand`` (see :class:`VMConfig`)
+    connect: str = "persistent"
+    #: the libvirt domain it is (a ``[[libvirt]]`` entry found it); None: a QMP socket
+    libvirt: LibvirtDomain | None = None
+
+    @property
+    def on_demand(self) -> bool:
+        """Whether the daemon connects only for a job or a map request."""
+        return self.connect == "on-demand"
 
     @property
     def discovered(self) -> bool:
@@ -497,13 +565,16 @@ class Config(_Strict):
     retention: Retention = Field(default_factory=Retention)
     vm: list[VMConfig] = Field(default_factory=list)
     discover: list[DiscoverConfig] = Field(default_factory=list)
+    libvirt: list[LibvirtConfig] = Field(default_factory=list)
     sink: list[SinkConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:
         problems: list[tuple[tuple[str | int, ...], str]] = []
-        if not self.vm and not self.discover:
-            problems.append(((), "no [[vm]] and no [[discover]]: there would be nothing to dump"))
+        if not self.vm and not self.discover and not self.libvirt:
+            problems.append(
+                ((), "no [[vm]], [[discover]] or [[libvirt]]: there would be nothing to dump")
+            )
         by_name: dict[str, int] = {}
         by_qmp: dict[str, int] = {}
         for i, vm in enumerate(self.vm):
@@ -525,6 +596,7 @@ class Config(_Strict):
         entries: list[tuple[str, int, _DumpDefaults]] = [
             *(("vm", i, v) for i, v in enumerate(self.vm)),
             *(("discover", i, d) for i, d in enumerate(self.discover)),
+            *(("libvirt", i, d) for i, d in enumerate(self.libvirt)),
         ]
         for section, index, entry in entries:
             engine, fmt, mode = self._defaults(entry)
@@ -535,6 +607,22 @@ class Config(_Strict):
             if problem:
                 loc = (section, index, problem[0]) if problem[0] else (section, index)
                 problems.append((loc, problem[1]))
+        for i, lv in enumerate(self.libvirt):
+            engine, _fmt, mode = self._defaults(lv)
+            if lv.monitor != "supported":
+                continue
+            if engine is EngineName.BACKEND or mode is SpecMode.LIVE:
+                key = "engine" if engine is EngineName.BACKEND else "mode"
+                set_here = key in lv.model_fields_set
+                what = "the backend engine" if key == "engine" else "the live mode"
+                problems.append(
+                    (
+                        ("libvirt", i, key) if set_here else ("libvirt", i),
+                        f'{what} needs monitor = "passthrough" (the supported path is QEMU\'s '
+                        "dump through libvirt's API)"
+                        + ("" if set_here else " (with the [daemon] defaults)"),
+                    )
+                )
         if problems:
             raise _Problems(problems)
         return self
@@ -556,6 +644,7 @@ class Config(_Strict):
             (("daemon", "default_sink"), self.daemon.default_sink),
             *((("vm", i, "sink"), v.sink) for i, v in enumerate(self.vm)),
             *((("discover", i, "sink"), d.sink) for i, d in enumerate(self.discover)),
+            *((("libvirt", i, "sink"), d.sink) for i, d in enumerate(self.libvirt)),
         ]
         for loc, name in chosen:
             if name is not None and name != LOCAL_SINK and name not in names:
@@ -583,10 +672,21 @@ class Config(_Strict):
             entry.mode or d.default_mode,
         )
 
-    def _resolve(self, entry: _DumpDefaults, name: str, qmp: str, origin: str) -> ResolvedVM:
+    def _resolve(
+        self,
+        entry: _DumpDefaults,
+        name: str,
+        qmp: str,
+        origin: str,
+        *,
+        connect: str = "persistent",
+        libvirt: LibvirtDomain | None = None,
+    ) -> ResolvedVM:
         engine, fmt, mode = self._defaults(entry)
         sink = entry.sink or self.daemon.default_sink
         return ResolvedVM(
+            connect=connect,
+            libvirt=libvirt,
             name=name,
             qmp=qmp,
             engine=engine,
@@ -600,7 +700,20 @@ class Config(_Strict):
 
     def static_vms(self) -> list[ResolvedVM]:
         """The ``[[vm]]`` entries, resolved, in file order."""
-        return [self._resolve(v, v.name, v.qmp, f"vm[{i}]") for i, v in enumerate(self.vm)]
+        return [
+            self._resolve(v, v.name, v.qmp, f"vm[{i}]", connect=v.connect)
+            for i, v in enumerate(self.vm)
+        ]
+
+    def libvirt_vm(self, index: int, domain: str) -> ResolvedVM | None:
+        """The VM that a running domain of ``[[libvirt]]`` entry ``index`` is; None when its
+        name is not a valid VM name (a domain name may hold characters a VM name may not)."""
+        if not _VM_NAME_RE.fullmatch(domain):
+            return None
+        entry = self.libvirt[index]
+        where = LibvirtDomain(uri=entry.uri, domain=domain, monitor=entry.monitor)
+        qmp = f"libvirt {entry.uri} domain {domain} (monitor {entry.monitor})"
+        return self._resolve(entry, domain, qmp, f"libvirt[{index}]", libvirt=where)
 
     def discover_vms(self, glob_fn: Callable[[str], Iterable[str]] = glob.glob) -> Discovery:
         """Expand the ``[[discover]]`` globs; pure given ``glob_fn`` (the only I/O).
@@ -635,7 +748,7 @@ class Config(_Strict):
                     continue
                 taken[name] = path
                 paths_seen.add(path)
-                vms.append(self._resolve(entry, name, path, origin))
+                vms.append(self._resolve(entry, name, path, origin, connect=entry.connect))
         return Discovery(vms=vms, skipped=skipped)
 
     def resolve_vms(self, glob_fn: Callable[[str], Iterable[str]] = glob.glob) -> list[ResolvedVM]:
@@ -712,7 +825,7 @@ def format_validation_error(err: ValidationError, data: Any = None) -> list[str]
             problem = "required, but missing"
         elif kind in ("value_error", "assertion_error"):
             problem = str(cause) if cause is not None else e["msg"]
-        elif kind == "list_type" and loc in (("vm",), ("discover",), ("sink",)):
+        elif kind == "list_type" and loc in (("vm",), ("discover",), ("libvirt",), ("sink",)):
             problem = f"must be an array of tables: write [[{loc[0]}]], not [{loc[0]}]"
         else:
             msg = e["msg"]
@@ -776,6 +889,7 @@ default_mode = "consistent"         # consistent (VM paused while copying) | liv
 reconnect_min_s = 1.0               # QMP reconnection backoff: first delay ...
 reconnect_max_s = 60.0              # ... doubled up to this
 qmp_timeout_s = 10.0                # every QMP command
+on_demand_wait_s = 60.0             # connect = "on-demand": retry a socket another client holds
 dump_timeout_s = 3600.0             # one whole dump
 shutdown_grace_s = 30.0             # on stop: time for running dumps to finish
 watchdog = true                     # ping systemd's watchdog when the unit sets WatchdogSec=
@@ -812,6 +926,7 @@ keep_bytes = "unlimited"
 # region = "eu-west-1"
 # part_size = "16MiB"               # memory: about 3 x part_size x max_in_flight
 # max_in_flight = 4
+# stream_in_flight = 1              # parts sent while the dump runs (0: upload after it)
 
 # Every socket matching the glob is a VM; its name is the file name without its suffix
 # ("stem") or the name of its directory ("parent"). A [[vm]] with the same name or the same
@@ -819,8 +934,20 @@ keep_bytes = "unlimited"
 [[discover]]
 glob = "/run/qemu/*.qmp"
 name_from = "stem"
+# connect = "on-demand"             # hold no QMP connection: connect for a job or a map only
+                                    # (a socket other tools use between our requests)
 [discover.retention]
 keep_count = 5
+
+# The running domains of a libvirt host, each a VM named after its domain, followed as they
+# start and stop (a [[vm]] or discovered VM of the same name wins). monitor = "supported"
+# (default) uses libvirt's public API only: QEMU's engine through libvirt's dump API, a map
+# from the domain XML; "passthrough" sends QMP through libvirt (every engine, the full map),
+# and libvirt marks the domain tainted. The daemon needs access to libvirt's socket.
+# [[libvirt]]
+# uri = "qemu:///system"
+# domains = ["web*", "db1"]         # globs; default: every domain
+# monitor = "supported"
 """
 
 

@@ -8,7 +8,9 @@ even if an earlier one failed, and every failure is logged (as aiohttp's runner 
    failed, ``.partial`` files under ``dump_dir`` and spooled dumps under ``dump_dir/.spool``
    removed: S3 shows nothing of an upload a crash cut short); the signal handlers;
 2. one task group for the long-lived tasks: one
-   :class:`~qmpdump.service.supervisor.VMSupervisor` per VM, the watchdog, and the
+   :class:`~qmpdump.service.supervisor.VMSupervisor` per VM, one
+   :class:`~qmpdump.service.sources.LibvirtWatcher` per ``[[libvirt]]`` entry (which adds and
+   removes the VMs of running domains at run time), the watchdog, and the
    :class:`~qmpdump.service.jobs.JobRunner`, whose jobs live in a task group of their own;
 3. the API socket; ``READY=1``.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import shutil
@@ -50,6 +53,7 @@ from qmpdump.service import sdnotify
 from qmpdump.service.config import LOCAL_SINK, Config, ResolvedVM
 from qmpdump.service.jobs import JobRunner, spool_dir
 from qmpdump.service.metrics import DaemonMetrics
+from qmpdump.service.sources import LibvirtSupervisor, LibvirtWatcher, make_supervisor
 from qmpdump.service.store import Job, JobError, JobState, JobStore
 from qmpdump.service.supervisor import VMSupervisor
 from qmpdump.service.views import (
@@ -59,10 +63,10 @@ from qmpdump.service.views import (
     HealthView,
     JobErrorView,
     JobView,
+    LibvirtMapView,
     ProgressView,
     VMView,
 )
-from qmpdump.survey import survey
 
 __all__ = ["Daemon"]
 
@@ -110,13 +114,23 @@ class Daemon:
         self.config = config
         self.settings = config.daemon
         self.resolved: list[ResolvedVM] = config.resolve_vms()
-        if not self.resolved:
+        if not self.resolved and not config.libvirt:
             raise UsageError("the configuration names no VM (no [[vm]], no socket discovered)")
         self.by_name = {vm.name: vm for vm in self.resolved}
-        self.supervisors = {
-            vm.name: VMSupervisor(vm, self.settings, on_connect=self._on_connect_hook(vm.name))
+        self.supervisors: dict[str, VMSupervisor] = {
+            vm.name: make_supervisor(vm, self.settings, on_connect=self._on_connect_hook(vm.name))
             for vm in self.resolved
         }
+        if config.libvirt:
+            from qmpdump.libvirt.connection import libvirt_module  # noqa: PLC0415
+
+            libvirt_module()  # a UsageError now, not a retry loop, without the extra
+        self.watchers = [
+            LibvirtWatcher(config, i, appear=self.add_vm, gone=self.remove_vm)
+            for i in range(len(config.libvirt))
+        ]
+        self._group: asyncio.TaskGroup | None = None
+        self._vm_tasks: dict[str, asyncio.Task[None]] = {}
         self.metrics_data = DaemonMetrics(
             connected=lambda: {
                 n: s.state is ConnectionState.CONNECTED for n, s in self.supervisors.items()
@@ -184,8 +198,9 @@ class Daemon:
             for left in spool_dir(self.settings).iterdir():
                 shutil.rmtree(left, ignore_errors=True)
                 removed.append(left)
-        for vm in self.resolved:
-            for partial in vm.dump_dir.glob(f"*{PARTIAL_SUFFIX}"):
+        # every VM's folder: libvirt domains are not known yet at start-up
+        if self.settings.dump_dir.is_dir():
+            for partial in self.settings.dump_dir.glob(f"*/*{PARTIAL_SUFFIX}"):
                 partial.unlink(missing_ok=True)
                 removed.append(partial)
         return removed
@@ -204,6 +219,8 @@ class Daemon:
             await asyncio.to_thread(self._prepare_dirs)
             lock_fd = await asyncio.to_thread(self._take_lock)
             stack.callback(undo.sync("releasing the lock", lambda: os.close(lock_fd)))
+            if self.watchers:
+                stack.push_async_callback(undo.wrap("releasing libvirt", _release_libvirt))
             store = await asyncio.to_thread(self._open_store)
             stack.callback(undo.sync("closing the job store", store.close))
             runner = JobRunner(
@@ -224,6 +241,9 @@ class Daemon:
                 group.create_task(s.run(), name=f"vm-{s.vm.name}")
                 for s in self.supervisors.values()
             ]
+            self._group = group
+            tasks += [group.create_task(w.run(), name=f"libvirt-{w.index}") for w in self.watchers]
+            stack.callback(lambda: [t.cancel() for t in self._vm_tasks.values()])
             tasks.append(group.create_task(self._watchdog(), name="watchdog"))
             tasks.append(group.create_task(runner.run(), name="jobs"))
             # Undone before the group exits: tasks cancelled once the jobs have drained.
@@ -246,6 +266,52 @@ class Daemon:
             log.info("qmpdump %s serving on %s", __version__, self.settings.api_socket)
             await self._stop.wait()
         return 1 if undo.failures else 0
+
+    def add_vm(self, vm: ResolvedVM) -> bool:
+        """Serve a VM found at run time (a libvirt domain that runs); False if a VM of that name
+        is served already (a ``[[vm]]``, a discovered socket or an earlier ``[[libvirt]]`` wins)."""
+        if vm.name in self.supervisors or self._group is None or self.stopping:
+            if vm.name in self.supervisors:
+                log.info(
+                    "domain %s (%s): a VM of that name is served already (%s)",
+                    vm.name,
+                    vm.origin,
+                    self.by_name[vm.name].origin,
+                )
+            return False
+        vm.dump_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        vm.dump_dir.chmod(0o700)
+        sup = make_supervisor(vm, self.settings, on_connect=self._on_connect_hook(vm.name))
+        self.by_name[vm.name] = vm
+        self.supervisors[vm.name] = sup
+        self._vm_tasks[vm.name] = self._group.create_task(sup.run(), name=f"vm-{vm.name}")
+        log.info("VM %s: appeared (%s, %s)", vm.name, vm.origin, vm.qmp)
+        if self._runner is not None:
+            self._runner.wake()  # its queued jobs may start
+        return True
+
+    async def remove_vm(self, name: str, reason: str) -> None:
+        """Stop serving a VM found at run time (its domain stopped); its queued jobs fail, a
+        running one ends as its dump does (the domain is gone)."""
+        sup = self.supervisors.get(name)
+        if not isinstance(sup, LibvirtSupervisor):
+            return
+        task = self._vm_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+        del self.supervisors[name]
+        del self.by_name[name]
+        log.info("VM %s: gone (%s)", name, reason)
+        if self._runner is None:
+            return
+        err = JobError(
+            message=f"VM {name} went away before the dump started: {reason}",
+            error_class="Unavailable",
+            exit_code=Unavailable.exit_code,
+        )
+        for job in self.store.list(vm=name, state=JobState.QUEUED, limit=1000):
+            await self._runner.db(self.store.finish, job.id, JobState.FAILED, error=err)
+            self.metrics_data.ended(name, "failed")
 
     def _stopping(self) -> None:
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
@@ -320,9 +386,8 @@ class Daemon:
     def vm(self, name: str) -> VMView:
         return self._vm_view(self._supervisor(name))
 
-    async def vm_map(self, name: str) -> MapReport:
-        session = self._supervisor(name).require_session()
-        return (await survey(session)).report()
+    async def vm_map(self, name: str) -> MapReport | LibvirtMapView:
+        return await self._supervisor(name).map()
 
     async def submit(self, name: str, request: DumpRequest) -> JobView:
         if self.stopping:
@@ -442,6 +507,15 @@ class Daemon:
 
     def metrics(self) -> str:
         return self.metrics_data.text()
+
+
+async def _release_libvirt() -> None:
+    """Free libvirt connections that only garbage (an exception's frames) still holds while the
+    loop runs: libvirt closes them through its event loop (``libvirtaio``), which fails with a
+    traceback on stderr once the asyncio loop is closed."""
+    await asyncio.sleep(0)
+    gc.collect()
+    await asyncio.sleep(0.1)  # the handle removals libvirt scheduled on the loop
 
 
 def partial_remove(loop: asyncio.AbstractEventLoop, sig: int) -> Callable[[], object]:

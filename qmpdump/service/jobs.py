@@ -21,18 +21,17 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from qmpdump.engines.base import PauseHooks, Progress
-from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
+from qmpdump.engines.base import PauseHooks, Progress, ProgressCallback
+from qmpdump.engines.run import DumpOutcome, DumpTask
 from qmpdump.engines.spec import DumpSpec
 from qmpdump.errors import DumpCancelled, QmpdumpError
 from qmpdump.output import dump_name, sidecar_path
-from qmpdump.qmp.session import QMPSession
 from qmpdump.service.config import DaemonConfig, ResolvedVM, SinkConfig
 from qmpdump.service.metrics import DaemonMetrics
 from qmpdump.service.retention import retention_victims
 from qmpdump.service.store import Job, JobError, JobResult, JobState, JobStore
 from qmpdump.service.supervisor import VMSupervisor
-from qmpdump.sinks.deliver import dump_to_s3
+from qmpdump.sinks.deliver import dump_to_s3, then
 from qmpdump.sinks.s3 import StoredObject, UploadProgress
 
 __all__ = ["JobRunner", "spool_dir"]
@@ -113,13 +112,19 @@ class JobRunner:
             await self._wake.wait()
             self._wake.clear()
             while self.accepting and len(self.running) < self.settings.max_concurrent_dumps:
-                busy = {r.job.vm for r in self.running.values()}
+                busy = {r.job.vm for r in self.running.values()} | self._absent_vms()
                 job = self.store.next_queued(busy=busy)
                 if job is None:
                     break
                 job = await self.db(self.store.mark_running, job.id)
                 running = self.running[job.id] = _Running(job)
                 running.task = jobs.create_task(self._run_job(job), name=f"job-{job.id}")
+
+    def _absent_vms(self) -> set[str]:
+        """VMs with queued jobs that the daemon does not serve now (a libvirt domain that is
+        not running): their jobs wait."""
+        queued = self.store.list(state=JobState.QUEUED, limit=100000)
+        return {j.vm for j in queued if j.vm not in self.supervisors}
 
     def cancel(self, job_id: str, reason: str = "the dump was cancelled") -> bool:
         """Cancel a running job; False if it is not running here."""
@@ -235,11 +240,12 @@ class JobRunner:
         self.metrics.dumped(vm.name, outcome.size, outcome.duration_s, outcome.paused_s)
 
     async def _dump(self, job: Job, vm: ResolvedVM) -> DumpOutcome:
-        """The dump itself: wait for the VM's session, then run it (cancellable as a whole)."""
-        session = await self._session_for(vm.name)
+        """The dump itself, through the VM's supervisor (cancellable as a whole)."""
+        supervisor = self.supervisors[vm.name]
         spec = DumpSpec.checked(engine=job.engine, format=job.format, mode=job.mode)
         last = 0.0
         pending: set[asyncio.Future[bool]] = set()
+        sent: list[int | None] = [None]  # bytes uploaded so far (parts go while dumping)
 
         def progress(p: Progress) -> None:
             nonlocal last
@@ -251,7 +257,7 @@ class JobRunner:
                 last = now
                 update = self.store.update_progress
                 done = asyncio.ensure_future(
-                    self.db(update, job.id, p.written, p.total or None, p.completed)
+                    self.db(update, job.id, p.written, p.total or None, p.completed, sent[0])
                 )
                 pending.add(done)
                 done.add_done_callback(pending.discard)
@@ -263,26 +269,34 @@ class JobRunner:
             await self.db(self.store.clear_pause, vm.name)
 
         def upload_progress(u: UploadProgress) -> None:
-            # the dump is complete once its upload begins
+            # parts go while the dump runs (u.total None until it ends): its own counters stay
             nonlocal last
+            sent[0] = u.uploaded
             now = time.monotonic()
             if now - last >= _PROGRESS_EVERY_S or u.uploaded == u.total:
                 last = now
-                p = self.running[job.id].last if job.id in self.running else None
-                total = p.total if p is not None and p.total else u.total
-                update = self.store.update_progress
+                running = self.running.get(job.id)
+                p = (running.last if running else None) or Progress(0, 0, 0)
+                total = p.total or u.total
+                ended = u.total is not None  # the dump's size is known: it is complete
                 done = asyncio.ensure_future(
-                    self.db(update, job.id, u.total, total, total, u.uploaded)
+                    self.db(
+                        self.store.update_progress,
+                        job.id,
+                        u.total if ended else p.written,
+                        total or None,
+                        total if ended else p.completed,
+                        u.uploaded,
+                    )
                 )
                 pending.add(done)
                 done.add_done_callback(pending.discard)
 
-        async def write(target: Path) -> DumpOutcome:
-            return await run_dump(
-                session,
+        async def write(target: Path, tap: ProgressCallback | None = None) -> DumpOutcome:
+            return await supervisor.dump(
                 target,
                 spec,
-                progress=progress,
+                progress=progress if tap is None else then(progress, tap),
                 hooks=PauseHooks(before_pause, after_resume),
                 timeout_s=self.settings.dump_timeout_s,
             )
@@ -305,10 +319,6 @@ class JobRunner:
         finally:
             if pending:
                 await asyncio.wait(pending)
-
-    async def _session_for(self, name: str) -> QMPSession:
-        """The VM's session once connected (up to qmp_timeout_s)."""
-        return await self.supervisors[name].wait_connected(self.settings.qmp_timeout_s)
 
     def _apply_retention(self, vm: ResolvedVM) -> None:
         """Remove the dumps retention gives up (blocking: run through :meth:`db`)."""

@@ -9,6 +9,10 @@ again, doubling the delay from ``reconnect_min_s`` up to ``reconnect_max_s``.
 An ``on_connect`` hook runs on each new session before anyone else may use it (before
 :meth:`VMSupervisor.wait_connected` returns it): the daemon resumes a VM it left paused there,
 so that no dump ever starts on a VM that is about to be resumed under it.
+
+Jobs and map requests use a VM through :meth:`VMSupervisor.dump` and :meth:`VMSupervisor.map`;
+:mod:`qmpdump.service.sources` has the supervisors that connect on demand only, and those of
+libvirt domains.
 """
 
 from __future__ import annotations
@@ -17,14 +21,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
+from qmpdump.engines.base import PauseHooks, ProgressCallback
+from qmpdump.engines.run import DumpOutcome, run_dump
+from qmpdump.engines.spec import DumpSpec
 from qmpdump.errors import QmpdumpError, Unavailable
 from qmpdump.qmp.events import Event
 from qmpdump.qmp.probe import read_vm_facts
 from qmpdump.qmp.session import QMPSession
+from qmpdump.report import MapReport
 from qmpdump.service.config import DaemonConfig, ResolvedVM
 from qmpdump.service.views import ConnectionState
+from qmpdump.survey import survey
 
 __all__ = ["VMSupervisor"]
 
@@ -72,6 +82,34 @@ class VMSupervisor:
                 await self._up.wait()
         return self.require_session()
 
+    @contextlib.asynccontextmanager
+    async def borrow(self) -> AsyncIterator[QMPSession]:
+        """The VM's session for one job or map request (waits up to ``qmp_timeout_s``)."""
+        yield await self.wait_connected(self.daemon.qmp_timeout_s)
+
+    async def map(self) -> MapReport:
+        """A fresh memory map (a map request)."""
+        return (await survey(self.require_session())).report()
+
+    async def dump(
+        self,
+        target: Path,
+        spec: DumpSpec,
+        *,
+        progress: ProgressCallback | None,
+        hooks: PauseHooks,
+        timeout_s: float,
+    ) -> DumpOutcome:
+        """One dump of the VM into ``target`` (a job)."""
+        async with self.borrow() as session:
+            return await run_dump(
+                session, target, spec, progress=progress, hooks=hooks, timeout_s=timeout_s
+            )
+
+    def new_session(self, timeout_s: float) -> QMPSession:
+        """A not yet connected session with the VM."""
+        return QMPSession(self.vm.qmp_address, timeout_s=timeout_s, name=f"qmpdump-{self.vm.name}")
+
     async def run(self) -> None:
         """Connect, follow, reconnect: until cancelled."""
         delay = self.daemon.reconnect_min_s
@@ -96,9 +134,7 @@ class VMSupervisor:
         self.session = None
 
     async def _session_once(self) -> None:
-        session = QMPSession(
-            self.vm.qmp_address, timeout_s=self.daemon.qmp_timeout_s, name=f"qmpdump-{self.vm.name}"
-        )
+        session = self.new_session(self.daemon.qmp_timeout_s)
         await session.connect()
         try:
             with session.listen(*VM_EVENTS) as listener:

@@ -13,9 +13,9 @@ subclasses (NotFound 404, Conflict 409, Unavailable 503) or :class:`qmpdump.erro
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from qmpdump.engines.spec import DumpFormat, EngineName, Mode
 from qmpdump.report import MapReport
@@ -28,6 +28,7 @@ __all__ = [
     "JobErrorView",
     "JobResultView",
     "JobView",
+    "LibvirtMapView",
     "ProgressView",
     "ServiceCore",
     "VMView",
@@ -156,6 +157,12 @@ class HealthView(_Strict):
     queued_jobs: int
 
 
+class LibvirtMapView(RootModel[dict[str, Any]]):
+    """``GET /v1/vms/{vm}/map`` of a libvirt domain in supported monitor mode: the map from the
+    domain XML plus host facts (``qmpdump.libvirt-map/1``: regions, no guest-physical layout;
+    :class:`qmpdump.libvirt.supported.SupportedMap`)."""
+
+
 class ServiceCore(Protocol):
     """What the HTTP API serves from. Every method raises ServiceError/UsageError subclasses."""
 
@@ -167,7 +174,7 @@ class ServiceCore(Protocol):
         """One VM; NotFound if unknown."""
         ...
 
-    async def vm_map(self, name: str) -> MapReport:
+    async def vm_map(self, name: str) -> MapReport | LibvirtMapView:
         """A fresh memory map of a connected VM; NotFound, Unavailable."""
         ...
 

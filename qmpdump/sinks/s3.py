@@ -1,5 +1,6 @@
-"""Store a finished dump in an S3-compatible bucket: multipart upload, bounded memory, abort on
-any failure, the sha256 in the object's metadata, the sidecar beside it as ``NAME.json``.
+"""Store a dump in an S3-compatible bucket while it is written: multipart upload, bounded
+memory, abort on any failure, the sha256 in the object's metadata, the sidecar beside it as
+``NAME.json``.
 
 Client: **aiobotocore** (botocore on aiohttp). qmpdump already runs on asyncio and aiohttp, and
 botocore brings what this module must not write itself: SigV4 signing, the standard AWS
@@ -12,26 +13,47 @@ nor profiles, and reports errors as strings. Credentials never come from qmpdump
 configuration; a ``[[sink]]`` may name an endpoint and region (several sinks cannot all share
 one ``AWS_ENDPOINT_URL``), else the AWS chain decides.
 
-Why "dump locally, then upload" (the issue allows "instead of (or after) the local dump folder")
-rather than piping the engine's bytes straight into the upload:
+Streamed (:class:`StreamedUpload`): the engine writes into a local spool file, and every part
+of the multipart upload whose bytes the engine has *settled* goes while it writes the rest, so
+a dump to S3 takes about max(dump, upload), not their sum. Part ``n`` holds the file's bytes
+``[(n - 1) * P, n * P)``; the engines' progress reports (:class:`qmpdump.engines.base.Progress`)
+say which byte ranges are final and bound the file's size, which fixes ``P`` before the first
+part goes (16 MiB, larger only for dumps above 156 GiB). The backend's ELF is final below the
+mark its own hasher follows (header first, data in file order); its kdump is final in its head
+and in the page data below the cursor, while the 2nd bitmap and the page descriptors come
+last: the parts holding them go when the engine ends, as does the short last part. Nothing is
+uploaded twice, and an engine that reports nothing (QEMU's) is uploaded whole when it ends.
+The spool stays the scratch space: it is what lets the engines write at offsets and rewrite
+their tables at the end, and what a part is read from (``pread``, page cache). Rejected: a
+truly sequential stream from the writer into the upload, without a spool. The kdump layouts
+are not sequential, and back pressure would tie the engine to the network: a slow store would
+keep the VM paused longer. With the spool the engine keeps its speed (the VM's pause is the
+same as with ``-o``) and the upload only follows it. Measured (``bench/s3_upload.py``): on
+this 2-core host, with the S3 server on the same cores, every part sent during the dump
+slows the engine (4 parts in flight: the backend's dump 4x slower; 1 part: 3x), so by default
+only ``stream_in_flight`` = 1 part goes while the engine writes and all ``max_in_flight``
+after; ``stream_in_flight`` = 0 uploads only after the dump.
 
-* S3 takes an object's metadata only when the upload begins (``CreateMultipartUpload``); the
-  sha256 of the whole dump is known only when the engine ends. Streaming would need a second,
-  server-side copy of the object to attach it.
-* No engine produces a final sequential stream: the backend engine writes its planned ELF with
-  ``pwrite`` at offsets (the header first, data in parallel copies), QEMU's ELF header is fixed
-  after the fact, and ``--seekable`` kdump is rebuilt at offsets.
-* The engine keeps its own speed (and its pause of the VM stays as short as today): the upload
-  begins once the VM runs again. The spool is a private 0700 folder, removed whatever happens.
+The sha256: S3 takes an object's metadata only in ``CreateMultipartUpload``, and the sha256
+of the dump is known only when the engine ends. So the upload is created with the final key
+and no sha256; once complete, the object is copied onto itself with ``MetadataDirective
+REPLACE`` and the metadata (``sha256``, ``engine``, ``format``): a metadata-only request (10
+ms on SeaweedFS for 256 MiB, measured; server-side on AWS), then the sidecar follows, as
+before. Above CopyObject's 5 GiB limit the copy onto itself is a multipart ``UploadPartCopy``
+(server-side too). Rejected, measured: completing under a hidden temporary key and copying to
+the final key costs a full server-side data copy (12 s for 768 MiB on SeaweedFS here, a third
+of the upload itself: slower than not streaming). What this costs: the object is visible for
+the few milliseconds between ``CompleteMultipartUpload`` and the copy without its sha256, and
+without its sidecar until that is stored (as before): the sidecar is the sign of a complete
+dump. A failure or cancel in that window deletes the object again.
 
-Memory stays bounded: the file is read one part at a time (``part_size``), and at most
-``max_in_flight`` parts are in memory or on the wire (botocore holds about one more copy of a
-part while it signs and sends it: ``bench/s3_upload.py`` measures the peak). The sha256 in the
+Memory stays bounded: parts are read one at a time (``part_size``), and at most
+``max_in_flight`` are in memory or on the wire (botocore holds about one more copy of a part
+while it signs and sends it: ``bench/s3_upload.py`` measures the peak). The sha256 in the
 metadata is the engine's, which every engine computes over the bytes it wrote into this very
-file; it is not computed a second time (that pass costs as much CPU as the upload's own
-signing), but the file's size must not change while it is uploaded. Any failure or cancel
-aborts the multipart upload, so no part stays stored and nothing is visible; a sidecar that
-cannot be stored removes the object again.
+file; it is not computed a second time. A failure or cancel of the dump or of the upload ends
+both (one task group): the multipart upload is aborted, so no part stays stored and nothing is
+visible; a sidecar that cannot be stored removes the object again.
 """
 
 from __future__ import annotations
@@ -41,7 +63,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -67,6 +89,7 @@ from qmpdump.errors import (
     SinkUnreachable,
     UsageError,
 )
+from qmpdump.memmap.ranges import RangeSet
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -75,19 +98,24 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_PART_SIZE",
+    "DEFAULT_STREAM_IN_FLIGHT",
     "S3Location",
     "S3Settings",
     "StoredObject",
+    "StreamedUpload",
     "UploadProgress",
     "check_bucket",
+    "first_error",
     "open_client",
-    "upload_dump",
 ]
 
 #: 16 MiB parts: 10,000 parts (S3's limit) cover 156 GiB; a larger dump gets larger parts.
 DEFAULT_PART_SIZE = 16 << 20
 DEFAULT_MAX_IN_FLIGHT = 4
+#: one part in flight while the engine writes: more slows the engine (bench/s3_upload.py)
+DEFAULT_STREAM_IN_FLIGHT = 1
 MIN_PART_SIZE = 5 << 20  # S3: every part but the last is at least 5 MiB
+CONTENT_TYPE = "application/octet-stream"
 MAX_PARTS = 10_000
 
 # S3's rules for bucket names (3 to 63 of a-z 0-9 . -), which also keep a URL unambiguous.
@@ -160,12 +188,21 @@ class S3Settings:
     max_attempts: int | None = None
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
+    #: the largest object given its metadata by one CopyObject (S3's limit: 5 GiB); above it,
+    #: a multipart copy in parts of ``copy_part_size``
+    copy_limit: int = 5 << 30
+    copy_part_size: int = 1 << 30
+    #: parts in flight while the dump is still being written (0: none, upload after the dump):
+    #: on a host short of CPU the upload slows the engine, and a stopped VM stays paused longer
+    stream_in_flight: int = DEFAULT_STREAM_IN_FLIGHT
 
     def __post_init__(self) -> None:
         if self.part_size < MIN_PART_SIZE:
             raise UsageError(f"the part size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
         if self.max_in_flight < 1 or (self.max_attempts is not None and self.max_attempts < 1):
             raise UsageError("uploads in flight and attempts must be at least 1")
+        if not 0 <= self.stream_in_flight <= self.max_in_flight:
+            raise UsageError("parts in flight while dumping must be 0 to max_in_flight")
 
     def part_size_for(self, size: int) -> int:
         """The part size for an object of ``size`` bytes: ours, grown to stay within 10,000."""
@@ -175,10 +212,11 @@ class S3Settings:
 
 @dataclass(frozen=True, slots=True)
 class UploadProgress:
-    """Bytes of the dump the object store has acknowledged, of ``total``."""
+    """Bytes of the dump the object store has acknowledged, of ``total`` (``None`` while the
+    dump is still being written: its size is not known yet)."""
 
     uploaded: int
-    total: int
+    total: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +231,8 @@ class StoredObject:
     sha256: str
     parts: int
     etag: str
+    #: parts uploaded while the dump was still being written
+    early_parts: int = 0
 
 
 def open_client(settings: S3Settings) -> Any:
@@ -265,38 +305,43 @@ async def check_bucket(client: S3Client, location: S3Location) -> None:
     await _call(f"s3://{location.bucket}", client.head_bucket(Bucket=location.bucket))
 
 
-async def upload_dump(
-    client: S3Client,
-    location: S3Location,
-    name: str,
-    dump: Path,
-    *,
-    sha256: str,
-    sidecar: Mapping[str, Any],
-    settings: S3Settings,
-    metadata: Mapping[str, str] | None = None,
-    progress: Callable[[UploadProgress], None] | None = None,
-) -> StoredObject:
-    """Upload the file ``dump`` as ``name`` under ``location``, then its sidecar beside it.
+class StreamedUpload:
+    """One dump's multipart upload, fed while the dump is written (see the module docstring).
 
-    ``sha256`` (the engine's, over this file) goes into the object's metadata. On failure the
-    multipart upload is aborted and :class:`SinkError` raised; on a cancel (``Task.cancel()``,
-    which :class:`qmpdump.engines.run.DumpTask` turns into DumpCancelled) it is aborted too and
-    the cancel goes on.
+    Use as ``async with StreamedUpload(...) as up``: entering creates the multipart upload;
+    leaving with an exception (or a cancel) aborts it, or deletes the object if it was already
+    completed. Meanwhile :meth:`pump` uploads parts as :meth:`settle` and :meth:`finish` make
+    them ready, and :meth:`publish` completes the object, writes its metadata and its sidecar.
     """
-    job = _Upload(client, location, name, settings, progress)
-    return await job.run(dump, sha256, sidecar, metadata or {})
 
-
-@dataclass
-class _Upload:
-    """One dump's multipart upload and its sidecar."""
-
-    client: S3Client
-    location: S3Location
-    name: str
-    settings: S3Settings
-    progress: Callable[[UploadProgress], None] | None
+    def __init__(
+        self,
+        client: S3Client,
+        location: S3Location,
+        name: str,
+        settings: S3Settings,
+        progress: Callable[[UploadProgress], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.location = location
+        self.name = name
+        self.settings = settings
+        self.progress = progress
+        self.upload_id: str | None = None
+        self.completed = False
+        #: the part size, fixed by the first size bound (or the final size)
+        self.part_size: int | None = None
+        #: the dump's final size, once the engine is done
+        self.size: int | None = None
+        #: parts taken (read or sent), and the ETags of those acknowledged
+        self.taken: set[int] = set()
+        self.etags: dict[int, str] = {}
+        #: parts uploaded before the dump ended (for the record and the tests)
+        self.early_parts = 0
+        self.uploaded = 0
+        self._settled = RangeSet.empty()
+        self._fd = -1
+        self._wake = asyncio.Event()
 
     @property
     def key(self) -> str:
@@ -306,128 +351,293 @@ class _Upload:
     def url(self) -> str:
         return self.location.url(self.name)
 
-    async def run(
-        self, dump: Path, sha256: str, sidecar: Mapping[str, Any], metadata: Mapping[str, str]
-    ) -> StoredObject:
-        client, bucket, key = self.client, self.location.bucket, self.key
-        fd = os.open(dump, os.O_RDONLY | os.O_CLOEXEC)
+    async def __aenter__(self) -> StreamedUpload:
+        created = await _call(
+            self.url,
+            self.client.create_multipart_upload(
+                Bucket=self.location.bucket, Key=self.key, ContentType=CONTENT_TYPE
+            ),
+        )
+        self.upload_id = created["UploadId"]
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if exc is None:
+            return
+        bucket, key = self.location.bucket, self.key
+        if self.completed:
+            # visible already (without its sha256 or sidecar): take it back
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.client.delete_object(Bucket=bucket, Key=key))
+            return
+        assert self.upload_id is not None
+        aborted = await _abort(self.client, bucket, key, self.upload_id)
+        if not aborted and isinstance(exc, SinkError):
+            raise type(exc)(
+                f"{exc} (the multipart upload {self.upload_id} could not be aborted either: its "
+                "parts stay invisible until a lifecycle rule AbortIncompleteMultipartUpload, or "
+                "an abort, removes them)"
+            ) from exc
+
+    # -- fed by the dump's progress (on the event loop) --------------------------------------
+
+    def settle(self, spool_file: Path, settled: RangeSet, size_bound: int) -> None:
+        """The engine wrote ``settled`` of ``spool_file`` for good (cumulative), and the file
+        will not grow past ``size_bound``: the parts inside it may go now."""
+        if self.size is not None or not self.settings.stream_in_flight:
+            return
+        if self._fd < 0:
+            try:
+                self._fd = os.open(spool_file, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return  # not there (yet): the parts go when the dump ends, not a failure of it
+        if self.part_size is None:
+            self.part_size = self.settings.part_size_for(size_bound)
+        self._settled = settled
+        self._wake.set()
+
+    def finish(self, spool_file: Path, size: int) -> None:
+        """The dump is complete: ``spool_file`` has its final ``size`` bytes."""
+        if self._fd < 0:
+            self._fd = os.open(spool_file, os.O_RDONLY | os.O_CLOEXEC)
+        if self.part_size is None:
+            self.part_size = self.settings.part_size_for(size)
+        self.size = size
+        self._wake.set()
+        if self.progress is not None and len(self.etags) == max(1, -(-size // self.part_size)):
+            # every part went while the dump ran: report the total once it is known
+            self.progress(UploadProgress(self.uploaded, size))
+
+    def _ready(self) -> list[int]:
+        """Part numbers that can go now and have not been taken (part ``n`` holds bytes
+        ``[(n - 1) * part_size, n * part_size)``; the last may be shorter)."""
+        part = self.part_size
+        if part is None:
+            return []
+        if self.size is not None:
+            count = max(1, -(-self.size // part))
+            if count > MAX_PARTS or any(n > count for n in self.taken):
+                raise SinkError(
+                    f"the dump's size ({self.size} bytes) is not what its engine announced: "
+                    "it cannot be uploaded in the parts already sent"
+                )
+            numbers: Iterable[int] = range(1, count + 1)
+        else:
+            numbers = (
+                n
+                for r in self._settled
+                for n in range(-(-r.start // part) + 1, r.end // part + 1)
+                if n <= MAX_PARTS
+            )
+        return [n for n in numbers if n not in self.taken]
+
+    # -- the upload -----------------------------------------------------------------------------
+
+    async def pump(self) -> None:
+        """Upload parts as they become ready, up to ``max_in_flight`` at once, until every part
+        of the finished dump is stored. The first failure ends it (raised as itself)."""
+        slots = asyncio.Semaphore(self.settings.max_in_flight)
+        early = asyncio.Semaphore(max(1, self.settings.stream_in_flight))
         try:
-            size = os.fstat(fd).st_size
-            created = await _call(
-                self.url,
-                client.create_multipart_upload(
-                    Bucket=bucket,
-                    Key=key,
-                    ContentType="application/octet-stream",
-                    Metadata={**metadata, "sha256": sha256},
+            async with asyncio.TaskGroup() as group:
+                while True:
+                    self._wake.clear()
+                    for number in self._ready():
+                        held = [slots] if self.size is not None else [early, slots]
+                        for slot in held:
+                            await slot.acquire()
+                        self.taken.add(number)
+                        try:
+                            data = await asyncio.to_thread(self._read, number)
+                        except BaseException:
+                            for slot in held:
+                                slot.release()
+                            raise
+                        group.create_task(self._send(number, data, held))
+                    if self.size is not None and not self._ready():
+                        break
+                    await self._wake.wait()
+        except BaseExceptionGroup as group_err:
+            raise first_error(group_err) from None
+
+    def _read(self, number: int) -> bytes:
+        assert self.part_size is not None
+        offset = (number - 1) * self.part_size
+        length = self.part_size
+        if self.size is not None:
+            length = max(0, min(length, self.size - offset))
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise SinkError(f"the spooled dump is shorter than announced (at {offset:#x})")
+        return data
+
+    async def _send(self, number: int, data: bytes, slots: list[asyncio.Semaphore]) -> None:
+        assert self.upload_id is not None
+        early = self.size is None
+        try:
+            reply = await _call(
+                f"{self.url} part {number}",
+                self.client.upload_part(
+                    Bucket=self.location.bucket,
+                    Key=self.key,
+                    UploadId=self.upload_id,
+                    PartNumber=number,
+                    Body=data,
                 ),
             )
-            upload_id = created["UploadId"]
-            try:
-                parts = await self._send_parts(upload_id, fd, size)
-                done = await _call(
-                    self.url,
-                    client.complete_multipart_upload(
-                        Bucket=bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": parts},
-                    ),
-                )
-            except BaseException as err:
-                aborted = await _abort(client, bucket, key, upload_id)
-                if not aborted and isinstance(err, SinkError):
-                    raise type(err)(
-                        f"{err} (the multipart upload {upload_id} could not be aborted either: "
-                        "its parts stay invisible until a lifecycle rule "
-                        "AbortIncompleteMultipartUpload, or an abort, removes them)"
-                    ) from err
-                raise
         finally:
-            os.close(fd)
+            for slot in slots:
+                slot.release()
+        self.etags[number] = reply["ETag"]
+        self.uploaded += len(data)
+        self.early_parts += early
+        if self.progress is not None:
+            self.progress(UploadProgress(self.uploaded, self.size))
+
+    async def publish(
+        self,
+        *,
+        sha256: str,
+        sidecar: Mapping[str, Any],
+        metadata: Mapping[str, str] | None = None,
+    ) -> StoredObject:
+        """Complete the object, give it its metadata (with ``sha256``), store its sidecar."""
+        assert self.upload_id is not None
+        assert self.size is not None
+        if os.fstat(self._fd).st_size != self.size:
+            raise SinkError("the spooled dump changed size while it was uploaded")
+        client, bucket, key = self.client, self.location.bucket, self.key
+        parts: list[CompletedPartTypeDef] = [
+            {"PartNumber": n, "ETag": self.etags[n]} for n in sorted(self.etags)
+        ]
+        done = await _call(
+            self.url,
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+            ),
+        )
+        self.completed = True
+        meta = {**(metadata or {}), "sha256": sha256}
+        etag = await _replace_metadata(
+            client, bucket=bucket, key=key, size=self.size, metadata=meta, settings=self.settings
+        )
         sidecar_key = self.location.key(self.name + ".json")
         record = {**sidecar, "object": self.url}
         body = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
-        try:
-            await _call(
-                self.location.url(self.name + ".json"),
-                client.put_object(
-                    Bucket=bucket, Key=sidecar_key, Body=body, ContentType="application/json"
-                ),
-            )
-        except BaseException:
-            # a dump without its sidecar is not presented: take the object back
-            with contextlib.suppress(Exception):
-                await asyncio.shield(client.delete_object(Bucket=bucket, Key=key))
-            raise
+        await _call(
+            self.location.url(self.name + ".json"),
+            client.put_object(
+                Bucket=bucket, Key=sidecar_key, Body=body, ContentType="application/json"
+            ),
+        )
         return StoredObject(
             url=self.url,
             bucket=bucket,
             key=key,
             sidecar_key=sidecar_key,
-            size=size,
+            size=self.size,
             sha256=sha256,
             parts=len(parts),
-            etag=str(done.get("ETag", "")).strip('"'),
+            etag=etag or str(done.get("ETag", "")).strip('"'),
+            early_parts=self.early_parts,
         )
 
-    async def _send_parts(self, upload_id: str, fd: int, size: int) -> list[CompletedPartTypeDef]:
-        """Read the parts in file order; upload up to ``max_in_flight`` at once."""
-        part_size = self.settings.part_size_for(size)
-        slots = asyncio.Semaphore(self.settings.max_in_flight)
-        etags: dict[int, str] = {}
-        uploaded = 0
 
-        def read(offset: int, length: int) -> bytes:
-            data = os.pread(fd, length, offset)
-            if len(data) != length:
-                raise SinkError(f"the spooled dump shrank while it was uploaded (at {offset:#x})")
-            return data
+def first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first error of a task group that is not a cancel (else its first)."""
+    leaves: list[BaseException] = []
 
-        async def send(number: int, data: bytes) -> None:
-            nonlocal uploaded
-            try:
-                reply = await _call(
-                    f"{self.url} part {number}",
-                    self.client.upload_part(
-                        Bucket=self.location.bucket,
-                        Key=self.key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=data,
-                    ),
-                )
-            finally:
-                slots.release()
-            etags[number] = reply["ETag"]
-            uploaded += len(data)
-            if self.progress is not None:
-                self.progress(UploadProgress(uploaded, size))
+    def walk(err: BaseException) -> None:
+        if isinstance(err, BaseExceptionGroup):
+            for inner in err.exceptions:
+                walk(inner)
+        else:
+            leaves.append(err)
 
+    walk(group)
+    for err in leaves:
+        if not isinstance(err, asyncio.CancelledError):
+            return err
+    return leaves[0]
+
+
+async def _replace_metadata(
+    client: S3Client,
+    *,
+    bucket: str,
+    key: str,
+    size: int,
+    metadata: Mapping[str, str],
+    settings: S3Settings,
+) -> str:
+    """Give the completed object ``metadata``: a copy onto itself with the ``REPLACE``
+    directive (metadata only, no data through qmpdump); above CopyObject's limit a multipart
+    copy onto itself (``UploadPartCopy``). Returns the new ETag."""
+    url = f"s3://{bucket}/{key}"
+    source: Any = {"Bucket": bucket, "Key": key}
+    if size <= settings.copy_limit:
+        reply = await _call(
+            f"{url} (metadata)",
+            client.copy_object(
+                Bucket=bucket,
+                Key=key,
+                CopySource=source,
+                MetadataDirective="REPLACE",
+                Metadata=dict(metadata),
+                ContentType=CONTENT_TYPE,
+            ),
+        )
+        return str(reply.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
+    created = await _call(
+        f"{url} (metadata)",
+        client.create_multipart_upload(
+            Bucket=bucket, Key=key, Metadata=dict(metadata), ContentType=CONTENT_TYPE
+        ),
+    )
+    upload_id = created["UploadId"]
+    piece = max(settings.copy_part_size, -(-size // MAX_PARTS))
+    slots = asyncio.Semaphore(settings.max_in_flight)
+    etags: dict[int, str] = {}
+
+    async def copy(number: int, offset: int) -> None:
+        async with slots:
+            last = min(offset + piece, size) - 1
+            reply = await _call(
+                f"{url} (metadata) part {number}",
+                client.upload_part_copy(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource=source,
+                    CopySourceRange=f"bytes={offset}-{last}",
+                ),
+            )
+            etags[number] = reply["CopyPartResult"]["ETag"]
+
+    try:
         try:
             async with asyncio.TaskGroup() as group:
-                offset = 0
-                number = 1
-                while offset < size or number == 1:
-                    length = min(part_size, size - offset)
-                    await slots.acquire()
-                    try:
-                        data = await asyncio.to_thread(read, offset, length)
-                    except BaseException:
-                        slots.release()
-                        raise
-                    group.create_task(send(number, data))
-                    offset += length
-                    number += 1
+                for number, offset in enumerate(range(0, size, piece), 1):
+                    group.create_task(copy(number, offset))
         except BaseExceptionGroup as group_err:
-            # one failed part ends the upload: report the first failure as itself
-            first = group_err.exceptions[0]
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from first.__cause__
-        if os.fstat(fd).st_size != size:
-            raise SinkError("the spooled dump changed size while it was uploaded")
-        return [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+            raise first_error(group_err) from None
+        parts: list[CompletedPartTypeDef] = [
+            {"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)
+        ]
+        done = await _call(
+            f"{url} (metadata)",
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            ),
+        )
+    except BaseException:
+        await _abort(client, bucket, key, upload_id)
+        raise
+    return str(done.get("ETag", "")).strip('"')
 
 
 async def _abort(client: S3Client, bucket: str, key: str, upload_id: str) -> bool:

@@ -45,6 +45,7 @@ __all__ = [
     "TestDomain",
     "domain_xml",
     "libvirt_available",
+    "system_libvirtd_answers",
 ]
 
 SYSTEM_SOCKET = Path("/run/libvirt/libvirt-sock")
@@ -87,6 +88,11 @@ def libvirt_available() -> str | None:
     if os.geteuid() != 0:
         return "the test libvirtd runs as root"
     return None
+
+
+def system_libvirtd_answers() -> bool:
+    """Whether a libvirtd (the host's, or another test's) answers on the system socket."""
+    return _socket_answers(SYSTEM_SOCKET)
 
 
 def _socket_answers(path: Path) -> bool:

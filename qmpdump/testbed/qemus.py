@@ -10,7 +10,9 @@ neither read nor changed) picks the newest 10.0 version the archive offers
 (``apt-cache madison``), ``apt-get download`` fetches ``qemu-system-x86``, ``qemu-system-common``
 and ``qemu-system-data`` at that version, and ``dpkg -x`` unpacks them into the cache. The binary
 then runs with ``-L`` at its own ``usr/share/qemu`` (option ROMs, keymaps) and at Debian's
-``/usr/share/seabios`` (the BIOS, which the backports data package does not carry).
+``/usr/share/seabios`` (the BIOS, which the backports data package does not carry), and with
+``QEMU_MODULE_DIR`` at its own loadable modules (10.0 fails to load 7.2's; GL and spice modules,
+in other packages, are absent, and the testbed's VMs use none).
 
 Environment: ``QMPDUMP_QEMU_BUILD`` (``7.2`` or ``10.0``) chooses the build for the tests and the
 demo; ``QMPDUMP_QEMU`` still names a binary to run instead, as is (no ``-L``).
@@ -19,6 +21,7 @@ A file lock makes concurrent fetches (two test runs, the demo) safe, as for the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -55,6 +58,7 @@ DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 #: The three packages that make a working x86 system emulator (binary, helpers, ROMs).
 PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data")
 BACKPORTS_SUITE = "bookworm-backports"
+MULTIARCH = "x86_64-linux-gnu"
 
 
 class QemuBuild(StrEnum):
@@ -71,12 +75,15 @@ class QemuBuild(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class QemuInstall:
-    """A runnable QEMU: the binary, its data folders (``-L``) and its Debian version."""
+    """A runnable QEMU: the binary, its data folders (``-L``), environment and Debian version."""
 
     build: QemuBuild | None  # None: a binary named by QMPDUMP_QEMU
     binary: str
     data_dirs: tuple[Path, ...] = ()
     version: str = ""
+    #: environment to add for QEMU: its own loadable modules (``QEMU_MODULE_DIR``), so that an
+    #: unpacked QEMU never looks at the installed QEMU's modules
+    env: tuple[tuple[str, str], ...] = ()
 
     def argv_prefix(self) -> list[str]:
         """The start of a QEMU command line: the binary and its ``-L`` folders."""
@@ -156,10 +163,6 @@ class _PrivateApt:
             f"Dir::State::Lists={self.lists}",
             "-o",
             f"Dir::Cache={self.root / 'cache'}",
-            "-o",
-            "Dir::Cache::pkgcache=",
-            "-o",
-            "Dir::Cache::srcpkgcache=",
             # apt's sandbox user may not write root's cache; these are root's own files anyway.
             "-o",
             "APT::Sandbox::User=root",
@@ -171,9 +174,28 @@ class _PrivateApt:
     def update(self) -> None:
         _run(["apt-get", "-q", *self.options(), "update"])
 
+    def _lists_key(self) -> list[list[object]]:
+        return sorted(
+            [p.name, p.stat().st_mtime_ns, p.stat().st_size]
+            for p in self.lists.iterdir()
+            if p.is_file() and p.name != "lock"
+        )
+
     def versions(self, package: str) -> list[tuple[str, str]]:
-        """(version, suite) of every version the private lists know, newest first."""
-        return parse_madison(_run(["apt-cache", *self.options(), "madison", package]), package)
+        """(version, suite) of every version the private lists know, newest first.
+
+        ``apt-cache madison`` parses every list (about a second); its answer depends on the
+        lists only, so it is kept beside them, keyed by their names, sizes and times.
+        """
+        memo = self.root / f"madison-{package}.json"
+        key = self._lists_key()
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            saved = json.loads(memo.read_text())
+            if saved["key"] == key:
+                return [(str(v), str(s)) for v, s in saved["versions"]]
+        found = parse_madison(_run(["apt-cache", *self.options(), "madison", package]), package)
+        memo.write_text(json.dumps({"key": key, "versions": found}))
+        return found
 
     def download(self, packages: list[str], into: Path) -> None:
         _run(["apt-get", "-q", *self.options(), "download", *packages], cwd=into)
@@ -218,11 +240,13 @@ def _install_at(target: Path) -> QemuInstall | None:
     if not manifest.exists():
         return None
     meta = json.loads(manifest.read_text())
+    root = target / "root"
     return QemuInstall(
         build=QemuBuild(meta["build"]),
-        binary=str(target / "root" / "usr" / "bin" / SYSTEM_BINARY),
-        data_dirs=(target / "root" / "usr" / "share" / "qemu", SEABIOS_DIR),
+        binary=str(root / "usr" / "bin" / SYSTEM_BINARY),
+        data_dirs=(root / "usr" / "share" / "qemu", SEABIOS_DIR),
         version=meta["version"],
+        env=(("QEMU_MODULE_DIR", str(root / "usr" / "lib" / MULTIARCH / "qemu")),),
     )
 
 
@@ -233,21 +257,29 @@ def _backports(build: QemuBuild, cache: Path) -> QemuInstall:
         apt.prepare()
         if not apt.has_lists():
             apt.update()
-        version = _pick_version(apt, build)
-        if version is None:  # lists older than the archive's move to a new version
-            apt.update()
+        for attempt in range(2):
             version = _pick_version(apt, build)
-        if version is None:
-            raise QemuFetchError(
-                f"{BACKPORTS_SUITE} offers no qemu-system-x86 {build.upstream}.x ({DEBIAN_MIRROR})"
-            )
-        target = base / re.sub(r"[^\w.+-]", "_", version)
-        found = _install_at(target)
-        if found is not None:
-            return found
-        if not SEABIOS_DIR.is_dir():
-            raise QemuFetchError(f"{SEABIOS_DIR} is missing; install seabios (comes with QEMU)")
-        return _fetch_into(apt, build, version, target)
+            if version is None and attempt == 0:  # lists older than the archive's new version
+                apt.update()
+                continue
+            if version is None:
+                raise QemuFetchError(
+                    f"{BACKPORTS_SUITE} offers no qemu-system-x86 {build.upstream}.x "
+                    f"({DEBIAN_MIRROR})"
+                )
+            target = base / re.sub(r"[^\w.+-]", "_", version)
+            found = _install_at(target)
+            if found is not None:
+                return found
+            if not SEABIOS_DIR.is_dir():
+                raise QemuFetchError(f"{SEABIOS_DIR} is missing; install seabios (comes with QEMU)")
+            try:
+                return _fetch_into(apt, build, version, target)
+            except QemuFetchError:
+                if attempt:
+                    raise
+                apt.update()  # the archive may have replaced that version: refresh, pick again
+        raise AssertionError("unreachable")
 
 
 def _fetch_into(apt: _PrivateApt, build: QemuBuild, version: str, target: Path) -> QemuInstall:
@@ -256,12 +288,7 @@ def _fetch_into(apt: _PrivateApt, build: QemuBuild, version: str, target: Path) 
         work = Path(tmp)
         debs = work / "debs"
         debs.mkdir()
-        wanted = [f"{name}={version}" for name in PACKAGES]
-        try:
-            apt.download(wanted, debs)
-        except QemuFetchError:  # the archive may have dropped an old file: refresh once
-            apt.update()
-            apt.download(wanted, debs)
+        apt.download([f"{name}={version}" for name in PACKAGES], debs)
         out = work / "out"
         (out / "root").mkdir(parents=True)
         for deb in sorted(debs.glob("*.deb")):

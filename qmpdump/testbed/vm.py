@@ -572,6 +572,7 @@ async def start(spec: VMSpec) -> VM:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                env={**os.environ, **dict(qemu.env)} if qemu.env else None,
                 preexec_fn=_die_with_parent,
             )
     except FileNotFoundError as err:
