@@ -45,6 +45,8 @@ and the API (later) to an HTTP status, so that mapping lives here and nowhere el
                +-- SinkCredentials    no credentials, or the server refused them (exit 46)
                +-- SinkBucketMissing  the bucket does not exist (exit 47)
                +-- SinkUnreachable    the object store did not answer (exit 48)
+          +-- MigrationStreamError  QEMU's migration stream cannot be read (exit 55)
+          +-- SnapshotRefused    the snapshot engine will not run on this VM (exit 56)
      +-- ServiceError            the daemon's answers (exit 50..53; HTTP status on the class)
           +-- NotFound           no such VM, job or dump (404)
           +-- Conflict           the request conflicts with the state (409)
@@ -78,6 +80,7 @@ __all__ = [
     "LibvirtError",
     "LibvirtPermission",
     "LibvirtUnavailable",
+    "MigrationStreamError",
     "NotFound",
     "NotQEMU",
     "QEMUGone",
@@ -93,6 +96,7 @@ __all__ = [
     "SinkCredentials",
     "SinkError",
     "SinkUnreachable",
+    "SnapshotRefused",
     "SocketMissing",
     "SocketPermission",
     "SourceUnproven",
@@ -425,3 +429,15 @@ class GatewayTimeout(ServiceError):
 
     exit_code = 24
     http_status = 504
+
+
+class MigrationStreamError(DumpError, ValueError):
+    """Raised when QEMU's migration stream is not what the snapshot engine can read."""
+
+    exit_code = 55
+
+
+class SnapshotRefused(DumpError):
+    """Raised when the snapshot engine will not run on this VM (QEMU version, host memory)."""
+
+    exit_code = 56

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what qmpdump, its demo and its tests need on Debian 12 (as root), idempotently:
-# (liblzo2-dev, python3-dev and gcc build python-lzo, which has no wheel for Python 3.11)
-# Debian packages (QEMU, busybox-static, cpio, kmod; Python's venv) and a virtual environment
-# at .venv with the package and its test tools. Sourced by demo.sh and test.sh.
+# Debian packages (QEMU, busybox-static, cpio, kmod; Python's venv; the dump readers; libvirt;
+# liblzo2-dev, python3-dev and gcc to build python-lzo, which has no wheel for Python 3.11;
+# libc6-dev for the guest's static write-load program) and a virtual environment at .venv with
+# the package and its test tools. Sourced by demo.sh and test.sh.
 set -euo pipefail
 
 QMPDUMP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,7 +11,7 @@ export QMPDUMP_ROOT
 VENV="${QMPDUMP_VENV:-$QMPDUMP_ROOT/.venv}"
 
 debian_packages=(qemu-system-x86 qemu-utils busybox-static cpio kmod python3 python3-venv makedumpfile crash curl binutils
-    liblzo2-dev python3-dev gcc)
+    liblzo2-dev python3-dev gcc libc6-dev)
 
 # libvirt for the libvirt tier and qmpdump[libvirt] (libvirt-dev and pkg-config build
 # libvirt-python, with gcc and python3-dev: pip builds it from source); installed without

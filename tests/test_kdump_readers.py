@@ -18,6 +18,7 @@ reads all four):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import struct
 from collections.abc import AsyncIterator, Iterator
@@ -34,9 +35,10 @@ from qmpdump.kdump.plan import ZeroPages
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.qmp.session import QMPSession
 from qmpdump.testbed.guest import build_guest
-from qmpdump.testbed.vm import VM
+from qmpdump.testbed.vm import start as start_vm
 
-from .test_dump_qemu import mode_of, run_state, run_tool, scratch_dir, sha256_of, sidecar
+from .conftest import SHARED_GUEST
+from .test_dump_qemu import mode_of, run_tool, scratch_dir, sha256_of, sidecar
 
 PAGE = 4096
 CHUNK_PAGES = 256
@@ -52,13 +54,18 @@ class Dumps:
 
 
 @pytest.fixture(scope="module")
-async def dumps(shared_guest: VM) -> AsyncIterator[Dumps]:
-    """Stop the shared guest, dump it as ELF and as kdump per codec, resume it."""
-    assert shared_guest.qmp is not None
-    await shared_guest.qmp.execute("stop")
+async def dumps() -> AsyncIterator[Dumps]:
+    """A guest of its own (the shared guest's shape), stopped, dumped as ELF and as kdump per codec.
+
+    Not the shared guest: other modules dump that one with QEMU's engine, which allocates every
+    hole of its shmem RAM, and these tests need memory the host never populated.
+    """
+    vm = await start_vm(dataclasses.replace(SHARED_GUEST, name="kdump-readers"))
     try:
+        assert vm.qmp is not None
+        await vm.qmp.execute("stop")
         with scratch_dir("kdump-readers") as folder:
-            async with QMPSession(str(shared_guest.qmp_path)) as qmp:
+            async with QMPSession(str(vm.qmp_path)) as qmp:
                 backend = EngineName.BACKEND
                 elf = await run_dump(qmp, folder / "guest.elf", DumpSpec(engine=backend))
                 files: dict[str, Path] = {}
@@ -75,8 +82,7 @@ async def dumps(shared_guest: VM) -> AsyncIterator[Dumps]:
             ram = RangeSet.from_ranges((r["gpa"], r["size"]) for r in _loads(elf.path))
             yield Dumps(elf.path, files, ram)
     finally:
-        await shared_guest.qmp.execute("cont")
-    assert await run_state(shared_guest) == "running"
+        await vm.stop()
 
 
 def _loads(elf: Path) -> Iterator[dict[str, int]]:

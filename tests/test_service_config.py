@@ -197,7 +197,8 @@ def test_per_vm_dump_defaults(tmp_path: Path) -> None:
         ),
         (
             DAEMON + 'default_engine = "fast"\n' + MINIMAL.removeprefix(DAEMON),
-            "daemon.default_engine: input should be 'auto', 'backend' or 'qemu' (got 'fast')",
+            "daemon.default_engine: input should be 'auto', 'backend', 'qemu' or 'snapshot' "
+            "(got 'fast')",
         ),
         (
             DAEMON + 'default_format = "kdmup-zlib"\n' + MINIMAL.removeprefix(DAEMON),
@@ -288,6 +289,14 @@ def test_error_lines(tmp_path: Path, text: str, expected: str) -> None:
         (
             MINIMAL + 'engine = "qemu"\nmode = "live"\n',
             ["vm[0].mode: QEMU's dump-guest-memory stops the VM"],
+        ),
+        (
+            MINIMAL + 'engine = "snapshot"\nformat = "kdump-zlib"\n',
+            ["vm[0].format: the snapshot engine writes ELF only, not 'kdump-zlib'"],
+        ),
+        (
+            MINIMAL + 'engine = "snapshot"\nmode = "live"\n',
+            ["vm[0].mode: the snapshot engine dumps one instant"],
         ),
         (
             DAEMON + 'default_engine = "backend"\ndefault_format = "win-dmp"\n'

@@ -21,7 +21,13 @@ from qmpdump.cli.source import add_source_arguments, libvirt_ref, monitor_mode, 
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.engines.base import ProgressCallback
 from qmpdump.engines.run import DumpOutcome, DumpTask, run_dump
-from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, Mode
+from qmpdump.engines.spec import (
+    DEFAULT_MAX_HOST_GROWTH,
+    DumpFormat,
+    DumpSpec,
+    EngineName,
+    Mode,
+)
 from qmpdump.errors import UnsafeThroughLibvirt, UsageError
 from qmpdump.kdump.plan import ZeroPages
 from qmpdump.output import dump_name
@@ -75,8 +81,17 @@ def add_parser(commands: Any) -> None:
         choices=[e.value for e in EngineName],
         default=EngineName.AUTO.value,
         help="backend: qmpdump's sparse reader (ELF or kdump of populated memory only); qemu: "
-        "QEMU's dump-guest-memory; auto (default): backend when it can read every RAM region "
-        "and writes the format, else qemu",
+        "QEMU's dump-guest-memory; snapshot: one instant through QEMU's background snapshot, "
+        "the VM paused for milliseconds (QEMU 8.1+, ELF); auto (default): backend when it can "
+        "read every RAM region and writes the format, else qemu",
+    )
+    parser.add_argument(
+        "--max-host-growth",
+        type=_size,
+        default=DEFAULT_MAX_HOST_GROWTH,
+        metavar="SIZE",
+        help="snapshot: refuse when QEMU would allocate more host memory than this for the "
+        "holes of shmem-backed RAM (default 256MiB)",
     )
     parser.add_argument(
         "--live",
@@ -168,6 +183,7 @@ def spec_of(args: argparse.Namespace) -> DumpSpec:
         seekable=args.seekable,
         zero_pages=args.zero_pages,
         max_program_headers=args.max_program_headers,
+        max_host_growth=args.max_host_growth,
         kdump_zero_pages=ZeroPages(args.kdump_zero_pages),
     )
 

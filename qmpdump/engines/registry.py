@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from qmpdump.engines.backend import ENGINE as BACKEND
 from qmpdump.engines.base import Engine
 from qmpdump.engines.qemu import ENGINE as QEMU
+from qmpdump.engines.snapshot import ENGINE as SNAPSHOT
 from qmpdump.engines.spec import EngineName
 
 __all__ = ["ENGINES"]
@@ -15,4 +16,5 @@ __all__ = ["ENGINES"]
 ENGINES: Mapping[EngineName, Engine] = {
     EngineName.BACKEND: BACKEND,
     EngineName.QEMU: QEMU,
+    EngineName.SNAPSHOT: SNAPSHOT,
 }

@@ -31,6 +31,9 @@ from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.errors import UsageError
 from qmpdump.kdump.plan import ZeroPages
 
+#: The snapshot engine's default limit on host memory growth (bytes).
+DEFAULT_MAX_HOST_GROWTH = 256 << 20
+
 __all__ = [
     "AUTO_ORDER",
     "ENGINE_TRAITS",
@@ -50,6 +53,7 @@ class EngineName(StrEnum):
     AUTO = "auto"
     BACKEND = "backend"
     QEMU = "qemu"
+    SNAPSHOT = "snapshot"
 
 
 class Mode(StrEnum):
@@ -109,6 +113,7 @@ OPTIONS: Mapping[str, str] = {
     "seekable": "--seekable",
     "zero_pages": "--zero-pages",
     "max_program_headers": "--max-program-headers",
+    "max_host_growth": "--max-host-growth",
     "kdump_zero_pages": "--kdump-zero-pages",
 }
 
@@ -144,6 +149,16 @@ ENGINE_TRAITS: Mapping[EngineName, EngineTraits] = {
         options=frozenset({"paging", "begin", "length", "fix_elf_header", "seekable"}),
         passes_fds=True,
         label="QEMU's dump-guest-memory",
+    ),
+    # Never in AUTO_ORDER: it changes the VM's migration capabilities for the dump's duration,
+    # which an operator should ask for.
+    EngineName.SNAPSHOT: EngineTraits(
+        name=EngineName.SNAPSHOT,
+        formats=frozenset({DumpFormat.ELF}),
+        modes=frozenset({Mode.CONSISTENT}),
+        options=frozenset({"max_program_headers", "max_host_growth"}),
+        passes_fds=True,  # the migration stream's socket, QEMU's header probe
+        label="the snapshot engine",
     ),
 }
 
@@ -209,9 +224,10 @@ def engine_refusal(traits: EngineTraits, spec: DumpSpec) -> SpecProblem | None:
             why = f"{traits.label} does not write {spec.format.value!r}"
         return SpecProblem(("format", "engine"), why)
     if spec.mode not in traits.modes:
+        what = "dumps one instant" if traits.name is EngineName.SNAPSHOT else "stops the VM"
         return SpecProblem(
             ("mode", "engine"),
-            f"{traits.label} stops the VM: live mode needs engine backend or auto",
+            f"{traits.label} {what}: live mode needs engine backend or auto",
         )
     for name in spec.options_set():
         if name not in traits.options:
@@ -241,6 +257,9 @@ class DumpSpec(BaseModel):
     zero_pages: bool = False
     #: backend: cap on program headers (neighbours are joined to fit)
     max_program_headers: Annotated[int, Field(ge=2, le=0xFFFFFFFF)] = DEFAULT_MAX_PHDRS
+    #: snapshot: refuse when QEMU would allocate more host memory than this (bytes) for the
+    #: holes of shmem-backed RAM
+    max_host_growth: Annotated[int, Field(ge=0)] = DEFAULT_MAX_HOST_GROWTH
     #: backend kdump: what becomes of zero pages (:class:`qmpdump.kdump.plan.ZeroPages`)
     kdump_zero_pages: ZeroPages = ZeroPages.EXCLUDE_HOLES
 

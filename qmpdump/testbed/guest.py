@@ -4,7 +4,9 @@ Nothing is installed on the host. The kernel package (the ``-unsigned`` variant 
 ``linux-image-amd64`` currently depends on) is fetched with ``apt-get download`` and unpacked with
 ``dpkg -x``; ``depmod`` indexes its modules and ``modprobe --show-depends`` gives the load order,
 so a kernel update changes nothing here. The initramfs holds ``/bin/busybox`` from
-busybox-static, those modules and :file:`init.sh`.
+busybox-static, those modules, :file:`init.sh`, and ``/bin/genstamp``: the consistency workload
+(:file:`genstamp.c`, compiled here with the host's ``gcc -static -O2``), which the guest starts
+when its command line asks for it (``qmpdump.writer_mib``).
 
 The result lives under ``$XDG_CACHE_HOME/qmpdump`` (or ``~/.cache/qmpdump``), keyed by a hash of
 every input, and is rebuilt only when one of them changes. A file lock makes concurrent builds
@@ -23,6 +25,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -112,6 +115,24 @@ def _init_template() -> str:
     return resources.files("qmpdump.testbed").joinpath("init.sh").read_text()
 
 
+def _writer_source() -> str:
+    return resources.files("qmpdump.testbed").joinpath("genstamp.c").read_text()
+
+
+def _gcc_version() -> str:
+    try:
+        return _run(["gcc", "-dumpfullversion"]).strip()
+    except GuestBuildError as err:
+        raise GuestBuildError(f"gcc is needed to build the guest's writer: {err}") from err
+
+
+def _build_writer(source: str, out: Path) -> None:
+    """Compile the consistency writer, static (the guest has no libc)."""
+    src = out.with_suffix(".c")
+    src.write_text(source)
+    _run(["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src)])
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on ``path`` (created if missing) for the block."""
@@ -171,6 +192,8 @@ def build_guest(cache: Path | None = None) -> GuestImage:
                 "init": template,
                 "modules": WANTED_MODULES,
                 "pattern": PATTERN_UNIT.decode(),
+                "writer": _writer_source(),
+                "gcc": _gcc_version(),
                 "format": 1,
             },
             sort_keys=True,
@@ -204,6 +227,8 @@ def _build_into(target: Path, deb: Path, template: str, cache: Path) -> GuestIma
         (staging / "bin").mkdir(parents=True)
         (staging / "lib" / "modules").mkdir(parents=True)
         shutil.copy2(BUSYBOX, staging / "bin" / "busybox")
+        _build_writer(_writer_source(), staging / "bin" / "genstamp")
+        (staging / "bin" / "genstamp.c").unlink()
         names = []
         for module in modules:
             name = module.name.removesuffix(".ko")
@@ -225,8 +250,9 @@ def _build_into(target: Path, deb: Path, template: str, cache: Path) -> GuestIma
         if target.exists():
             shutil.rmtree(target)
         out.rename(target)
+    # Other checkouts on the same machine may use other keys: only guests unused for a day go.
     for stale in cache.glob("guest-*"):
-        if stale != target and stale.is_dir():
+        if stale != target and stale.is_dir() and time.time() - stale.stat().st_mtime > 86400:
             shutil.rmtree(stale, ignore_errors=True)
     return GuestImage(
         kernel=target / "vmlinuz",

@@ -19,8 +19,12 @@ for s in /sys/devices/system/memory/memory*/state; do
 done
 
 mib=0
+wmib=0
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in qmpdump.pattern_mib=*) mib="${arg#qmpdump.pattern_mib=}" ;; esac
+    case "$arg" in
+        qmpdump.pattern_mib=*) mib="${arg#qmpdump.pattern_mib=}" ;;
+        qmpdump.writer_mib=*) wmib="${arg#qmpdump.writer_mib=}" ;;
+    esac
 done
 if [ "$mib" -gt 0 ]; then
     mount -t tmpfs -o size=100% tmpfs /pattern
@@ -31,6 +35,11 @@ if [ "$mib" -gt 0 ]; then
     n=0
     while [ $n -lt "$mib" ]; do cat /tmp/unit; n=$((n+1)); done > /pattern/data
     rm /tmp/unit
+fi
+if [ "$wmib" -gt 0 ]; then
+    # The consistency workload (genstamp.c): stamps generations into its pages, forever.
+    /bin/genstamp "$wmib" &
+    sleep 1
 fi
 echo "QMPDUMP-READY pattern_mib=$mib $(grep MemTotal /proc/meminfo | tr -s ' ')"
 

@@ -204,6 +204,8 @@ class VMSpec:
     guest: bool = True
     #: MiB of pattern the guest writes into a tmpfs file after boot.
     pattern_mib: int = 0
+    #: MiB of the consistency writer's buffer (``genstamp.c``), started after the pattern; 0: none
+    writer_mib: int = 0
     name: str = "qmpdump-test"
     boot_timeout_s: float = 180.0
     #: also serve QMP on ``127.0.0.1:PORT`` (QMP over TCP: QEMU's pid is then unknown)
@@ -333,7 +335,7 @@ def qemu_argv(
     else:
         append = (
             "console=ttyS0 memhp_default_state=online_movable quiet panic=-1 "
-            f"qmpdump.pattern_mib={spec.pattern_mib}"
+            f"qmpdump.pattern_mib={spec.pattern_mib} qmpdump.writer_mib={spec.writer_mib}"
         )
         argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append]
     return argv
