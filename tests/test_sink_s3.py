@@ -685,12 +685,15 @@ async def test_daemon_dumps_to_its_sink_and_locally_on_request(
         vm_factory, "sink-a", 1 * GiB, backend=Backend.FILE, data=96 * MiB, running=False
     )
     setup = sink_config(s3, tmp_path, vm)
-    crashed = setup.dump_dir / ".spool" / "qmpdump-spool-left"  # as a crash mid-upload leaves
-    crashed.mkdir(parents=True)
-    (crashed / "a-20260101T000000Z-0badcafe.elf").write_bytes(b"guest memory")
+    # A spool folder that no job of this daemon's store names (another daemon sharing dump_dir
+    # may be uploading from it): start-up leaves it alone. Its own crashed jobs' spool folders
+    # are removed (tests/test_hardening.py, crash clean-up from the journal).
+    foreign = setup.dump_dir / ".spool" / "qmpdump-spool-other"
+    foreign.mkdir(parents=True)
+    (foreign / "a-20260101T000000Z-0badcafe.elf").write_bytes(b"guest memory")
     svc = await services.start(setup, connected=1)
     api = svc.api
-    assert files_in(setup.dump_dir / ".spool") == []  # cleared at start
+    assert files_in(setup.dump_dir / ".spool") == ["qmpdump-spool-other"]
     assert (await api.vm("a")).default_sink == "bucket"
 
     with pytest.raises(UsageError, match="no sink named 'elsewhere'"):
@@ -716,7 +719,7 @@ async def test_daemon_dumps_to_its_sink_and_locally_on_request(
     assert keys(s3, "daemon/") == [f"daemon/{name}", f"daemon/{name}.json"]
     assert pending_uploads(s3) == []
     assert files_in(setup.vm_dir("a")) == [local.result.file, f"{local.result.file}.json"]
-    assert files_in(setup.dump_dir / ".spool") == []
+    assert files_in(setup.dump_dir / ".spool") == ["qmpdump-spool-other"]  # ours is gone
     assert [d.file for d in await api.dumps("a")] == [local.result.file]
     body, metadata = await asyncio.to_thread(get, s3, f"daemon/{name}")
     expected = await asyncio.to_thread((setup.vm_dir("a") / local.result.file).read_bytes)

@@ -32,6 +32,7 @@ from qmpdump.engines.spec import (
 )
 from qmpdump.errors import (
     DumpCancelled,
+    DumpError,
     DumpFailed,
     FdPassingUnavailable,
     QEMUGone,
@@ -75,8 +76,9 @@ def choose_engine(spec: DumpSpec, before: Survey, session: QMPSession) -> tuple[
     engine needs a UNIX QMP socket and the session has none, else :class:`UsageError` listing
     why each engine stepped aside. An engine asked for by name that cannot dump this VM
     (:meth:`~qmpdump.engines.base.Engine.assess`: the backend engine cannot prove that what it
-    would read holds the guest's bytes) is a :class:`SourceUnproven` with its reason, before
-    any file is created.
+    would read holds the guest's bytes) is a :class:`SourceUnproven` with its reason; another
+    engine that cannot (the snapshot engine on a QEMU whose background snapshot is unsafe) a
+    :class:`DumpError` with its reason; either before any file is created.
     """
     if spec.engine is not EngineName.AUTO:
         traits = ENGINE_TRAITS[spec.engine]
@@ -84,8 +86,10 @@ def choose_engine(spec: DumpSpec, before: Survey, session: QMPSession) -> tuple[
             raise FdPassingUnavailable(session.where, traits.name.value)
         engine = ENGINES[spec.engine]
         ok, why = engine.assess(before)
-        if not ok:  # only the backend steps aside: it cannot prove what it would read
-            raise SourceUnproven(None, why)
+        if not ok:
+            if spec.engine is EngineName.BACKEND:  # it cannot prove what it would read
+                raise SourceUnproven(None, why)
+            raise DumpError(f"{traits.label} cannot dump this VM: {why}")
         return engine, "asked for"
     skipped: list[str] = []
     fd_blocked = False
