@@ -164,8 +164,22 @@ def _open_sources(result: Survey) -> Iterator[dict[str, Source]]:
             os.close(fd)
 
 
+def _qemu_gone(pid: int | None) -> bool:
+    """Whether QEMU's process has exited (gone, or a zombie not yet reaped)."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"Z", b"X")
+
+
 def _source(access: RegionAccess, pid: int | None, fds: list[int]) -> Source:
     if access.read_from is None:
+        if _qemu_gone(pid):  # its mappings vanished with it: not an unproven source
+            raise QEMUGone("QEMU exited during the dump")
         raise SourceUnproven(access.region, access.proof)
     if access.read_from is ReadFrom.FILE and access.path is not None:
         try:
