@@ -28,6 +28,7 @@ __all__ = [
     "EngineDetails",
     "EngineJob",
     "EngineResult",
+    "MigrationSettings",
     "PauseHooks",
     "Progress",
     "ProgressCallback",
@@ -65,12 +66,27 @@ ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationSettings:
+    """Migration settings to restore: ``{capability: state}`` and parameters as QMP takes them."""
+
+    capabilities: dict[str, bool]
+    parameters: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class PauseHooks:
     """Called around a pause the engine makes itself (``stop`` ... ``cont``): the daemon journals
     its intent before the pause, and clears it after the resume."""
 
     before_pause: Callable[[], Awaitable[None]] | None = None
     after_resume: Callable[[], Awaitable[None]] | None = None
+    #: called before the engine changes the VM's migration settings (the snapshot engine's
+    #: capabilities and ``max-bandwidth``) with what to put back: QMP ``migrate-set-capabilities``
+    #: entries and ``migrate-set-parameters`` arguments; the daemon journals them, so that a
+    #: restart after a crash restores them
+    before_migration_settings: Callable[[MigrationSettings], Awaitable[None]] | None = None
+    #: called once the settings are back as they were
+    after_migration_settings: Callable[[], Awaitable[None]] | None = None
 
 
 class EngineDetails(BaseModel):

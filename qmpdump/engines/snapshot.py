@@ -61,6 +61,7 @@ from qmpdump.engines.base import (
     EngineDetails,
     EngineJob,
     EngineResult,
+    MigrationSettings,
     PauseHooks,
     Progress,
     ProgressCallback,
@@ -594,11 +595,13 @@ def _hash_file(fd: int, size: int) -> str:
 class _Migration:
     """Capabilities and parameters set for the snapshot, and put back as they were."""
 
-    def __init__(self, session: QMPSession) -> None:
+    def __init__(self, session: QMPSession, hooks: PauseHooks | None = None) -> None:
         self.session = session
+        self.hooks = hooks or PauseHooks()
         self.caps_before: dict[str, bool] = {}
         self.changed = False
         self.bandwidth_before: int | None = None
+        self.journalled = False
 
     async def prepare(self) -> None:
         status = await self.session.execute("query-migrate")
@@ -615,14 +618,27 @@ class _Migration:
             )
         if "background-snapshot" not in self.caps_before:
             raise SnapshotRefused("this QEMU has no background-snapshot capability")
-        if not self.caps_before["background-snapshot"]:
-            await self._set_caps(True)
-            self.changed = True
         # The default cap (128 MiB/s) would make the stream, and the guest's writes to pages
         # not yet sent, wait for no reason: the reader keeps up with QEMU.
         params = await self.session.execute("query-migrate-parameters")
         bandwidth = params.get("max-bandwidth") if isinstance(params, dict) else None
-        if isinstance(bandwidth, int) and bandwidth < _BANDWIDTH:
+        set_caps = not self.caps_before["background-snapshot"]
+        set_bandwidth = isinstance(bandwidth, int) and bandwidth < _BANDWIDTH
+        if (set_caps or set_bandwidth) and self.hooks.before_migration_settings is not None:
+            # Journalled first: a crash between here and restore() is undone on restart.
+            await self.hooks.before_migration_settings(
+                MigrationSettings(
+                    {"background-snapshot": False} if set_caps else {},
+                    {"max-bandwidth": bandwidth}
+                    if set_bandwidth and isinstance(bandwidth, int)
+                    else {},
+                )
+            )
+            self.journalled = True
+        if set_caps:
+            await self._set_caps(True)
+            self.changed = True
+        if set_bandwidth and isinstance(bandwidth, int):
             await self.session.execute("migrate-set-parameters", {"max-bandwidth": _BANDWIDTH})
             self.bandwidth_before = bandwidth
 
@@ -644,6 +660,14 @@ class _Migration:
                     "migrate-set-parameters", {"max-bandwidth": self.bandwidth_before}
                 )
                 self.bandwidth_before = None
+        if (
+            self.journalled
+            and not self.changed
+            and self.bandwidth_before is None
+            and self.hooks.after_migration_settings is not None
+        ):
+            await self.hooks.after_migration_settings()
+            self.journalled = False
 
 
 async def _final_status(session: QMPSession, timeout_s: float) -> dict[str, Any]:
@@ -699,7 +723,7 @@ class _Run:
         self.fdname: str | None = None
         self.reader = _Reader(self.ours.fileno(), output.fd, before.layout)
         self.worker: asyncio.Task[None] | None = None
-        self.migration = _Migration(session)
+        self.migration = _Migration(session, request.hooks)
         self.running = before.facts.running
         self.stopped_at: float | None = None
         self.resumed = False
