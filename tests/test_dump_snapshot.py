@@ -213,12 +213,17 @@ async def test_snapshot_of_a_running_vm_pauses_it_briefly(snap_vm: VM, dumps: Pa
         await assert_runs(snap_vm)
         assert await capabilities(session) == caps
         assert await migration_status(session) == "completed"
-        # The notes are QEMU's, read while the VM stood still at the snapshot point.
+        # qmpdump never stops the VM: two pauses of QEMU's own. First its probe dump (the
+        # coverage, notes of the right size), then the snapshot point itself, inside which
+        # QEMU stashed the vCPUs' state that the notes are built from.
         names = [e.event for e in heard]
-        assert names[0] == "STOP"
-        assert names.index("DUMP_COMPLETED") < names.index("RESUME")
+        assert names == ["STOP", "DUMP_COMPLETED", "RESUME", "STOP", "RESUME"], names
         assert ours.paused_s is not None
         assert ours.paused_s < 1.0
+        timings = check_files(ours.path)["request"]["timings_s"]
+        assert timings["instant"] == 1.0
+        total = timings["instant_paused_s"] + timings["probe_paused_s"]
+        assert total == pytest.approx(ours.paused_s, abs=1e-5)  # the sidecar rounds to 1 us
         qemu = await run_dump(session, dumps / "qemu.elf", DumpSpec(engine=EngineName.QEMU))
     mine, theirs = read_core(ours.path), read_core(qemu.path)
     assert mine.coverage == theirs.coverage

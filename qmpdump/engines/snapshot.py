@@ -56,7 +56,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from qmpdump.elf.format import parse_header
-from qmpdump.elf.plan import DEFAULT_MAX_PHDRS, CorePlan, notes_payload, plan_core, segment_for
+from qmpdump.elf.plan import (
+    DEFAULT_MAX_PHDRS,
+    EM_X86_64,
+    CorePlan,
+    notes_payload,
+    plan_core,
+    segment_for,
+)
+from qmpdump.elf.x86_notes import cpus_from_state, guest_note, guest_note_ref, x86_64_notes
 from qmpdump.engines.base import (
     EngineDetails,
     EngineJob,
@@ -89,12 +97,20 @@ from qmpdump.host.procmem import read_process_memory
 from qmpdump.memmap.layout import Layout
 from qmpdump.memmap.populated import compute_population
 from qmpdump.memmap.ranges import Range, RangeSet
-from qmpdump.migstream import PAGE_SIZE, MigrationStream, RamBlocks, RamDone
+from qmpdump.migstream import (
+    PAGE_SIZE,
+    SECTION_FULL,
+    EarlyVirtioMem,
+    MigrationStream,
+    RamBlocks,
+    RamDone,
+)
 from qmpdump.output import DumpTarget, write_error
 from qmpdump.qmp.events import Event, paused_seconds
-from qmpdump.qmp.plugged import dump_loads
-from qmpdump.qmp.session import QMPSession
+from qmpdump.qmp.plugged import dump_loads, read_dump_prefix
+from qmpdump.qmp.session import EventQueue, QMPSession
 from qmpdump.survey import Survey, probe_prefix_without_growth, region_population, survey
+from qmpdump.vmstate import parse_device_state
 
 __all__ = [
     "ENGINE",
@@ -150,6 +166,8 @@ _EARLY_LIMIT: Final = 512 << 20
 #: max-bandwidth while the snapshot streams (bytes/s; QEMU's default is 128 MiB/s)
 _BANDWIDTH: Final = 16 << 30
 _READ_BUFFER: Final = 4 << 20
+#: the device state after the pages (a few hundred KiB for the test VM)
+_MAX_DEVICE_STATE: Final = 256 << 20
 _FLUSH: Final = 1 << 20
 POLL_S: Final = 0.05
 
@@ -165,6 +183,9 @@ class SnapshotDumpRequest:
     preallocate: bool = True
     #: called before ``stop`` (the daemon journals its intent here) and after ``cont``
     hooks: PauseHooks = field(default_factory=PauseHooks)
+    #: "qemu": QEMU's own pause is the instant, the notes come from the state it stashed
+    #: (x86-64 guests in long mode); "stop": qmpdump stops the VM and reads QEMU's notes
+    instant: str = "qemu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +419,10 @@ class _Reader:
     on_first_page: Callable[[], object] | None = None
     #: pages that arrived before the plan was ready: (block, offset, data)
     early: list[tuple[str, int, bytes | None]] = field(default_factory=list)
+    #: the stream's early virtio-mem sections: which blocks were plugged at the snapshot point
+    early_vmem: list[EarlyVirtioMem] = field(default_factory=list)
+    #: the stream's tail: the device state at the snapshot point, with its description
+    device_state: bytes = b""
     early_bytes: int = 0
     blocks: RamBlocks | None = None
     windows: dict[str, tuple[Window, ...]] | None = None
@@ -416,6 +441,8 @@ class _Reader:
         for record in parser.feed(self):
             if isinstance(record, RamBlocks):
                 self.blocks = record
+            elif isinstance(record, EarlyVirtioMem):
+                self.early_vmem.append(record)
             elif isinstance(record, RamDone):
                 while not self.plan_ready.wait(0.1):
                     if self.stop.is_set():
@@ -428,10 +455,20 @@ class _Reader:
                 self.done_at = time.monotonic()
         self.pending.flush()
         self._check_complete()
-        # Drain the device state so that QEMU completes (it is not part of the dump).
-        while source.read(_READ_BUFFER):
+        # The device state QEMU stashed at the snapshot point (the parser took the type byte
+        # of its first section): kept for the notes of the instant, read to the end so that
+        # QEMU completes.
+        tail = bytearray(bytes([SECTION_FULL]) + parser.leftover())
+        while chunk := source.read(_READ_BUFFER):
             if self.stop.is_set():
                 raise _Stopped
+            tail += chunk
+            if len(tail) > _MAX_DEVICE_STATE:
+                raise MigrationStreamError(
+                    f"the device state is over {_MAX_DEVICE_STATE >> 20} MiB: not what a "
+                    "background snapshot of a VM sends"
+                )
+        self.device_state = bytes(tail)
 
     def page(self, block: str, offset: int, data: bytes | None, /) -> None:
         """One page from the parser (the hot path: a cached window, a few comparisons).
@@ -573,6 +610,38 @@ class _Pending:
             view = view[done:]
             offset += done
         self.buf = bytearray()
+
+
+def _check_plugged(coverage: RangeSet, early: list[EarlyVirtioMem]) -> None:
+    """Raise unless QEMU's coverage of each virtio-mem device is what was plugged at the
+    snapshot point (the probe ran before ``migrate``; plugging is frozen only from there on)."""
+    for device in early:
+        region = coverage.clip(Range(device.addr, device.region_size))
+        plugged = RangeSet.from_ranges((device.addr + at, size) for at, size in device.plugged)
+        if region != plugged:
+            raise MigrationStreamError(
+                f"{device.idstr}: {plugged.total >> 20} MiB were plugged at the snapshot point, "
+                f"QEMU's probe just before covered {region.total >> 20} MiB (a resize in "
+                "between; try again)"
+            )
+
+
+def _read_guest(fd: int, plan: CorePlan, gpa: int, size: int) -> bytes:
+    """Guest-physical bytes from the core being written (zeros where the plan has none)."""
+    out = bytearray(size)
+    at = 0
+    while at < size:
+        seg = segment_for(plan, gpa + at)
+        if seg is None:
+            return bytes(out[:at])
+        inside = gpa + at - seg.gpa
+        run = min(size - at, seg.size - inside)
+        if seg.file_offset is not None and inside < seg.filesz:
+            run = min(run, seg.filesz - inside)
+            got = os.pread(fd, run, seg.file_offset + inside)
+            out[at : at + len(got)] = got
+        at += run
+    return bytes(out)
 
 
 def _hash_file(fd: int, size: int) -> str:
@@ -729,6 +798,8 @@ class _Run:
         self.resumed = False
         self.migrating = False
         self.heard: list[Event] = []
+        self.probe_events: list[Event] = []
+        self.qemu_mode = False
         self.paused_clock: float | None = None
 
     async def hand_over_socket(self) -> None:
@@ -786,6 +857,65 @@ class _Run:
         self.timings["planned_s"] = time.monotonic() - t0
         return result, plan
 
+    async def qemu_instant(self, listener: EventQueue) -> tuple[Survey, CorePlan]:
+        """QEMU's own pause is the snapshot point; qmpdump never stops the VM.
+
+        QEMU's dump headers are read first (QEMU pauses the VM for a few milliseconds on its
+        own): its PT_LOAD coverage, and notes of the right size to plan the core with. Then
+        ``migrate``: QEMU stops the VM, stashes the device state (the vCPUs' registers among
+        it), write-protects RAM and resumes, all inside its own pause. The notes of that
+        instant are built from the stashed state once the stream has ended
+        (:meth:`write_instant_notes`). The populated set is read once the first page arrived
+        (after the instant: a superset on anonymous RAM; shmem holes were faulted in by QEMU's
+        setup, before its pause).
+        """
+        t0 = time.monotonic()
+        prefix = await read_dump_prefix(self.session, timeout_s=self.session.timeout_s)
+        self.probe_events = listener.drain()
+        self.timings["probe_s"] = time.monotonic() - t0
+        if parse_header(prefix).machine != EM_X86_64:
+            # QEMU's core of this guest (another architecture, or x86 outside long mode) has
+            # notes qmpdump does not build: the instant is a pause of qmpdump's own.
+            self.probe_events = []
+            return await self.snapshot_point()
+        self.qemu_mode = True
+        self.worker = asyncio.create_task(asyncio.to_thread(self.reader.run), name="snapshot-read")
+        try:
+            await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
+        except QMPCommandError as err:
+            raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
+        self.migrating = True
+        self.timings["migrate_s"] = time.monotonic() - t0
+        await _wait_first_page(self.reader, self.worker, self.session, timeout_s=30.0)
+        self.timings["first_page_s"] = time.monotonic() - t0
+        result = await _rescan(self.before)
+        plan = await asyncio.to_thread(self._plan, prefix, result)
+        self.timings["planned_s"] = time.monotonic() - t0
+        return result, plan
+
+    def write_instant_notes(self, plan: CorePlan) -> None:
+        """Replace the probe's notes with those of the snapshot point (same size, or fail).
+
+        The vCPUs' registers come from the device state QEMU stashed inside its pause, the
+        guest's VMCOREINFO note from the snapshot's own pages; the plugged virtio-mem blocks
+        at the instant (the stream's early sections) must be those of QEMU's coverage.
+        """
+        _check_plugged(self.reader.coverage, self.reader.early_vmem)
+        state = parse_device_state(self.reader.device_state)
+        cpus = cpus_from_state(state)
+        ref = guest_note_ref(state)
+        guest = None
+        if ref is not None:
+            guest = guest_note(_read_guest(self.output.fd, plan, ref.paddr, ref.size))
+        notes = x86_64_notes(cpus, guest)
+        expected = len(notes_payload(plan.header))
+        if len(notes) != expected:
+            raise MigrationStreamError(
+                f"the notes of the snapshot point take {len(notes)} bytes, QEMU's probe "
+                f"{expected}: the vCPUs or the guest's VMCOREINFO changed in between"
+            )
+        os.pwrite(self.output.fd, notes, plan.notes_offset)
+
     def _plan(self, prefix: bytes, result: Survey) -> CorePlan:
         coverage = dump_loads(prefix)
         data = (result.population.populated | result.population.unknown) & coverage
@@ -802,6 +932,50 @@ class _Run:
         self.reader.set_coverage(coverage)
         self.reader.plan_ready.set()
         return plan
+
+    async def stream(
+        self,
+        progress: ProgressCallback | None,
+        cancel: asyncio.Event,
+        timeout_s: float,
+        t0: float,
+    ) -> tuple[Survey, CorePlan, dict[str, Any]]:
+        """The snapshot point, the pages, the notes: QEMU's final query-migrate reply."""
+        with self.session.listen("STOP", "RESUME") as listener:
+            if self.request.instant == "qemu":
+                result, plan = await self.qemu_instant(listener)
+            else:
+                result, plan = await self.snapshot_point()
+            assert self.worker is not None
+            await _follow(
+                self.reader,
+                self.worker,
+                plan,
+                progress=progress,
+                cancel=cancel,
+                timeout_s=timeout_s,
+            )
+            self.timings["read_s"] = time.monotonic() - t0
+            self.timings["pages_s"] = self.reader.done_at - self.reader.first_at
+            if self.qemu_mode:
+                await asyncio.to_thread(self.write_instant_notes, plan)
+            final = await self.finish(timeout_s)
+            if self.qemu_mode:
+                self.heard = listener.drain()
+        return result, plan, final
+
+    def paused(self) -> float | None:
+        """Seconds the guest stood still for this dump (QEMU's clock), the probe's pause
+        included; each part is kept in the timings."""
+        paused_s = paused_seconds(self.heard)
+        probe_paused = paused_seconds(self.probe_events)
+        self.timings["instant"] = 1.0 if self.qemu_mode else 0.0
+        if paused_s is not None:
+            self.timings["instant_paused_s"] = paused_s
+        if probe_paused is not None:
+            self.timings["probe_paused_s"] = probe_paused
+            paused_s = (paused_s or 0.0) + probe_paused
+        return paused_s
 
     async def finish(self, timeout_s: float) -> dict[str, Any]:
         """Wait for QEMU's verdict on the snapshot; its final query-migrate reply."""
@@ -876,20 +1050,13 @@ async def dump_with_snapshot(
     fd_before = _fd_populated(before)
     run = _Run(session, output, request, before)
     run.timings["surveyed_s"] = surveyed_s
-    if request.preallocate:
+    if request.preallocate and request.instant != "qemu":
         run.timings["preallocated_bytes"] = await asyncio.to_thread(preallocate, before)
         run.timings["preallocate_s"] = time.monotonic() - t0
     try:
         await run.migration.prepare()
         await run.hand_over_socket()
-        result, plan = await run.snapshot_point()
-        assert run.worker is not None
-        await _follow(
-            run.reader, run.worker, plan, progress=progress, cancel=cancel, timeout_s=timeout_s
-        )
-        run.timings["read_s"] = time.monotonic() - t0
-        run.timings["pages_s"] = run.reader.done_at - run.reader.first_at
-        final = await run.finish(timeout_s)
+        result, plan, final = await run.stream(progress, cancel, timeout_s, t0)
         for key in ("setup-time", "downtime", "total-time"):
             if isinstance(final.get(key), int):
                 run.timings[f"qemu_{key.replace('-', '_')}_ms"] = final[key]
@@ -911,7 +1078,7 @@ async def dump_with_snapshot(
     if failure is not None:
         raise failure
     after = await asyncio.to_thread(_rescan_fd_only, result)
-    paused_s = paused_seconds(run.heard)
+    paused_s = run.paused()
     if progress is not None:
         progress(Progress(plan.file_size, run.reader.copied, run.reader.copied))
     return SnapshotDumpResult(
