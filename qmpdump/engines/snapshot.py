@@ -487,6 +487,40 @@ class _Reader:
                 self._place(*held)
         self._place(block, offset, data)
 
+    def zero_run(self, block: str, offset: int, count: int, /) -> None:
+        """``count`` zero pages from ``offset`` (the parser found them in order): marked seen
+        window by window with slice operations, not a Python step per page."""
+        if self.windows is None and not self.plan_ready.is_set():
+            for i in range(count):
+                self._hold(block, offset + i * PAGE_SIZE, None)
+            return
+        if self.early:
+            early, self.early = self.early, []
+            for held in early:
+                self._place(*held)
+        end = offset + count * PAGE_SIZE
+        while offset < end:
+            w = self._last.get(block)
+            if w is None or not w.start <= offset < w.end:
+                w = self._window(block, offset)
+                if w is None:  # outside every window: as _place, one page at a time
+                    self._place(block, offset, None)
+                    offset += PAGE_SIZE
+                    continue
+            stop = min(end, w.end)
+            n = (stop - offset) // PAGE_SIZE
+            if w.covered:
+                index = (w.gpa + offset - w.start - self.base) >> 12
+                twice = self.seen.find(1, index, index + n)
+                if twice != -1:
+                    raise MigrationStreamError(
+                        f"the page at {self.base + (twice << 12):#x} was sent twice"
+                    )
+                self.seen[index : index + n] = b"\x01" * n
+                self.received += n
+                self.zero_pages += n
+            offset = stop
+
     def _hold(self, block: str, offset: int, data: bytes | None) -> None:
         if not self.first_page.is_set():
             self.first_at = time.monotonic()
