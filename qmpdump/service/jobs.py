@@ -24,7 +24,6 @@ from typing import TypeVar
 
 from qmpdump.engines.base import MigrationSettings, PauseHooks, Progress, ProgressCallback
 from qmpdump.engines.run import DumpOutcome, DumpTask
-from qmpdump.engines.spec import DumpSpec
 from qmpdump.errors import DumpCancelled, QmpdumpError, Unavailable
 from qmpdump.host.procfs import process_start_ticks
 from qmpdump.output import dump_name, sidecar_path
@@ -346,7 +345,7 @@ class JobRunner:
     async def _dump(self, job: Job, vm: ResolvedVM) -> DumpOutcome:
         """The dump itself, through the VM's supervisor (cancellable as a whole)."""
         supervisor = self.supervisors[vm.name]
-        spec = DumpSpec.checked(engine=job.engine, format=job.format, mode=job.mode)
+        spec = vm.spec(job.engine, job.format, job.mode)
         last = 0.0
         pending: set[asyncio.Future[bool]] = set()
         sent: list[int | None] = [None]  # bytes uploaded so far (parts go while dumping)
