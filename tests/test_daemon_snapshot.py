@@ -243,3 +243,31 @@ async def test_a_restart_leaves_another_qemus_migration_settings_alone(
         assert store.pending_migration_settings() == []
     await check_failed_by_the_restart(again.api, job_id)
     assert files_in(setup.vm_dir("k")) == []
+
+
+@pytest.mark.bare
+@needs_snapshot
+async def test_a_job_gets_its_vms_max_host_growth(
+    vm_factory: VMFactory,
+    daemons: Daemons,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The API takes no ``max_host_growth``: a snapshot job runs with the VM's configured one.
+    A bare VM on shmem-backed RAM is nearly all holes, which QEMU's snapshot would allocate
+    (about 120 MiB here, under the 256 MiB default): with 1 MiB configured, the job is refused
+    with that limit, before anything is changed on the VM."""
+    vm = await bare_vm(vm_factory, "snapgrowth", 128 * MiB, backend=Backend.FILE)
+    setup = write_config(tmp_path, {"k": vm.qmp_path})
+    with setup.config.open("a") as config:
+        config.write('max_host_growth = "1MiB"\n')
+    before = await _settings(vm)
+    svc = await daemons.start(setup, connected=1)
+    job = await svc.api.request("k", DumpRequest(engine=EngineName.SNAPSHOT))
+    done = await wait_job(svc.api, job.id)
+    assert done.state == "failed", done
+    assert done.error is not None
+    assert done.error.error_class == "SnapshotRefused", done.error
+    assert "(limit 1 MiB)" in done.error.message, done.error.message
+    assert await _settings(vm) == before
+    assert await run_state(vm) == "running"
+    assert files_in(setup.vm_dir("k")) == []
