@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpdump.engines.spec import DEFAULT_MAX_HOST_GROWTH, EngineName
 from qmpdump.errors import UsageError
 from qmpdump.service.config import (
     Config,
@@ -167,6 +168,55 @@ def test_per_vm_dump_defaults(tmp_path: Path) -> None:
     assert (b.engine, b.format, b.mode) == ("qemu", "kdump-zlib", "consistent")
 
 
+def test_max_host_growth_inherits_per_entry(tmp_path: Path) -> None:
+    """``default_max_host_growth`` under ``[daemon]``, overridden by a ``[[vm]]``,
+    ``[[discover]]`` or ``[[libvirt]]`` entry; sizes as on the command line, or bytes."""
+    assert load_config(write(tmp_path, MINIMAL)).static_vms()[0].max_host_growth == (
+        DEFAULT_MAX_HOST_GROWTH
+    )
+    text = (
+        DAEMON
+        + 'default_max_host_growth = "512MiB"\n'
+        + '[[vm]]\nname = "a"\nqmp = "/run/a.qmp"\n'
+        + '[[vm]]\nname = "b"\nqmp = "/run/b.qmp"\nmax_host_growth = "1.5G"\n'
+        + '[[vm]]\nname = "c"\nqmp = "/run/c.qmp"\nmax_host_growth = 0\n'
+        + '[[discover]]\nglob = "/run/d/*.qmp"\nmax_host_growth = "2GB"\n'
+        + "[[libvirt]]\nmax_host_growth = 4096\n"
+        + "[[libvirt]]\n"
+    )
+    config = load_config(write(tmp_path, text))
+    assert config.daemon.default_max_host_growth == 512 * 2**20
+    a, b, c = config.static_vms()
+    assert (a.max_host_growth, b.max_host_growth, c.max_host_growth) == (
+        512 * 2**20,
+        3 * 2**29,
+        0,
+    )
+    [d] = config.discover_vms(lambda _pattern: ["/run/d/d.qmp"]).vms
+    assert d.max_host_growth == 2 * 10**9
+    first, second = config.libvirt_vm(0, "web"), config.libvirt_vm(1, "db")
+    assert first is not None
+    assert second is not None
+    assert (first.max_host_growth, second.max_host_growth) == (4096, 512 * 2**20)
+
+
+def test_a_jobs_spec_carries_its_vms_max_host_growth(tmp_path: Path) -> None:
+    """The spec a daemon job runs with (:meth:`ResolvedVM.spec`, what the job runner calls):
+    the API takes no ``max_host_growth``, so the snapshot engine gets the VM's configured
+    limit; the other engines do not take the option (they would refuse it), and get none."""
+    text = MINIMAL + 'max_host_growth = "64MiB"\n'
+    [vm] = load_config(write(tmp_path, text)).static_vms()
+    snapshot = vm.spec("snapshot", "elf", "consistent")
+    assert (snapshot.engine, snapshot.max_host_growth) == (EngineName.SNAPSHOT, 64 * 2**20)
+    for engine, mode in (("auto", "live"), ("backend", "consistent"), ("qemu", "consistent")):
+        spec = vm.spec(engine, "elf", mode)
+        assert spec.engine == engine
+        assert spec.max_host_growth == DEFAULT_MAX_HOST_GROWTH
+        assert spec.options_set() == []
+    with pytest.raises(UsageError, match="live mode needs engine backend or auto"):
+        vm.spec("snapshot", "elf", "live")
+
+
 # --- error messages: each names the key path and the problem, one line each ---
 
 
@@ -244,6 +294,31 @@ def test_per_vm_dump_defaults(tmp_path: Path) -> None:
             "retention.keep_count: expected an integer or \"unlimited\", not '10'",
         ),
         (MINIMAL + "[retention]\nkeep_count = 2\nkeep = 1\n", "retention.keep: unknown key"),
+        # max_host_growth
+        (
+            DAEMON + 'default_max_host_growth = "lots"\n' + MINIMAL.removeprefix(DAEMON),
+            "daemon.default_max_host_growth: 'lots' is not a size: write a number of bytes, "
+            "or a number with a unit such as 500MB, 10GiB or 2T",
+        ),
+        (
+            MINIMAL + "max_host_growth = -1\n",
+            "vm[0].max_host_growth: must be 0 (no growth at all) or more, not -1 "
+            "(in the [[vm]] named 'vm1')",
+        ),
+        (
+            MINIMAL + "max_host_growth = 1.5\n",
+            'vm[0].max_host_growth: expected a size such as "256MiB" or a number of bytes, not 1.5',
+        ),
+        (
+            DAEMON + '[[discover]]\nglob = "/run/*.qmp"\nmax_host_growth = true\n',
+            'discover[0].max_host_growth: expected a size such as "256MiB" or a number of '
+            "bytes, not True",
+        ),
+        (
+            DAEMON + '[[libvirt]]\nmax_host_growth = "1 parsec"\n',
+            "libvirt[0].max_host_growth: '1 parsec' is not a size",
+        ),
+        (MINIMAL + 'max_host_grwoth = "1G"\n', "vm[0].max_host_grwoth: unknown key (did you mean"),
         # discovery
         (
             DAEMON + '[[discover]]\nglob = "run/*.qmp"\n',

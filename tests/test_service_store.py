@@ -23,6 +23,7 @@ from qmpdump.errors import QEMUGone, UsageError
 from qmpdump.service.retention import retention_victims
 from qmpdump.service.store import (
     DAEMON_RESTARTED,
+    MIGRATIONS,
     SCHEMA_VERSION,
     STORE_FILE,
     DumpRecord,
@@ -294,13 +295,101 @@ def test_pause_journal_survives_reopen(db_path: Path) -> None:
         assert last.pending_pauses() == []
 
 
+def test_migration_settings_journal_survives_reopen(db_path: Path) -> None:
+    with JobStore(db_path, clock=Clock()) as before:
+        first = before.journal_migration_settings(
+            "vm1",
+            "/run/vm1.qmp",
+            "j1",
+            {"background-snapshot": False},
+            {"max-bandwidth": 134217728},
+            qemu_pid=4242,
+            qemu_start=77,
+        )
+        before.journal_migration_settings(
+            "vm2", "tcp:127.0.0.1:4444", None, {}, {"max-bandwidth": 1}
+        )
+        assert before.pending_migration_settings()[0] == first
+    with JobStore(db_path, clock=Clock(2e9)) as after:
+        pending = after.pending_migration_settings()
+        assert pending[0] == first
+        assert [(m.vm, m.job_id, m.capabilities, m.parameters, m.qemu_pid) for m in pending] == [
+            ("vm1", "j1", {"background-snapshot": False}, {"max-bandwidth": 134217728}, 4242),
+            ("vm2", None, {}, {"max-bandwidth": 1}, None),
+        ]
+        # The same QEMU again (a restore that failed): the first values are the originals.
+        again = after.journal_migration_settings(
+            "vm1",
+            "/run/vm1.qmp",
+            "j3",
+            {"background-snapshot": True},
+            {"max-bandwidth": 1 << 40, "downtime-limit": 300},
+            qemu_pid=4242,
+            qemu_start=77,
+        )
+        assert again.capabilities == {"background-snapshot": False}
+        assert again.parameters == {"max-bandwidth": 134217728, "downtime-limit": 300}
+        assert again.job_id == "j3"
+        # Another QEMU process: its own values replace the record.
+        other = after.journal_migration_settings(
+            "vm2",
+            "tcp:127.0.0.1:4444",
+            "j4",
+            {"background-snapshot": False},
+            {},
+            qemu_pid=99,
+            qemu_start=1,
+        )
+        assert other.capabilities == {"background-snapshot": False}
+        assert other.parameters == {}
+        assert after.clear_migration_settings("vm2")
+        assert not after.clear_migration_settings("vm2")
+        assert after.pending_migration_settings() == [again]
+    with JobStore(db_path) as last:
+        assert last.pending_migration_settings() == [again]
+        assert last.clear_migration_settings("vm1")
+        assert last.pending_migration_settings() == []
+
+
+def test_a_store_of_schema_4_opens_with_its_jobs_and_pauses(db_path: Path) -> None:
+    """A file the previous qmpdump wrote (schema 4, no migration settings journal) opens: its
+    jobs and pauses are kept and the new journal is there, empty."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for version in range(4):
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 4")
+    conn.execute(
+        "INSERT INTO jobs (id, vm, engine, format, mode, state, created) "
+        "VALUES ('00', 'vm1', 'auto', 'elf', 'consistent', 'queued', 1.0)"
+    )
+    conn.execute(
+        "INSERT INTO pauses (vm, qmp_address, job_id, paused_at, qemu_pid, qemu_start) "
+        "VALUES ('vm1', '/run/vm1.qmp', '00', 2.0, 10, 20)"
+    )
+    conn.close()
+    with JobStore(db_path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        job = store.get("00")
+        assert job is not None
+        assert job.state is JobState.QUEUED
+        assert [(p.vm, p.qemu_pid, p.qemu_start) for p in store.pending_pauses()] == [
+            ("vm1", 10, 20)
+        ]
+        assert store.pending_migration_settings() == []
+        store.journal_migration_settings(
+            "vm1", "/run/vm1.qmp", "00", {"background-snapshot": False}, {}
+        )
+        assert [m.vm for m in store.pending_migration_settings()] == ["vm1"]
+
+
 def test_migrate_from_empty(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "raw.sqlite3", isolation_level=None)
     try:
         assert migrate(conn) == 0
         assert migrate(conn) == SCHEMA_VERSION
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"jobs", "pauses", "dumps"} <= tables
+        assert {"jobs", "pauses", "dumps", "migration_settings"} <= tables
     finally:
         conn.close()
 

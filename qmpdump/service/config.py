@@ -3,11 +3,13 @@
 The file (see :func:`example_config` for a commented one) has four parts:
 
 * ``[daemon]`` -- where the API socket, the dumps and the state live; limits and timeouts; the
-  default engine, format and mode of a dump request.
+  default engine, format and mode of a dump request, and ``default_max_host_growth``: how much
+  host memory a snapshot dump may make QEMU allocate (the dump specification's
+  ``max_host_growth``, the CLI's ``--max-host-growth``; a size or a number of bytes).
 * ``[retention]`` -- how many dumps (``keep_count``) and how many bytes (``keep_bytes``) to keep
   per VM by default; unset means no limit.
 * ``[[vm]]`` -- the VMs named in the file: a name and a QMP address, with optional per-VM
-  ``engine``/``format``/``mode`` defaults and a ``[vm.retention]`` override.
+  ``engine``/``format``/``mode``/``max_host_growth`` defaults and a ``[vm.retention]`` override.
 * ``[[sink]]`` -- named S3 buckets (``name``, ``bucket``, ``prefix``, optional ``endpoint``,
   ``region``, ``part_size``, ``max_in_flight``) dumps may go to instead of ``dump_dir``: a VM
   picks one with ``sink = "NAME"`` (``[daemon] default_sink`` for all), a request with its
@@ -30,8 +32,11 @@ Rules worth knowing:
 * The models are strict (``extra="forbid"``, no coercion): a misspelt key is an error naming the
   key (with a suggestion), and ``max_concurrent_dumps = "2"`` is not silently an int.
 * A VM name names folders and URLs, so it must match ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``.
-* Per-key inheritance: a VM's ``engine``, ``format``, ``mode`` and each retention key override the
-  ``[daemon]`` defaults and ``[retention]`` one by one; ``"unlimited"`` lifts a global limit.
+* Per-key inheritance: a VM's ``engine``, ``format``, ``mode``, ``max_host_growth`` and each
+  retention key override the ``[daemon]`` defaults and ``[retention]`` one by one;
+  ``"unlimited"`` lifts a global retention limit. ``max_host_growth`` binds the snapshot engine
+  only (the other engines make QEMU allocate nothing); the API takes no such field, so a job
+  always gets its VM's value.
 * A domain never replaces a ``[[vm]]`` or a discovered VM of its name (checked as domains come
   and go); between two ``[[libvirt]]`` entries, the earlier one wins.
 * A discovered VM never replaces a ``[[vm]]``: a discovered name equal to a static VM's name, or a
@@ -74,7 +79,14 @@ from pydantic import (
     model_validator,
 )
 
-from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, SpecProblem
+from qmpdump.engines.spec import (
+    DEFAULT_MAX_HOST_GROWTH,
+    ENGINE_TRAITS,
+    DumpFormat,
+    DumpSpec,
+    EngineName,
+    SpecProblem,
+)
 from qmpdump.engines.spec import Mode as SpecMode
 from qmpdump.errors import UsageError
 from qmpdump.qmp.session import QMPAddress, parse_address
@@ -168,6 +180,24 @@ def _keep_count(value: Any) -> int | None:
 
 def _keep_bytes(value: Any) -> int | None:
     return _limit(value, sizes=True)
+
+
+def _host_growth(value: Any) -> int:
+    if isinstance(value, str):
+        number = parse_size(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ValueError(
+            f'expected a size such as "256MiB" or a number of bytes, not {_short(value)}'
+        )
+    if number < 0:
+        raise ValueError(f"must be 0 (no growth at all) or more, not {value!r}")
+    return number
+
+
+def _optional_host_growth(value: Any) -> int | None:
+    return None if value is None else _host_growth(value)
 
 
 def _path(value: Any) -> Any:
@@ -345,6 +375,9 @@ class _DumpDefaults(_Strict):
     mode: Mode | None = None
     #: a ``[[sink]]`` name, or ``"local"`` for the dump folder
     sink: str | None = None
+    #: bytes of host memory a snapshot dump may make QEMU allocate (over
+    #: ``default_max_host_growth``)
+    max_host_growth: Annotated[int | None, BeforeValidator(_optional_host_growth)] = None
     retention: Retention = Field(default_factory=Retention)
 
 
@@ -458,6 +491,9 @@ class DaemonConfig(_Strict):
     default_engine: Engine = EngineName.AUTO
     default_format: Format = DumpFormat.ELF
     default_mode: Mode = SpecMode.CONSISTENT
+    #: the snapshot engine refuses a dump that would make QEMU allocate more host memory than
+    #: this (the holes of shmem-backed RAM it touches); a size or a number of bytes
+    default_max_host_growth: Annotated[int, BeforeValidator(_host_growth)] = DEFAULT_MAX_HOST_GROWTH
     #: where dumps go unless a VM or a request says otherwise: a ``[[sink]]`` name or "local"
     default_sink: str = LOCAL_SINK
     #: QMP reconnection backoff: first delay, doubled up to the maximum
@@ -516,6 +552,27 @@ class ResolvedVM:
     connect: str = "persistent"
     #: the libvirt domain it is (a ``[[libvirt]]`` entry found it); None: a QMP socket
     libvirt: LibvirtDomain | None = None
+    #: bytes of host memory a snapshot dump may make QEMU allocate
+    #: (:attr:`DumpSpec.max_host_growth <qmpdump.engines.spec.DumpSpec.max_host_growth>`)
+    max_host_growth: int = DEFAULT_MAX_HOST_GROWTH
+
+    def spec(self, engine: str, fmt: str, mode: str) -> DumpSpec:
+        """The dump specification of a job on this VM (engine, format and mode as the job
+        store keeps them), with the VM's ``max_host_growth`` for an engine that honours it
+        (the snapshot engine; any other would refuse it as an option not its own).
+
+        Raises :class:`UsageError` for a combination no engine can make.
+        """
+        spec = DumpSpec.checked(engine=engine, format=fmt, mode=mode)
+        traits = ENGINE_TRAITS.get(spec.engine)
+        if traits is None or "max_host_growth" not in traits.options:
+            return spec
+        return DumpSpec.checked(
+            engine=spec.engine,
+            format=spec.format,
+            mode=spec.mode,
+            max_host_growth=self.max_host_growth,
+        )
 
     @property
     def on_demand(self) -> bool:
@@ -684,6 +741,7 @@ class Config(_Strict):
     ) -> ResolvedVM:
         engine, fmt, mode = self._defaults(entry)
         sink = entry.sink or self.daemon.default_sink
+        growth = entry.max_host_growth
         return ResolvedVM(
             connect=connect,
             libvirt=libvirt,
@@ -696,6 +754,7 @@ class Config(_Strict):
             dump_dir=self.daemon.dump_dir / name,
             origin=origin,
             sink=None if sink == LOCAL_SINK else sink,
+            max_host_growth=self.daemon.default_max_host_growth if growth is None else growth,
         )
 
     def static_vms(self) -> list[ResolvedVM]:
@@ -885,6 +944,10 @@ max_concurrent_dumps = 2            # over all VMs; one dump at a time per VM in
 default_engine = "auto"             # auto | backend | qemu
 default_format = "elf"              # elf, kdump-zlib, kdump-lzo, kdump-snappy, win-dmp, ...
 default_mode = "consistent"         # consistent (VM paused while copying) | live (backend only)
+# The snapshot engine refuses a dump that would make QEMU allocate more host memory than this
+# (it touches every hole of shmem-backed RAM; anonymous RAM costs nothing). A [[vm]],
+# [[discover]] or [[libvirt]] entry may set its own max_host_growth.
+default_max_host_growth = "256MiB"
 
 reconnect_min_s = 1.0               # QMP reconnection backoff: first delay ...
 reconnect_max_s = 60.0              # ... doubled up to this
@@ -903,6 +966,7 @@ keep_bytes = "200GiB"
 [[vm]]
 name = "vm1"                        # A-Z a-z 0-9 . _ -, up to 64; names folders and URLs
 qmp = "/run/vm1.qmp"                # a UNIX socket path, or "tcp:HOST:PORT"
+max_host_growth = "1GiB"            # snapshot dumps of this VM may cost the host up to 1 GiB
 
 [[vm]]
 name = "db"

@@ -15,7 +15,11 @@ even if an earlier one failed, and every failure is logged (as aiohttp's runner 
 3. the API socket; ``READY=1``.
 
 A VM the daemon had paused (journalled before ``stop``) is resumed as soon as its supervisor
-connects, if it is still paused, before any job gets the connection.
+connects, if it is still paused, before any job gets the connection. Likewise migration settings
+an engine changed (journalled before the change: the snapshot engine's ``background-snapshot``
+capability and ``max-bandwidth``) are put back on that connection, after cancelling the orphaned
+background snapshot if QEMU still runs it: a later migration by the operator must not become a
+background snapshot. Both act only on the QEMU process the journal names (pid and start time).
 
 SIGTERM/SIGINT: ``STOPPING=1``; the API stops accepting (socket removed); running dumps get
 ``shutdown_grace_s`` to finish, then are cancelled (the engines resume what they paused);
@@ -61,7 +65,7 @@ from qmpdump.service.config import LOCAL_SINK, Config, ResolvedVM
 from qmpdump.service.jobs import JobRunner, spool_dir
 from qmpdump.service.metrics import DaemonMetrics
 from qmpdump.service.sources import LibvirtSupervisor, LibvirtWatcher, make_supervisor
-from qmpdump.service.store import Job, JobError, JobState, JobStore
+from qmpdump.service.store import Job, JobError, JobState, JobStore, MigrationSettingsRecord
 from qmpdump.service.supervisor import VMSupervisor
 from qmpdump.service.views import (
     ConnectionState,
@@ -83,6 +87,11 @@ log = logging.getLogger(__name__)
 DISCOVER_EVERY_S = 2.0
 #: Jobs one VM may have waiting; one more is a 409.
 MAX_QUEUED_PER_VM = 16
+#: ``query-migrate`` states in which no migration runs (QEMU's MigrationStatus); any other is
+#: one in progress
+MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
+#: how long a ``migrate_cancel`` of an orphaned background snapshot may take to end it
+MIGRATION_CANCEL_WAIT_S = 30.0
 
 
 def _iso(t: float | None) -> str | None:
@@ -385,6 +394,7 @@ class Daemon:
     def _on_connect_hook(self, name: str) -> Callable[[QMPSession], Awaitable[None]]:
         async def hook(session: QMPSession) -> None:
             await self._resume_journaled(name, session)
+            await self._restore_journaled_migration(name, session)
             if self._runner is not None:
                 self._runner.wake()  # jobs queued while the VM was away may start
 
@@ -437,6 +447,45 @@ class Daemon:
                 await runner.db(self.store.clear_pause, pause.vm)
             except QmpdumpError as err:
                 log.warning("VM %s: could not check the journalled pause: %s", pause.vm, err)
+
+    async def _restore_journaled_migration(self, name: str, session: QMPSession) -> None:
+        """Put back the migration settings an engine changed and could not restore (a crash, a
+        lost connection); called on a new session before jobs may use it."""
+        runner = self.jobs_runner
+        for record in await runner.db(self.store.pending_migration_settings):
+            if record.vm != name or record.job_id in runner.running:
+                continue
+            try:
+                if (
+                    record.qemu_pid is not None
+                    and await asyncio.to_thread(process_start_ticks, record.qemu_pid)
+                    != record.qemu_start
+                ):
+                    log.warning(
+                        "VM %s: the QEMU whose migration settings the daemon changed (pid %s) "
+                        "is gone; this one is left as it is",
+                        record.vm,
+                        record.qemu_pid,
+                    )
+                    await runner.db(self.store.clear_migration_settings, record.vm)
+                    continue
+                cancelled = await _end_orphaned_migration(session)
+                await _restore_migration_settings(session, record)
+                log.warning(
+                    "VM %s: %srestored the migration settings the daemon had changed before a "
+                    "restart: %s",
+                    record.vm,
+                    "cancelled the orphaned background snapshot and " if cancelled else "",
+                    _describe_settings(record),
+                )
+                await runner.db(self.store.clear_migration_settings, record.vm)
+            except QmpdumpError as err:
+                log.warning(
+                    "VM %s: could not restore the journalled migration settings (%s): %s",
+                    record.vm,
+                    _describe_settings(record),
+                    err,
+                )
 
     # ------------------------------------------------------------------ ServiceCore
 
@@ -607,6 +656,59 @@ class Daemon:
 
     def metrics(self) -> str:
         return self.metrics_data.text()
+
+
+async def _migration_status(session: QMPSession) -> str:
+    reply = await session.execute("query-migrate")
+    status = reply.get("status") if isinstance(reply, dict) else None
+    return status if isinstance(status, str) else "none"
+
+
+async def _end_orphaned_migration(session: QMPSession) -> bool:
+    """Cancel the migration QEMU still runs, if any, and wait for it to end; whether one ran.
+
+    With a journal entry of the same QEMU, the one migration that can run is the background
+    snapshot the daemon started and lost (its reader gone, it may still be in its setup).
+    Raises :class:`~qmpdump.errors.QmpdumpError` when it does not end within
+    :data:`MIGRATION_CANCEL_WAIT_S` (the journal entry stays, for the next session).
+    """
+    status = await _migration_status(session)
+    if status in MIGRATION_IDLE:
+        return False
+    await session.execute("migrate_cancel")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MIGRATION_CANCEL_WAIT_S
+    while (status := await _migration_status(session)) not in MIGRATION_IDLE:
+        if loop.time() > deadline:
+            raise QmpdumpError(
+                f"the migration did not end within {MIGRATION_CANCEL_WAIT_S:g} s of "
+                f"migrate_cancel (it is {status!r})"
+            )
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def _restore_migration_settings(session: QMPSession, record: MigrationSettingsRecord) -> None:
+    """Send the journalled capabilities and parameters back to QEMU."""
+    if record.capabilities:
+        await session.execute(
+            "migrate-set-capabilities",
+            {
+                "capabilities": [
+                    {"capability": name, "state": state}
+                    for name, state in sorted(record.capabilities.items())
+                ]
+            },
+        )
+    if record.parameters:
+        await session.execute("migrate-set-parameters", dict(record.parameters))
+
+
+def _describe_settings(record: MigrationSettingsRecord) -> str:
+    """``background-snapshot=off, max-bandwidth=134217728``."""
+    parts = [f"{k}={'on' if v else 'off'}" for k, v in sorted(record.capabilities.items())]
+    parts += [f"{k}={v}" for k, v in sorted(record.parameters.items())]
+    return ", ".join(parts) or "nothing"
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -22,9 +22,8 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from qmpdump.engines.base import PauseHooks, Progress, ProgressCallback
+from qmpdump.engines.base import MigrationSettings, PauseHooks, Progress, ProgressCallback
 from qmpdump.engines.run import DumpOutcome, DumpTask
-from qmpdump.engines.spec import DumpSpec
 from qmpdump.errors import DumpCancelled, QmpdumpError, Unavailable
 from qmpdump.host.procfs import process_start_ticks
 from qmpdump.output import dump_name, sidecar_path
@@ -308,10 +307,45 @@ class JobRunner:
         start = None if pid is None else process_start_ticks(pid)
         self.store.journal_pause(vm.name, vm.qmp, job_id, qemu_pid=pid, qemu_start=start)
 
+    def _journal_migration_settings(
+        self, vm: ResolvedVM, job_id: str, pid: int | None, settings: MigrationSettings
+    ) -> None:
+        """Journal the migration settings to put back, naming the QEMU process (blocking)."""
+        start = None if pid is None else process_start_ticks(pid)
+        self.store.journal_migration_settings(
+            vm.name,
+            vm.qmp,
+            job_id,
+            settings.capabilities,
+            settings.parameters,
+            qemu_pid=pid,
+            qemu_start=start,
+        )
+
+    def _hooks(self, job: Job, vm: ResolvedVM, supervisor: VMSupervisor) -> PauseHooks:
+        """What the engine calls around what it changes on the VM: each change is journalled
+        before it is made, and cleared once undone (the daemon undoes what a crash left)."""
+
+        async def before_pause() -> None:
+            await self.db(self._journal_pause, vm, job.id, supervisor.pid)
+
+        async def after_resume() -> None:
+            await self.db(self.store.clear_pause, vm.name)
+
+        async def before_migration_settings(settings: MigrationSettings) -> None:
+            await self.db(self._journal_migration_settings, vm, job.id, supervisor.pid, settings)
+
+        async def after_migration_settings() -> None:
+            await self.db(self.store.clear_migration_settings, vm.name)
+
+        return PauseHooks(
+            before_pause, after_resume, before_migration_settings, after_migration_settings
+        )
+
     async def _dump(self, job: Job, vm: ResolvedVM) -> DumpOutcome:
         """The dump itself, through the VM's supervisor (cancellable as a whole)."""
         supervisor = self.supervisors[vm.name]
-        spec = DumpSpec.checked(engine=job.engine, format=job.format, mode=job.mode)
+        spec = vm.spec(job.engine, job.format, job.mode)
         last = 0.0
         pending: set[asyncio.Future[bool]] = set()
         sent: list[int | None] = [None]  # bytes uploaded so far (parts go while dumping)
@@ -330,12 +364,6 @@ class JobRunner:
                 )
                 pending.add(done)
                 done.add_done_callback(_settled(pending))
-
-        async def before_pause() -> None:
-            await self.db(self._journal_pause, vm, job.id, supervisor.pid)
-
-        async def after_resume() -> None:
-            await self.db(self.store.clear_pause, vm.name)
 
         def upload_progress(u: UploadProgress) -> None:
             # parts go while the dump runs (u.total None until it ends): its own counters stay
@@ -368,7 +396,7 @@ class JobRunner:
                 target,
                 spec,
                 progress=progress if tap is None else then(progress, tap),
-                hooks=PauseHooks(before_pause, after_resume),
+                hooks=self._hooks(job, vm, supervisor),
                 timeout_s=self.settings.dump_timeout_s,
             )
 

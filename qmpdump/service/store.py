@@ -1,4 +1,5 @@
-"""The daemon's durable memory: jobs, the pause journal and the dump catalogue, in one SQLite file.
+"""The daemon's durable memory: jobs, the pause journal, the migration settings journal and the
+dump catalogue, in one SQLite file.
 
 One file (:data:`STORE_FILE` under ``state_dir``), opened in WAL mode with ``synchronous=FULL``:
 every state change is on disk when its method returns, so the daemon can act on it (send
@@ -19,6 +20,12 @@ Jobs (``queued -> running -> succeeded | failed | cancelled``; a queued job may 
   "daemon restarted during the dump": its output was a ``.partial`` file the daemon removes at
   start. ``queued`` jobs stay queued and run when the daemon is back, in their original order:
   the operator asked for them and nothing about them was lost.
+
+The two journals name what a crash must not leave behind on a VM: a pause the daemon made
+(:meth:`JobStore.journal_pause`, before ``stop``) and migration settings an engine changed
+(:meth:`JobStore.journal_migration_settings`, before the change, with the values to put back).
+Each is written before the daemon acts and cleared once it has undone what it did; at start-up
+(or on a new QMP session) an entry still there is undone on the same QEMU process.
 
 Times are seconds since the epoch (UTC), as floats. Every method is synchronous and quick; the
 connection is shared between threads (``check_same_thread=False``) behind a lock, so the daemon
@@ -56,6 +63,7 @@ __all__ = [
     "JobResult",
     "JobState",
     "JobStore",
+    "MigrationSettingsRecord",
     "PauseRecord",
     "migrate",
     "new_job_id",
@@ -173,6 +181,25 @@ class PauseRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationSettingsRecord:
+    """Migration settings an engine is about to change on a VM, journalled with the values to
+    put back (the snapshot engine's ``background-snapshot`` and ``max-bandwidth``)."""
+
+    vm: str
+    #: as the configuration spells it: a socket path or ``tcp:HOST:PORT``
+    qmp_address: str
+    job_id: str | None
+    changed_at: float
+    #: ``migrate-set-capabilities`` entries to restore: ``{capability: state}``
+    capabilities: dict[str, bool]
+    #: ``migrate-set-parameters`` arguments to restore
+    parameters: dict[str, int]
+    #: the QEMU process changed (as in :class:`PauseRecord`): only it is put back
+    qemu_pid: int | None = None
+    qemu_start: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DumpRecord:
     """A dump file the service wrote and keeps under retention."""
 
@@ -253,6 +280,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE pauses ADD COLUMN qemu_start INTEGER",
         # pruning by age: finished jobs by the time they ended
         "CREATE INDEX jobs_by_end ON jobs (ended) WHERE ended IS NOT NULL",
+    ),
+    # 5: migration settings an engine changed (the snapshot engine's capability and
+    # bandwidth), with the values to put back after a crash; JSON objects
+    (
+        """CREATE TABLE migration_settings (
+            vm TEXT PRIMARY KEY,
+            qmp_address TEXT NOT NULL,
+            job_id TEXT,
+            changed_at REAL NOT NULL,
+            capabilities TEXT NOT NULL,
+            parameters TEXT NOT NULL,
+            qemu_pid INTEGER,
+            qemu_start INTEGER
+        )""",
     ),
 )
 
@@ -346,6 +387,19 @@ def _pause(row: sqlite3.Row) -> PauseRecord:
     )
 
 
+def _migration_settings(row: sqlite3.Row) -> MigrationSettingsRecord:
+    return MigrationSettingsRecord(
+        vm=row["vm"],
+        qmp_address=row["qmp_address"],
+        job_id=row["job_id"],
+        changed_at=row["changed_at"],
+        capabilities={str(k): bool(v) for k, v in json.loads(row["capabilities"]).items()},
+        parameters={str(k): int(v) for k, v in json.loads(row["parameters"]).items()},
+        qemu_pid=row["qemu_pid"],
+        qemu_start=row["qemu_start"],
+    )
+
+
 def _dump(row: sqlite3.Row) -> DumpRecord:
     return DumpRecord(
         path=Path(row["path"]),
@@ -358,7 +412,7 @@ def _dump(row: sqlite3.Row) -> DumpRecord:
 
 
 class JobStore:
-    """Jobs, the pause journal and the dump catalogue in one SQLite file; see the module doc.
+    """Jobs, the two journals and the dump catalogue in one SQLite file; see the module doc.
 
     Unknown job ids raise :class:`LookupError`; a transition a job's state does not allow (e.g.
     finishing a finished job) raises :class:`ValueError`. Both are the daemon's bugs or races
@@ -727,6 +781,71 @@ class JobStore:
         """
         rows = self._query("SELECT * FROM pauses ORDER BY paused_at, vm")
         return [_pause(row) for row in rows]
+
+    # --- the migration settings journal ---
+
+    def journal_migration_settings(
+        self,
+        vm: str,
+        qmp_address: str,
+        job_id: str | None,
+        capabilities: dict[str, bool],
+        parameters: dict[str, int],
+        *,
+        qemu_pid: int | None = None,
+        qemu_start: int | None = None,
+    ) -> MigrationSettingsRecord:
+        """Record, durably, the migration settings to put back before an engine changes them.
+
+        An earlier record of the same VM and the same QEMU process (one a failed restore left)
+        keeps its values: they are the originals, the new ones may be what the engine set. A
+        record of another QEMU process is replaced.
+        """
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM migration_settings WHERE vm = ?", (vm,)).fetchone()
+            if row is not None:
+                old = _migration_settings(row)
+                if (old.qemu_pid, old.qemu_start) == (qemu_pid, qemu_start):
+                    capabilities = {**capabilities, **old.capabilities}
+                    parameters = {**parameters, **old.parameters}
+            record = MigrationSettingsRecord(
+                vm=vm,
+                qmp_address=qmp_address,
+                job_id=job_id,
+                changed_at=self._clock(),
+                capabilities=dict(capabilities),
+                parameters=dict(parameters),
+                qemu_pid=qemu_pid,
+                qemu_start=qemu_start,
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO migration_settings (vm, qmp_address, job_id, "
+                "changed_at, capabilities, parameters, qemu_pid, qemu_start) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.vm,
+                    record.qmp_address,
+                    record.job_id,
+                    record.changed_at,
+                    json.dumps(record.capabilities, sort_keys=True),
+                    json.dumps(record.parameters, sort_keys=True),
+                    record.qemu_pid,
+                    record.qemu_start,
+                ),
+            )
+        return record
+
+    def clear_migration_settings(self, vm: str) -> bool:
+        """Forget the VM's record once its settings are back; False if there was none."""
+        with self._tx() as conn:
+            return bool(conn.execute("DELETE FROM migration_settings WHERE vm = ?", (vm,)).rowcount)
+
+    def pending_migration_settings(self) -> builtins.list[MigrationSettingsRecord]:
+        """The VMs whose migration settings the daemon changed and did not see restored,
+        oldest first. On a new session to the same QEMU, restore them, then clear the record.
+        """
+        rows = self._query("SELECT * FROM migration_settings ORDER BY changed_at, vm")
+        return [_migration_settings(row) for row in rows]
 
     # --- the dump catalogue ---
 
