@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import NoteSegment
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -500,3 +501,35 @@ async def test_core_with_qemu_notes_reads_back(tmp_path: Path) -> None:
     reader = Vol3StyleReader(core.read_bytes())
     assert reader.read(marker_gpa, len(marker)) == marker
     assert readelf_check(core, plan).count("NT_PRSTATUS") == spec.cpus
+
+
+@settings(max_examples=40, deadline=None)
+@given(sets=range_sets(), max_phdrs=st.integers(2, 10))
+def test_notes_last_puts_the_notes_after_the_data_and_nothing_else_moves(
+    sets: tuple[RangeSet, RangeSet], max_phdrs: int
+) -> None:
+    """The snapshot engine's layout: every data byte at the same gpa, the notes at the end."""
+    data, zero = sets
+    notes = note(b"CORE", 1, bytes(336)) + note(b"VMCOREINFO", 0, b"OSRELEASE=6.1\n")
+    first = plan_core(notes, data, zero, max_phdrs=max_phdrs)
+    last = plan_core(notes, data, zero, max_phdrs=max_phdrs, notes_last=True)
+    assert last.notes_size == first.notes_size == len(notes)
+    assert last.file_size == first.file_size + len(notes) - (first.data_offset - last.data_offset)
+    assert notes not in last.header
+    assert [(s.gpa, s.size, s.file_offset is None) for s in last.segments] == [
+        (s.gpa, s.size, s.file_offset is None) for s in first.segments
+    ]
+    image = build_image(last)
+    assert len(image) == last.notes_offset
+    image += notes
+    assert len(image) == last.file_size
+    elf = ELFFile(io.BytesIO(image))
+    (note_seg,) = [s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"]
+    assert isinstance(note_seg, NoteSegment)
+    assert [n["n_name"] for n in note_seg.iter_notes()] == ["CORE", "VMCOREINFO"]
+    for seg in elf.iter_segments():
+        if seg["p_type"] == "PT_LOAD" and seg["p_filesz"] == 0:
+            assert seg["p_offset"] == len(image)  # zero-fill points past every byte
+        elif seg["p_type"] == "PT_LOAD":
+            start = seg["p_paddr"]
+            assert seg.data() == pattern(start, seg["p_filesz"])

@@ -180,6 +180,8 @@ class CorePlan:
     phnum: int
     uses_pn_xnum: bool
     notes_offset: int
+    #: bytes of notes at ``notes_offset`` (inside ``header`` unless planned ``notes_last``)
+    notes_size: int = 0
 
     @property
     def data_offset(self) -> int:
@@ -305,6 +307,7 @@ def plan_core(
     coalesce_gap: int | None = None,
     merge_zero_tail: bool = False,
     data_align: int = PAGE_SIZE,
+    notes_last: bool = False,
 ) -> CorePlan:
     """Plan an ELF64 ET_CORE holding ``notes``, the bytes of ``data`` and zeros for ``zero_fill``.
 
@@ -318,6 +321,11 @@ def plan_core(
     default: on x86 QEMU writes EM_386 (3) while vCPU 0 is not in long mode, e.g. at reset or
     in firmware (``x86_get_dump_info`` in ``target/i386/arch_dump.c``), and its notes follow
     that choice.
+
+    ``notes_last`` puts the notes after the data instead of before it (PT_NOTE may lie anywhere):
+    for a writer whose notes are final only after the data (the snapshot engine's notes of the
+    instant), so that everything before them can be hashed while it is written. ``header`` then
+    ends before the notes, which the caller writes at ``notes_offset``.
 
     Raises ``ValueError`` for bad arguments or overlapping sets, and :class:`ElfFormatError` if
     ``notes`` is not a sequence of ELF note records.
@@ -356,9 +364,11 @@ def plan_core(
     # 3. Offsets. PT_LOADs go in gpa order; data is packed in the same order.
     phnum = 1 + len(data) + len(standalone)
     xnum = phnum >= PN_XNUM
-    notes_offset = EHDR_SIZE + phnum * PHDR_SIZE + (SHDR_SIZE if xnum else 0)
-    notes_end = notes_offset + len(notes)
-    data_offset = -(-notes_end // data_align) * data_align if data else notes_end
+    headers_end = EHDR_SIZE + phnum * PHDR_SIZE + (SHDR_SIZE if xnum else 0)
+    before_data = headers_end if notes_last else headers_end + len(notes)
+    data_offset = -(-before_data // data_align) * data_align if data else before_data
+    data_bytes = sum(rng.size for rng in data)
+    notes_offset = data_offset + data_bytes if notes_last else headers_end
 
     tail_at = {rng.start: rng.size for rng in tails}
     items = sorted(
@@ -370,7 +380,7 @@ def plan_core(
     file_offset = data_offset
     # Zero-fill segments point at the end of the file: no reader that sizes a read from
     # p_offset + p_memsz (makedumpfile's mmap path does) may land inside another segment's data.
-    data_end = data_offset + sum(rng.size for rng in data)
+    data_end = data_offset + data_bytes + (len(notes) if notes_last else 0)
     for gpa, size, is_data in items:
         if is_data:
             tail = tail_at.get(gpa + size, 0)
@@ -389,17 +399,18 @@ def plan_core(
             _elf_header(machine, phnum, xnum),
             *phdrs,
             section0,
-            notes,
-            bytes(data_offset - notes_end),
+            b"" if notes_last else notes,
+            bytes(data_offset - before_data),
         )
     )
     return CorePlan(
         header=header,
         segments=tuple(segments),
-        file_size=file_offset,
+        file_size=file_offset + (len(notes) if notes_last else 0),
         data=data,
         zero_fill=zero_fill,
         phnum=phnum,
         uses_pn_xnum=xnum,
         notes_offset=notes_offset,
+        notes_size=len(notes),
     )

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import io
 import os
 import socket
@@ -60,6 +59,7 @@ from qmpdump.elf.plan import (
     DEFAULT_MAX_PHDRS,
     EM_X86_64,
     CorePlan,
+    Segment,
     notes_payload,
     plan_core,
     segment_for,
@@ -74,6 +74,7 @@ from qmpdump.engines.base import (
     Progress,
     ProgressCallback,
 )
+from qmpdump.engines.copier import CopyState, hash_output
 from qmpdump.engines.spec import (
     DEFAULT_MAX_HOST_GROWTH,
     ENGINE_TRAITS,
@@ -169,6 +170,8 @@ _READ_BUFFER: Final = 4 << 20
 #: the device state after the pages (a few hundred KiB for the test VM)
 _MAX_DEVICE_STATE: Final = 256 << 20
 _FLUSH: Final = 1 << 20
+#: pages received between two moves of the hasher's frontier (16 MiB)
+_HASH_STEP: Final = 4096
 POLL_S: Final = 0.05
 
 
@@ -423,6 +426,11 @@ class _Reader:
     early_vmem: list[EarlyVirtioMem] = field(default_factory=list)
     #: the stream's tail: the device state at the snapshot point, with its description
     device_state: bytes = b""
+    #: the hasher follows the part of the output that is final (every page of it received)
+    hashing: CopyState = field(default_factory=CopyState)
+    _data_segments: list[Segment] = field(default_factory=list)
+    _front: int = 0  # guest-physical: every data page below it (in file order) was received
+    _next_check: int = 0
     early_bytes: int = 0
     blocks: RamBlocks | None = None
     windows: dict[str, tuple[Window, ...]] | None = None
@@ -450,7 +458,7 @@ class _Reader:
                 early, self.early = self.early, []
                 for held in early:
                     self._place(*held)
-                self.pending.flush()
+                self._advance_frontier()
                 self.done = True
                 self.done_at = time.monotonic()
         self.pending.flush()
@@ -561,6 +569,9 @@ class _Reader:
         self.data_pages += 1
         self.pending.add(w.file_offset + delta, data)
         self.copied += PAGE_SIZE
+        if self.received >= self._next_check:
+            self._next_check = self.received + _HASH_STEP
+            self._advance_frontier()
 
     def _window(self, block: str, offset: int) -> Window | None:
         if self.stop.is_set():
@@ -578,6 +589,31 @@ class _Reader:
             return None
         self._last[block] = ws[i]
         return ws[i]
+
+    def start_hashing(self, plan: CorePlan) -> None:
+        """The header is final: the hasher may start; the pages' part follows the frontier."""
+        self._data_segments = [seg for seg in plan.segments if seg.file_offset is not None]
+        self._front = self._data_segments[0].gpa if self._data_segments else 0
+        self.hashing.advance(0, plan.data_offset)
+
+    def _advance_frontier(self) -> None:
+        """Move the hashed-to mark over the data pages received in file order (a C-speed scan
+        of the seen-bitmap; pending writes are flushed first: the hasher reads them back)."""
+        self.pending.flush()
+        segments = self._data_segments
+        while segments:
+            seg = segments[0]
+            start = (max(seg.gpa, self._front) - self.base) >> 12
+            hole = self.seen.find(0, start, (seg.end - self.base) >> 12)
+            if hole != -1:
+                self._front = self.base + (hole << 12)
+                assert seg.file_offset is not None
+                self.hashing.advance(0, seg.file_offset + self._front - seg.gpa)
+                return
+            segments.pop(0)
+            self._front = segments[0].gpa if segments else seg.end
+        assert self.plan is not None
+        self.hashing.advance(0, self.plan.notes_offset)
 
     def set_coverage(self, coverage: RangeSet) -> None:
         """The guest-physical pages QEMU's dump holds: each must arrive exactly once."""
@@ -676,20 +712,6 @@ def _read_guest(fd: int, plan: CorePlan, gpa: int, size: int) -> bytes:
             out[at : at + len(got)] = got
         at += run
     return bytes(out)
-
-
-def _hash_file(fd: int, size: int) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    done = 0
-    while done < size:
-        got = os.preadv(fd, [view[: min(len(buf), size - done)]], done)
-        if got == 0:
-            raise OSError(0, f"the output ended at {done:#x} while hashing")
-        digest.update(view[:got])
-        done += got
-    return digest.hexdigest()
 
 
 # -- QMP side ----------------------------------------------------------------------------------
@@ -826,6 +848,7 @@ class _Run:
         self.fdname: str | None = None
         self.reader = _Reader(self.ours.fileno(), output.fd, before.layout)
         self.worker: asyncio.Task[None] | None = None
+        self.hasher: asyncio.Task[str] | None = None
         self.migration = _Migration(session, request.hooks)
         self.running = before.facts.running
         self.stopped_at: float | None = None
@@ -887,7 +910,7 @@ class _Run:
             self.timings["resumed_s"] = time.monotonic() - t0
             self.heard = listener.drain()
         result = await _rescan(self.before)
-        plan = await asyncio.to_thread(self._plan, prefix, result)
+        plan = await self.planned(prefix, result)
         self.timings["planned_s"] = time.monotonic() - t0
         return result, plan
 
@@ -923,7 +946,7 @@ class _Run:
         await _wait_first_page(self.reader, self.worker, self.session, timeout_s=30.0)
         self.timings["first_page_s"] = time.monotonic() - t0
         result = await _rescan(self.before)
-        plan = await asyncio.to_thread(self._plan, prefix, result)
+        plan = await self.planned(prefix, result)
         self.timings["planned_s"] = time.monotonic() - t0
         return result, plan
 
@@ -942,7 +965,7 @@ class _Run:
         if ref is not None:
             guest = guest_note(_read_guest(self.output.fd, plan, ref.paddr, ref.size))
         notes = x86_64_notes(cpus, guest)
-        expected = len(notes_payload(plan.header))
+        expected = plan.notes_size
         if len(notes) != expected:
             raise MigrationStreamError(
                 f"the notes of the snapshot point take {len(notes)} bytes, QEMU's probe "
@@ -953,19 +976,42 @@ class _Run:
     def _plan(self, prefix: bytes, result: Survey) -> CorePlan:
         coverage = dump_loads(prefix)
         data = (result.population.populated | result.population.unknown) & coverage
+        notes = notes_payload(prefix)
+        # The notes go last: those of QEMU's instant are known only after the pages, and
+        # everything before them can be hashed while the pages arrive.
         plan = plan_core(
-            notes_payload(prefix),
+            notes,
             data,
             coverage - data,
             machine=parse_header(prefix).machine,
             max_phdrs=self.request.max_phdrs,
+            notes_last=True,
         )
         os.pwrite(self.output.fd, plan.header, 0)
+        os.pwrite(self.output.fd, notes, plan.notes_offset)
         os.ftruncate(self.output.fd, plan.file_size)
         self.reader.plan = plan
         self.reader.set_coverage(coverage)
+        self.reader.start_hashing(plan)
         self.reader.plan_ready.set()
         return plan
+
+    async def planned(self, prefix: bytes, result: Survey) -> CorePlan:
+        """Plan the core (off the loop) and start hashing what is final of it."""
+        plan = await asyncio.to_thread(self._plan, prefix, result)
+        self.hasher = asyncio.create_task(
+            asyncio.to_thread(hash_output, self.output.fd, self.reader.hashing), name="snap-hash"
+        )
+        return plan
+
+    async def digest(self, plan: CorePlan) -> str:
+        """The sha256 of the finished output (the hasher has followed it), written back."""
+        assert self.hasher is not None
+        self.reader.hashing.finish(plan.file_size)
+        _, digest = await asyncio.gather(
+            asyncio.to_thread(os.fdatasync, self.output.fd), self.hasher
+        )
+        return digest
 
     async def stream(
         self,
@@ -1046,10 +1092,14 @@ class _Run:
                 await step(self.request.hooks.after_resume())
         if self.migrating:
             await step(_cancel_migration(self.session))
-        if self.worker is not None:
-            await asyncio.wait([self.worker])
-            if not self.worker.cancelled():
-                self.worker.exception()
+        self.reader.hashing.stop.set()
+        with self.reader.hashing.changed:
+            self.reader.hashing.changed.notify_all()
+        for task in (self.worker, self.hasher):
+            if task is not None:
+                await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()
         self.ours.close()
         self.theirs.close()
         await step(self.migration.restore())
@@ -1095,7 +1145,7 @@ async def dump_with_snapshot(
             if isinstance(final.get(key), int):
                 run.timings[f"qemu_{key.replace('-', '_')}_ms"] = final[key]
         run.timings["stream_s"] = time.monotonic() - t0
-        digest = await asyncio.to_thread(_finish_output, output.fd, plan.file_size)
+        digest = await run.digest(plan)
         run.timings["hashed_s"] = time.monotonic() - t0
     except OSError as err:
         await run.unwind()
@@ -1144,11 +1194,6 @@ def _rescan_fd_only(result: Survey) -> int:
         )
         total += pop.offsets.total
     return total
-
-
-def _finish_output(fd: int, size: int) -> str:
-    os.fdatasync(fd)
-    return _hash_file(fd, size)
 
 
 async def _rescan(before: Survey) -> Survey:
