@@ -7,24 +7,32 @@ QMP (``getfd``, ``migrate fd:NAME``; a socket rather than a pipe so that ``shutd
 both ends on abort); a worker thread parses it (:mod:`qmpdump.migstream`) and writes each page
 into an ELF core planned with :mod:`qmpdump.elf.plan` (the backend engine's layout).
 
-The instant, and notes of that instant:
+The instant, and notes of that instant (``instant="qemu"``, the default):
 
-1. Before the pause: the layout (:func:`qmpdump.survey.survey`), the socket handed to QEMU, the
-   migration capabilities and ``max-bandwidth`` saved and set, and the holes of plugged RAM
-   faulted into QEMU's page tables (:func:`preallocate`), so that QEMU's pre-touch inside our
-   pause has nothing left to do.
-2. ``stop``, then QEMU's dump headers (:func:`qmpdump.survey.probe_prefix_without_growth`):
-   the CPU state and VMCOREINFO notes and QEMU's PT_LOAD coverage *of the stopped VM*.
-3. ``migrate``. QEMU saves the device state, write-protects RAM and starts sending pages. With
-   the VM stopped by us, the snapshot point lies inside our pause: the notes and coverage
-   describe the same instant as the pages.
-4. ``cont`` as soon as the first page arrives (pages come only after write-protection is on).
-   QEMU's own resume (``bg_migration_vm_start_bh``: ``vm_resume`` of the state it found, i.e.
-   paused) is scheduled before the first page is written; the run state is checked after
-   ``cont`` and ``cont`` repeated if QEMU's resume marked the running VM paused.
-5. After ``cont``: the populated set from the host, and the plan. On anonymous RAM the set can
-   only have grown since the instant (a superset is a correct plan: pages that arrive as zero
-   stay holes); on shmem the holes were faulted in before the pause anyway.
+1. Before: the layout (:func:`qmpdump.survey.survey`), the socket handed to QEMU, the migration
+   capabilities and ``max-bandwidth`` saved (the daemon journals them through
+   :class:`~qmpdump.engines.base.PauseHooks`) and set, and QEMU's dump headers read
+   (:func:`qmpdump.qmp.plugged.read_dump_prefix`; QEMU pauses the VM for about a millisecond on
+   its own): its PT_LOAD coverage, and notes of the size the core must plan for.
+2. ``migrate``. QEMU sets up (pre-touching guest RAM, with the guest running), then stops the
+   VM, stashes the device state (the vCPUs' registers among it), write-protects RAM and
+   resumes the VM: the snapshot point is QEMU's own pause, and qmpdump never sends ``stop``.
+3. Once the first page arrived (after the instant): the populated set from the host (on
+   anonymous RAM it can only have grown since: a superset is a correct plan, pages that arrive
+   as zero stay holes; shmem holes were faulted in by QEMU's setup) and the plan, notes last,
+   so that the output is hashed while the pages arrive.
+4. After the last page: the stashed device state, walked with the stream's own JSON
+   description (:mod:`qmpdump.vmstate`), gives every vCPU's registers; the guest's VMCOREINFO
+   note is read from the snapshot's own pages where the ``vmcoreinfo`` device points; the
+   notes are built as QEMU builds them (:mod:`qmpdump.elf.x86_notes`) and must have the size
+   the probe's had. The stream's early virtio-mem sections (the plug state at the instant) must
+   match the probe's coverage.
+
+Where QEMU's core would not be an x86-64 one (another architecture, or vCPU 0 outside long
+mode), qmpdump makes the instant itself (``instant="stop"``): ``stop``, QEMU's dump headers of
+the stopped VM, ``migrate``, ``cont`` once the first page arrived (QEMU's own resume is scheduled
+before it; the run state is checked and ``cont`` repeated if QEMU's resume marked the running
+VM paused).
 
 QEMU before 8.1 is refused: there, a background snapshot that fails or is cancelled after
 write-protection started leaves the guest blocked on its next write (as the issue and
