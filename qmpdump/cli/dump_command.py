@@ -2,6 +2,10 @@
 
 A progress bar goes to stderr when it is a terminal (silent otherwise); Ctrl-C or SIGTERM
 cancels: the partial file is removed and the VM runs as before. ``--json`` prints a summary.
+
+Migration settings the snapshot engine changes are journalled first
+(:mod:`qmpdump.cli.settings_journal`); every dump on a QMP session starts by putting back what
+a killed run left changed on the same QEMU, with a warning line on stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from qmpdump.cli.progress import ProgressBar
+from qmpdump.cli.settings_journal import (
+    SettingsJournal,
+    journal_address,
+    journal_hooks,
+    restore_orphaned,
+    runtime_dir,
+)
 from qmpdump.cli.source import add_source_arguments, libvirt_ref, monitor_mode, open_session
 from qmpdump.elf.plan import DEFAULT_MAX_PHDRS
 from qmpdump.engines.base import ProgressCallback
@@ -214,12 +225,15 @@ async def _dump_at(
         return await _dump_supported(args, spec, mode, target, bar, overwrite=overwrite)
     try:
         async with open_session(args) as session:
+            journal = SettingsJournal(runtime_dir(), journal_address(session))
+            await restore_orphaned(journal, session, sys.stderr)
             return await run_dump(
                 session,
                 target,
                 spec,
                 overwrite=overwrite,
                 progress=then(lambda p: bar.show(p.completed, p.total), tap),
+                hooks=journal_hooks(journal, session),
             )
     except UnsafeThroughLibvirt:
         if mode != "passthrough":

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from qmpdump.engines.spec import DumpSpec, EngineTraits
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpTarget
+from qmpdump.qmp.migsettings import MigrationSettings
 from qmpdump.qmp.session import QMPSession
 from qmpdump.survey import Survey
 
@@ -63,14 +64,6 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationSettings:
-    """Migration settings to restore: ``{capability: state}`` and parameters as QMP takes them."""
-
-    capabilities: dict[str, bool]
-    parameters: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)

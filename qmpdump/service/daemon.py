@@ -58,6 +58,11 @@ from qmpdump.errors import (
 )
 from qmpdump.host.procfs import process_start_ticks
 from qmpdump.output import PARTIAL_SUFFIX, sidecar_path
+from qmpdump.qmp.migsettings import (
+    describe_settings,
+    end_orphaned_migration,
+    restore_migration_settings,
+)
 from qmpdump.qmp.session import QMPSession
 from qmpdump.report import MapReport
 from qmpdump.service import sdnotify
@@ -65,7 +70,7 @@ from qmpdump.service.config import LOCAL_SINK, Config, ResolvedVM
 from qmpdump.service.jobs import JobRunner, spool_dir
 from qmpdump.service.metrics import DaemonMetrics
 from qmpdump.service.sources import LibvirtSupervisor, LibvirtWatcher, make_supervisor
-from qmpdump.service.store import Job, JobError, JobState, JobStore, MigrationSettingsRecord
+from qmpdump.service.store import Job, JobError, JobState, JobStore
 from qmpdump.service.supervisor import VMSupervisor
 from qmpdump.service.views import (
     ConnectionState,
@@ -87,11 +92,6 @@ log = logging.getLogger(__name__)
 DISCOVER_EVERY_S = 2.0
 #: Jobs one VM may have waiting; one more is a 409.
 MAX_QUEUED_PER_VM = 16
-#: ``query-migrate`` states in which no migration runs (QEMU's MigrationStatus); any other is
-#: one in progress
-MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
-#: how long a ``migrate_cancel`` of an orphaned background snapshot may take to end it
-MIGRATION_CANCEL_WAIT_S = 30.0
 
 
 def _iso(t: float | None) -> str | None:
@@ -469,21 +469,21 @@ class Daemon:
                     )
                     await runner.db(self.store.clear_migration_settings, record.vm)
                     continue
-                cancelled = await _end_orphaned_migration(session)
-                await _restore_migration_settings(session, record)
+                cancelled = await end_orphaned_migration(session)
+                await restore_migration_settings(session, record)
                 log.warning(
                     "VM %s: %srestored the migration settings the daemon had changed before a "
                     "restart: %s",
                     record.vm,
                     "cancelled the orphaned background snapshot and " if cancelled else "",
-                    _describe_settings(record),
+                    describe_settings(record),
                 )
                 await runner.db(self.store.clear_migration_settings, record.vm)
             except QmpdumpError as err:
                 log.warning(
                     "VM %s: could not restore the journalled migration settings (%s): %s",
                     record.vm,
-                    _describe_settings(record),
+                    describe_settings(record),
                     err,
                 )
 
@@ -656,59 +656,6 @@ class Daemon:
 
     def metrics(self) -> str:
         return self.metrics_data.text()
-
-
-async def _migration_status(session: QMPSession) -> str:
-    reply = await session.execute("query-migrate")
-    status = reply.get("status") if isinstance(reply, dict) else None
-    return status if isinstance(status, str) else "none"
-
-
-async def _end_orphaned_migration(session: QMPSession) -> bool:
-    """Cancel the migration QEMU still runs, if any, and wait for it to end; whether one ran.
-
-    With a journal entry of the same QEMU, the one migration that can run is the background
-    snapshot the daemon started and lost (its reader gone, it may still be in its setup).
-    Raises :class:`~qmpdump.errors.QmpdumpError` when it does not end within
-    :data:`MIGRATION_CANCEL_WAIT_S` (the journal entry stays, for the next session).
-    """
-    status = await _migration_status(session)
-    if status in MIGRATION_IDLE:
-        return False
-    await session.execute("migrate_cancel")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + MIGRATION_CANCEL_WAIT_S
-    while (status := await _migration_status(session)) not in MIGRATION_IDLE:
-        if loop.time() > deadline:
-            raise QmpdumpError(
-                f"the migration did not end within {MIGRATION_CANCEL_WAIT_S:g} s of "
-                f"migrate_cancel (it is {status!r})"
-            )
-        await asyncio.sleep(0.05)
-    return True
-
-
-async def _restore_migration_settings(session: QMPSession, record: MigrationSettingsRecord) -> None:
-    """Send the journalled capabilities and parameters back to QEMU."""
-    if record.capabilities:
-        await session.execute(
-            "migrate-set-capabilities",
-            {
-                "capabilities": [
-                    {"capability": name, "state": state}
-                    for name, state in sorted(record.capabilities.items())
-                ]
-            },
-        )
-    if record.parameters:
-        await session.execute("migrate-set-parameters", dict(record.parameters))
-
-
-def _describe_settings(record: MigrationSettingsRecord) -> str:
-    """``background-snapshot=off, max-bandwidth=134217728``."""
-    parts = [f"{k}={'on' if v else 'off'}" for k, v in sorted(record.capabilities.items())]
-    parts += [f"{k}={v}" for k, v in sorted(record.parameters.items())]
-    return ", ".join(parts) or "nothing"
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
