@@ -9,8 +9,9 @@ The reference is QEMU's own dump, as for the sparse reader (``test_dump_backend.
   dump; the VM was paused only briefly, the notes were read inside that pause (STOP, then the
   probe's DUMP_COMPLETED, then RESUME), the migration capabilities are as before, and the
   sidecar records the host memory growth, predicted and measured;
-* faults (cancel, disk full, a migration already running, qmpdump killed mid-stream) end with
-  the guest running, no partial file, and the capabilities restored.
+* faults (cancel, disk full, a migration already running, qmpdump killed in QEMU's pause or
+  mid-stream) end with the guest running, no partial file, and the capabilities restored (after
+  a kill: by the next CLI run, from its journal).
 
 Which QEMU: the testbed's (``QMPDUMP_QEMU_BUILD``, or a binary in ``QMPDUMP_QEMU``). On QEMU
 older than 8.1 only the refusal is tested.
@@ -24,6 +25,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -32,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from qmpdump.cli.settings_journal import SettingsJournal
 from qmpdump.engines.base import Progress
 from qmpdump.engines.run import DumpTask, run_dump
 from qmpdump.engines.spec import DumpSpec, EngineName
@@ -320,64 +323,157 @@ async def test_disk_full_ends_cleanly(snap_vm: VM, tmp_path: Path) -> None:
     await assert_runs(snap_vm)
 
 
-@pytest.mark.guest
-@needs_snapshot
-async def test_qmpdump_killed_mid_stream_leaves_the_guest_running(
-    snap_vm: VM,
-    dumps: Path,  # noqa: F811
-) -> None:
-    """SIGKILL of the CLI while QEMU streams: the socket closes, QEMU's snapshot fails, and
-    QEMU 8.1+ write-unprotects guest RAM on that path; the guest runs on."""
-    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+async def _migration_settings(vm: VM) -> tuple[dict[str, bool], int]:
+    """The VM's migration capabilities and ``max-bandwidth``."""
+    assert vm.qmp is not None
+    caps = {
+        c["capability"]: bool(c["state"])
+        for c in await vm.qmp.execute("query-migrate-capabilities")
+    }
+    params = await vm.qmp.execute("query-migrate-parameters")
+    return caps, int(params["max-bandwidth"])
+
+
+async def _kill_cli_during_snapshot(vm: VM, target: Path, runtime: Path, point: str) -> None:
+    """Start ``qmpdump dump --engine snapshot`` and SIGKILL it at ``point``: ``setup`` (QEMU
+    reports the migration in setup, or active with nothing sent yet: inside or right before
+    QEMU's own pause, qmpdump does not stop the VM itself) or ``streaming`` (pages flow and the
+    guest runs again). Returns once the CLI is dead."""
+    assert vm.qmp is not None
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        "QMPDUMP_RUNTIME_DIR": str(runtime),
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "qmpdump.cli.main",
         "dump",
         "--qmp",
-        str(snap_vm.qmp_path),
+        str(vm.qmp_path),
         "--engine",
         "snapshot",
         "-o",
-        str(dumps / "x.elf"),
+        str(target),
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        assert snap_vm.qmp is not None
-        for _ in range(4000):
-            reply = await snap_vm.qmp.execute("query-migrate")
-            streaming = reply.get("status") == "active" and reply.get("ram", {}).get("transferred")
-            # Past the pause (a kill inside it leaves the VM paused, as with the backend
-            # engine: the daemon's journal resumes it at its next start).
-            if streaming and await status(snap_vm) == "running":
-                break
-            await asyncio.sleep(0.002)
+        for _ in range(20000):
+            reply = await vm.qmp.execute("query-migrate")
+            state = reply.get("status")
+            sent = reply.get("ram", {}).get("transferred")
+            if point == "setup":
+                if state == "setup" or (state == "active" and not sent):
+                    break
+                # missed the window: the test would prove nothing about it
+                assert not (state == "active" and sent), "the kill came after the setup"
+                await asyncio.sleep(0)
+            else:
+                if state == "active" and sent and await status(vm) == "running":
+                    break
+                await asyncio.sleep(0.002)
         else:
-            raise AssertionError("the snapshot never streamed")
+            raise AssertionError(f"the snapshot never reached {point}")
         proc.send_signal(signal.SIGKILL)
     finally:
         await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _journal_of(vm: VM, runtime: Path) -> Path:
+    return SettingsJournal(runtime, os.path.abspath(vm.qmp_path)).path
+
+
+@pytest.mark.guest
+@needs_snapshot
+async def test_the_next_cli_run_restores_what_a_killed_one_changed(
+    snap_vm: VM,
+    dumps: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """SIGKILL of the CLI mid-stream leaves ``background-snapshot`` on and its journal entry;
+    the next ``qmpdump dump`` of the VM, with another engine, ends the orphaned snapshot, puts
+    the capability and ``max-bandwidth`` back, says so, and removes the entry."""
+    runtime = tmp_path_factory.mktemp("run")
+    before = await _migration_settings(snap_vm)
+    assert before[0]["background-snapshot"] is False
+    await _kill_cli_during_snapshot(snap_vm, dumps / "x.elf", runtime, "streaming")
+    # The fault happened: the killed run could not put its settings back.
+    caps, bandwidth = await _migration_settings(snap_vm)
+    assert caps["background-snapshot"] is True
+    assert bandwidth != before[1]
+    journal = _journal_of(snap_vm, runtime)
+    assert journal.exists()
+    assert stat.S_IMODE(journal.stat().st_mode) == 0o600
+
+    code, _out, err = await run_cli(
+        "dump",
+        "--qmp",
+        str(snap_vm.qmp_path),
+        "--engine",
+        "backend",
+        "-o",
+        str(dumps / "next.elf"),
+        env={"QMPDUMP_RUNTIME_DIR": str(runtime)},
+        timeout_s=300.0,
+    )
+    assert code == 0, err
+    assert "warning: restored the migration settings a killed qmpdump dump had changed" in err
+    assert "background-snapshot=off" in err
+    assert await _migration_settings(snap_vm) == before
+    assert not journal.exists()
+    assert snap_vm.qmp is not None
+    assert await migration_status(snap_vm.qmp) in ("failed", "cancelled")
+    check_files(dumps / "next.elf")
+    assert not (dumps / "x.elf").exists()
+    await assert_runs(snap_vm)
+
+
+@pytest.mark.guest
+@needs_snapshot
+@pytest.mark.parametrize("point", ["setup", "streaming"])
+async def test_qmpdump_killed_mid_stream_leaves_the_guest_running(
+    snap_vm: VM,
+    dumps: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+    point: str,
+) -> None:
+    """SIGKILL of the CLI in QEMU's setup of the snapshot (its pause) or while it streams: the
+    socket closes, QEMU's snapshot fails (QEMU 8.1+ write-unprotects guest RAM on that path)
+    and QEMU resumes the guest; the next CLI run puts the migration settings back from its
+    journal and makes a snapshot that completes (the guest is not blocked on a write-protected
+    page). Nothing is presented as a dump."""
+    runtime = tmp_path_factory.mktemp("run")
+    before = await _migration_settings(snap_vm)
+    await _kill_cli_during_snapshot(snap_vm, dumps / "x.elf", runtime, point)
+    assert _journal_of(snap_vm, runtime).exists()
     assert snap_vm.qmp is not None
     for _ in range(400):
-        if (await snap_vm.qmp.execute("query-migrate")).get("status") in ("failed", "cancelled"):
+        if await status(snap_vm) == "running":
             break
         await asyncio.sleep(0.05)
-    assert (await snap_vm.qmp.execute("query-migrate")).get("status") in ("failed", "cancelled")
     await assert_runs(snap_vm)
-    # The guest is not blocked on a write-protected page: a later snapshot completes.
-    caps = {
-        c["capability"]: c["state"] for c in await snap_vm.qmp.execute("query-migrate-capabilities")
-    }
-    if caps.get("background-snapshot"):  # the killed run could not restore them
-        await snap_vm.qmp.execute(
-            "migrate-set-capabilities",
-            {"capabilities": [{"capability": "background-snapshot", "state": False}]},
-        )
-    async with QMPSession(str(snap_vm.qmp_path)) as session:
-        again = await run_dump(session, dumps / "again.elf", DumpSpec(engine=EngineName.SNAPSHOT))
-    assert again.size > 0
+    code, out, err = await run_cli(
+        "dump",
+        "--qmp",
+        str(snap_vm.qmp_path),
+        "--engine",
+        "snapshot",
+        "--json",
+        "-o",
+        str(dumps / "again.elf"),
+        env={"QMPDUMP_RUNTIME_DIR": str(runtime)},
+        timeout_s=300.0,
+    )
+    assert code == 0, err
+    assert "warning: restored the migration settings" in err
+    assert json.loads(out)["engine"] == "snapshot"
+    check_files(dumps / "again.elf")
+    assert await _migration_settings(snap_vm) == before
+    assert not _journal_of(snap_vm, runtime).exists()
     # Nothing is presented as a dump; the killed run's .partial is the daemon's to remove at
     # its next start (the CLI cannot clean up after SIGKILL).
     assert not (dumps / "x.elf").exists()
