@@ -400,7 +400,9 @@ async def test_the_next_cli_run_restores_what_a_killed_one_changed(
     runtime = tmp_path_factory.mktemp("run")
     before = await _migration_settings(snap_vm)
     assert before[0]["background-snapshot"] is False
-    await _kill_cli_during_snapshot(snap_vm, dumps / "x.elf", runtime, "streaming")
+    killed = dumps / "killed"  # its .partial stays (the CLI cannot clean up after SIGKILL)
+    killed.mkdir()
+    await _kill_cli_during_snapshot(snap_vm, killed / "x.elf", runtime, "streaming")
     # The fault happened: the killed run could not put its settings back.
     caps, bandwidth = await _migration_settings(snap_vm)
     assert caps["background-snapshot"] is True
@@ -428,7 +430,7 @@ async def test_the_next_cli_run_restores_what_a_killed_one_changed(
     assert snap_vm.qmp is not None
     assert await migration_status(snap_vm.qmp) in ("failed", "cancelled")
     check_files(dumps / "next.elf")
-    assert not (dumps / "x.elf").exists()
+    assert not (killed / "x.elf").exists()
     await assert_runs(snap_vm)
 
 
@@ -448,7 +450,9 @@ async def test_qmpdump_killed_mid_stream_leaves_the_guest_running(
     page). Nothing is presented as a dump."""
     runtime = tmp_path_factory.mktemp("run")
     before = await _migration_settings(snap_vm)
-    await _kill_cli_during_snapshot(snap_vm, dumps / "x.elf", runtime, point)
+    killed = dumps / "killed"  # its .partial stays (the CLI cannot clean up after SIGKILL)
+    killed.mkdir()
+    await _kill_cli_during_snapshot(snap_vm, killed / "x.elf", runtime, point)
     assert _journal_of(snap_vm, runtime).exists()
     assert snap_vm.qmp is not None
     for _ in range(400):
@@ -476,5 +480,5 @@ async def test_qmpdump_killed_mid_stream_leaves_the_guest_running(
     assert not _journal_of(snap_vm, runtime).exists()
     # Nothing is presented as a dump; the killed run's .partial is the daemon's to remove at
     # its next start (the CLI cannot clean up after SIGKILL).
-    assert not (dumps / "x.elf").exists()
+    assert not (killed / "x.elf").exists()
     await assert_runs(snap_vm)
