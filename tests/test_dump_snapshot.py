@@ -28,6 +28,8 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from qmpdump.engines.base import Progress
 from qmpdump.engines.run import DumpTask, run_dump
 from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.errors import DiskFull, DumpBusy, DumpCancelled, DumpError
+from qmpdump.qmp.migsettings import MigrationSettings
 from qmpdump.qmp.session import QMPSession
 from qmpdump.testbed.qemus import default_build, resolve
 from qmpdump.testbed.vm import VM, Backend, GiB, MiB, VirtioMemSpec, VMSpec
@@ -431,6 +434,85 @@ async def test_the_next_cli_run_restores_what_a_killed_one_changed(
     assert await migration_status(snap_vm.qmp) in ("failed", "cancelled")
     check_files(dumps / "next.elf")
     assert not (killed / "x.elf").exists()
+    await assert_runs(snap_vm)
+
+
+@pytest.mark.guest
+@needs_snapshot
+async def test_the_next_cli_run_cancels_an_orphaned_snapshot(
+    snap_vm: VM,
+    dumps: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A background snapshot whose reader lives on (here a thread of this test reading slowly,
+    about 6 MB/s; for a killed CLI, a process that inherited its end of the stream) still runs
+    when the next CLI starts: that run cancels it, waits for its end, restores the journalled
+    settings and says both.
+
+    (A reader that reads nothing at all is worse: QEMU 10.0 then stops answering QMP, new
+    connections and ``migrate_cancel`` included, as its setup blocks on the full socket.)"""
+    assert snap_vm.qmp is not None
+    runtime = tmp_path_factory.mktemp("run")
+    before = await _migration_settings(snap_vm)
+    journal = SettingsJournal(runtime, os.path.abspath(snap_vm.qmp_path))
+    # what the snapshot engine journals before its change, for this QEMU process
+    assert journal.record(
+        snap_vm.pid,
+        MigrationSettings({"background-snapshot": False}, {"max-bandwidth": before[1]}),
+    )
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+
+    def read_slowly() -> None:
+        while not stop.is_set():
+            try:
+                if not ours.recv(64 * 1024):
+                    return
+            except OSError:
+                return
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    try:
+        await snap_vm.qmp.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "background-snapshot", "state": True}]},
+        )
+        await snap_vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        fdname = await snap_vm.qmp.pass_fd(theirs.fileno())
+        await snap_vm.qmp.execute("migrate", {"uri": f"fd:{fdname}"})
+        await _wait_migrating(snap_vm.qmp)
+        code, _out, err = await run_cli(
+            "dump",
+            "--qmp",
+            str(snap_vm.qmp_path),
+            "--engine",
+            "backend",
+            "-o",
+            str(dumps / "next.elf"),
+            env={"QMPDUMP_RUNTIME_DIR": str(runtime)},
+            timeout_s=300.0,
+        )
+        assert code == 0, err
+        assert "after cancelling its orphaned background snapshot" in err
+        assert await migration_status(snap_vm.qmp) == "cancelled"
+        assert await _migration_settings(snap_vm) == before
+        assert not journal.path.exists()
+        check_files(dumps / "next.elf")
+    finally:
+        stop.set()
+        ours.shutdown(socket.SHUT_RDWR)
+        reader.join()
+        ours.close()
+        theirs.close()
+        if await migration_status(snap_vm.qmp) in ("setup", "active"):
+            await snap_vm.qmp.execute("migrate_cancel")
+        await snap_vm.qmp.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "background-snapshot", "state": False}]},
+        )
+        await snap_vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": before[1]})
     await assert_runs(snap_vm)
 
 
