@@ -537,6 +537,48 @@ class _Reader:
                 self.zero_pages += n
             offset = stop
 
+    def data_run(self, block: str, offset: int, count: int, data: bytes, /) -> None:
+        """``count`` data pages from ``offset`` (the parser found them in order), placed window
+        by window: one seen-check, one write per window."""
+        if (self.windows is None and not self.plan_ready.is_set()) or self.early:
+            for i in range(count):
+                self.page(block, offset + i * PAGE_SIZE, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+            return
+        end = offset + count * PAGE_SIZE
+        at = offset
+        while at < end:
+            w = self._last.get(block)
+            if w is None or not w.start <= at < w.end:
+                w = self._window(block, at)
+                if w is None:
+                    self._place(block, at, data[at - offset : at - offset + PAGE_SIZE])
+                    at += PAGE_SIZE
+                    continue
+            stop = min(end, w.end)
+            n = (stop - at) // PAGE_SIZE
+            if w.covered:
+                gpa = w.gpa + at - w.start
+                if w.file_offset < 0:
+                    raise MigrationStreamError(
+                        f"the page at {gpa:#x} holds data, but the host reported that memory "
+                        "unpopulated at the snapshot point"
+                    )
+                index = (gpa - self.base) >> 12
+                twice = self.seen.find(1, index, index + n)
+                if twice != -1:
+                    raise MigrationStreamError(
+                        f"the page at {self.base + (twice << 12):#x} was sent twice"
+                    )
+                self.seen[index : index + n] = b"\x01" * n
+                self.received += n
+                self.data_pages += n
+                self.pending.add(w.file_offset + at - w.start, data[at - offset : stop - offset])
+                self.copied += n * PAGE_SIZE
+                if self.received >= self._next_check:
+                    self._next_check = self.received + _HASH_STEP
+                    self._advance_frontier()
+            at = stop
+
     def _hold(self, block: str, offset: int, data: bytes | None) -> None:
         if not self.first_page.is_set():
             self.first_at = time.monotonic()
