@@ -60,7 +60,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from qmpdump.elf.format import parse_header
 from qmpdump.elf.plan import (
@@ -196,7 +196,7 @@ class SnapshotDumpRequest:
     hooks: PauseHooks = field(default_factory=PauseHooks)
     #: "qemu": QEMU's own pause is the instant, the notes come from the state it stashed
     #: (x86-64 guests in long mode); "stop": qmpdump stops the VM and reads QEMU's notes
-    instant: str = "qemu"
+    instant: Literal["qemu", "stop"] = "qemu"
 
 
 @dataclass(frozen=True, slots=True)
