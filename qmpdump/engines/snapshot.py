@@ -535,6 +535,9 @@ class _Reader:
                 self.seen[index : index + n] = b"\x01" * n
                 self.received += n
                 self.zero_pages += n
+                if self.received >= self._next_check:  # zero pages of the plan's data too
+                    self._next_check = self.received + _HASH_STEP
+                    self._advance_frontier()
             offset = stop
 
     def data_run(self, block: str, offset: int, count: int, data: bytes, /) -> None:
