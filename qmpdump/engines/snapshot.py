@@ -1003,6 +1003,17 @@ class _Run:
         self.timings["planned_s"] = time.monotonic() - t0
         return result, plan
 
+    async def _recheck_plugged(self) -> None:
+        """Without the stream's early virtio-mem sections (QEMU before they were added), the
+        plug state of the instant is not in hand: QEMU's coverage is read again after the
+        stream (plugging was frozen from ``migrate`` on; a change between the first probe and
+        ``migrate`` shows as a difference) and must be what the dump was planned with."""
+        again = dump_loads(await read_dump_prefix(self.session, timeout_s=self.session.timeout_s))
+        if again != self.reader.coverage:
+            raise MigrationStreamError(
+                "the plugged virtio-mem memory changed while the snapshot started; try again"
+            )
+
     def write_instant_notes(self, plan: CorePlan) -> None:
         """Replace the probe's notes with those of the snapshot point (same size, or fail).
 
@@ -1093,6 +1104,8 @@ class _Run:
             if self.qemu_mode:
                 await asyncio.to_thread(self.write_instant_notes, plan)
             final = await self.finish(timeout_s)
+            if self.qemu_mode and self.before.layout.devices and not self.reader.early_vmem:
+                await self._recheck_plugged()  # (a dump waits for the migration to end)
             if self.qemu_mode:
                 self.heard = listener.drain()
         return result, plan, final
