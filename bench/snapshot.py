@@ -29,7 +29,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -62,6 +62,7 @@ class Row:
     after: float
     cut: str
     timings: str = ""
+    steps: dict[str, float] = field(default_factory=dict)
 
 
 class Writer:
@@ -151,10 +152,12 @@ async def one_dump(
     target.with_name(target.name + ".json").unlink()
     predicted = None
     timings = ""
+    steps: dict[str, float] = {}
     if engine == "snapshot":
         details = outcome.record.request.model_dump()
         predicted = details["host_growth"]["predicted_bytes"]
-        timings = " ".join(f"{k}={v:.3f}" for k, v in details["timings_s"].items())
+        steps = dict(details["timings_s"])
+        timings = " ".join(f"{k}={v:.3f}" for k, v in steps.items())
     return Row(
         vm=vm.spec.name,
         load=load,
@@ -169,6 +172,7 @@ async def one_dump(
         after=writer.rate(t1, t1 + WINDOW_S),
         cut="pass" if verdict.ok else f"FAIL ({verdict.reason[:40]})",
         timings=timings,
+        steps=steps,
     )
 
 
@@ -240,6 +244,38 @@ def print_rows(rows: list[Row]) -> None:
                 f"{r.vm} {r.load}: snapshot wall / backend wall = {r.wall_s / backend.wall_s:.2f}"
                 f" (target <= 2); snapshot pause {1000 * (r.paused_s or 0):.1f} ms vs backend "
                 f"{1000 * (backend.paused_s or 0):.0f} ms"
+            )
+    _print_targets(rows)
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
+def _print_targets(rows: list[Row]) -> None:
+    """The issue's targets, row by row (ratios within this run)."""
+    snaps = {(r.vm, r.load): r for r in rows if r.engine == "snapshot"}
+    print("\ntargets (issue 13):")
+    for (vm, load), r in snaps.items():
+        ms = 1000 * (r.paused_s or 0)
+        instant = 1000 * r.steps.get("instant_paused_s", 0.0)
+        probe = 1000 * r.steps.get("probe_paused_s", 0.0)
+        limit = 5.0 if vm.startswith("anon") else 50.0
+        print(
+            f"  {vm} {load}: pause {ms:.1f} ms (QEMU's instant {instant:.1f} + probe {probe:.1f})"
+            f" <= {limit:g} ms {_verdict(ms <= limit)}; <= 50 ms {_verdict(ms <= 50)}"
+        )
+        if vm.startswith("anon"):
+            print(f"  {vm} {load}: host growth {r.growth} B (target 0) {_verdict(r.growth == 0)}")
+        elif r.predicted:
+            off = abs(r.growth - r.predicted) / r.predicted
+            print(f"  {vm} {load}: growth {off:.1%} off the prediction {_verdict(off <= 0.05)}")
+    for load in ("idle", "writer"):
+        small, large = snaps.get(("anon-small", load)), snaps.get(("anon-large", load))
+        if small and large and small.paused_s and large.paused_s:
+            print(
+                f"  pause large/small, {load}: {large.paused_s / small.paused_s:.2f} for "
+                f"{large.size / small.size:.1f}x the populated memory"
             )
 
 

@@ -66,7 +66,7 @@ __all__ = [
     "RamBlocks",
     "RamDone",
     "Record",
-    "ZeroRunSink",
+    "RunSink",
 ]
 
 MAGIC: Final = 0x5145564D
@@ -105,6 +105,9 @@ _CHUNK: Final = 1 << 20
 #: a zero page continuing the current block: be64 offset | ZERO | CONTINUE, u8 fill 0
 _ZERO_RECORD: Final = 9
 _ZERO_CONTINUE: Final = FLAG_ZERO | FLAG_CONTINUE
+#: a data page continuing the current block: be64 offset | PAGE | CONTINUE, the 4096 bytes
+_DATA_RECORD: Final = 8 + PAGE_SIZE
+_DATA_CONTINUE: Final = FLAG_PAGE | FLAG_CONTINUE
 
 
 class PageSink(Protocol):
@@ -113,10 +116,13 @@ class PageSink(Protocol):
     def page(self, block: str, offset: int, data: bytes | None, /) -> None: ...
 
 
-class ZeroRunSink(PageSink, Protocol):
-    """A sink that also takes runs of zero pages at once (``count`` pages from ``offset``)."""
+class RunSink(PageSink, Protocol):
+    """A sink that also takes runs of pages at once: ``count`` pages from ``offset``, all zero,
+    or ``data`` holding their ``count * 4096`` bytes."""
 
     def zero_run(self, block: str, offset: int, count: int, /) -> None: ...
+
+    def data_run(self, block: str, offset: int, count: int, data: bytes, /) -> None: ...
 
 
 class Readable(Protocol):
@@ -439,17 +445,18 @@ class MigrationStream:
                     self._zeros_after(block, offset, sink)
             elif flags & FLAG_PAGE:
                 deliver(block.idstr, offset, self._read(PAGE_SIZE))
+                self._data_after(block, offset, sink)
             else:
                 raise self._fail(f"RAM record without a page (flags {flags:#x})")
 
     def _zeros_after(self, block: RamBlockInfo, offset: int, sink: PageSink) -> None:
         """Deliver the run of zero pages that follows the zero page at ``offset``, if any."""
         most = (block.used_length - offset) // PAGE_SIZE - 1
-        run = self._zero_run(offset + PAGE_SIZE, most) if most > 0 else 0
+        start = offset + PAGE_SIZE
+        run = self._run(start, most, _ZERO_RECORD, _ZERO_CONTINUE) if most > 0 else 0
         if not run:
             return
         self._pos += _ZERO_RECORD * run
-        start = offset + PAGE_SIZE
         runs = getattr(sink, "zero_run", None)
         if runs is not None:
             runs(block.idstr, start, run)
@@ -457,36 +464,72 @@ class MigrationStream:
         for at in range(start, start + run * PAGE_SIZE, PAGE_SIZE):
             sink.page(block.idstr, at, None)
 
-    def _zero_run(self, start: int, most: int) -> int:
-        """How many records at the cursor are zero pages of the current block at ``start``,
-        ``start + 4096``, ... (at most ``most``; only what is already buffered).
+    def _data_after(self, block: RamBlockInfo, offset: int, sink: PageSink) -> None:
+        """Deliver the run of data pages that follows the data page at ``offset``, if any."""
+        most = (block.used_length - offset) // PAGE_SIZE - 1
+        start = offset + PAGE_SIZE
+        run = self._run(start, most, _DATA_RECORD, _DATA_CONTINUE) if most > 0 else 0
+        if not run:
+            return
+        at = self._pos
+        buf = self._buf
+        self._pos += _DATA_RECORD * run
+        runs = getattr(sink, "data_run", None)
+        if runs is not None:
+            view = memoryview(buf)
+            data = b"".join(
+                view[p + 8 : p + _DATA_RECORD]
+                for p in range(at, at + run * _DATA_RECORD, _DATA_RECORD)
+            )
+            runs(block.idstr, start, run, data)
+            return
+        for i in range(run):
+            p = at + i * _DATA_RECORD
+            sink.page(block.idstr, start + i * PAGE_SIZE, buf[p + 8 : p + _DATA_RECORD])
 
-        QEMU sends every never-written page as a 9-byte record: this finds a run of them with a
-        few byte-string comparisons instead of a Python step per page. Galloping, then a
-        bisection: the cost is proportional to the run, also when it is short.
+    def _run(self, start: int, most: int, size: int, flags: int) -> int:
+        """How many records at the cursor continue the current block in order at ``start``,
+        ``start + 4096``, ..., each of ``size`` bytes with exactly ``flags`` (at most ``most``;
+        only what is already buffered).
+
+        QEMU sends memory in order, a record per page: this finds a run with a few byte-string
+        comparisons instead of a Python step per page. A quick look at the next record first
+        (most runs of one), then galloping and a bisection: the cost is proportional to the run.
         """
-        avail = min((len(self._buf) - self._pos) // _ZERO_RECORD, most)
-        good, size = 0, 1
-        while size <= avail and self._is_zero_run(start, size):
-            good, size = size, size * 2
-        bad = min(size, avail + 1)
+        pos, buf = self._pos, self._buf
+        avail = min((len(buf) - pos) // size, most)
+        if (
+            avail < 1
+            or buf[pos + 7] != flags & 0xFF
+            or (size == _ZERO_RECORD and buf[pos + 8] != 0)
+            or int.from_bytes(buf[pos : pos + 8], "big") != start | flags
+        ):
+            return 0
+        good, count = 1, 2
+        while count <= avail and self._is_run(start, good, count, size, flags):
+            good, count = count, count * 2
+        bad = min(count, avail + 1)
         while bad - good > 1:
             mid = (good + bad) // 2
-            if self._is_zero_run(start, mid):
+            if self._is_run(start, good, mid, size, flags):
                 good = mid
             else:
                 bad = mid
         return good
 
-    def _is_zero_run(self, start: int, count: int) -> bool:
-        chunk = self._buf[self._pos : self._pos + _ZERO_RECORD * count]
-        if chunk[8::_ZERO_RECORD] != bytes(count):
+    def _is_run(self, start: int, first: int, count: int, size: int, flags: int) -> bool:
+        """Whether records ``first`` to ``count - 1`` after the cursor are those of the run."""
+        at = self._pos + first * size
+        chunk = self._buf[at : at + size * (count - first)]
+        n = count - first
+        if size == _ZERO_RECORD and chunk[8::size] != bytes(n):
             return False
-        headers = array("Q", range(start | _ZERO_CONTINUE, start + count * PAGE_SIZE, PAGE_SIZE))
+        base = start + first * PAGE_SIZE
+        headers = array("Q", range(base | flags, base + n * PAGE_SIZE, PAGE_SIZE))
         if sys.byteorder == "little":
             headers.byteswap()
         expected = headers.tobytes()
-        return all(chunk[j::_ZERO_RECORD] == expected[j::8] for j in range(8))
+        return all(chunk[j::size] == expected[j::8] for j in range(8))
 
     def _block_list(self, total: int) -> RamBlocks:
         blocks: list[RamBlockInfo] = []

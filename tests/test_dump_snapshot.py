@@ -39,8 +39,10 @@ import pytest
 from qmpdump.cli.settings_journal import SettingsJournal
 from qmpdump.engines.base import Progress
 from qmpdump.engines.run import DumpTask, run_dump
+from qmpdump.engines.snapshot import SnapshotDumpRequest, dump_with_snapshot
 from qmpdump.engines.spec import DumpSpec, EngineName
 from qmpdump.errors import DiskFull, DumpBusy, DumpCancelled, DumpError
+from qmpdump.output import DumpFile
 from qmpdump.qmp.migsettings import MigrationSettings
 from qmpdump.qmp.session import QMPSession
 from qmpdump.testbed.qemus import default_build, resolve
@@ -251,6 +253,37 @@ async def test_snapshot_of_a_running_vm_pauses_it_briefly(snap_vm: VM, dumps: Pa
                             pattern += 1
     assert pattern >= 16 * MiB // PAGE
     check_files(ours.path)
+
+
+@pytest.mark.guest
+@needs_snapshot
+async def test_where_qmpdump_makes_the_instant_the_notes_are_read_inside_its_pause(
+    snap_vm: VM,
+    dumps: Path,  # noqa: F811
+) -> None:
+    """The fallback for cores whose notes qmpdump does not build (another architecture, x86
+    outside long mode): qmpdump stops the VM, reads QEMU's notes of the stopped VM, starts the
+    snapshot and resumes at its first page. Forced here on the x86-64 guest."""
+    assert snap_vm.qmp is not None
+    async with QMPSession(str(snap_vm.qmp_path)) as session:
+        caps = await capabilities(session)
+        with session.listen("STOP", "RESUME", "DUMP_COMPLETED") as listener:
+            with DumpFile.create(dumps / "stop.elf") as output:
+                result = await dump_with_snapshot(
+                    session, output, SnapshotDumpRequest(instant="stop")
+                )
+                path = output.commit()
+            heard = [e.event for e in listener.drain()]
+        await assert_runs(snap_vm)
+        assert await capabilities(session) == caps
+        qemu = await run_dump(session, dumps / "qemu.elf", DumpSpec(engine=EngineName.QEMU))
+    # One pause, ours: QEMU's notes were read inside it (its probe dump completed in it).
+    assert heard == ["STOP", "DUMP_COMPLETED", "RESUME"], heard
+    assert result.timings["instant"] == 0.0
+    assert result.paused_s is not None
+    mine, theirs = read_core(path), read_core(qemu.path)
+    assert mine.coverage == theirs.coverage
+    assert result.size == path.stat().st_size
 
 
 # ================================================================ faults

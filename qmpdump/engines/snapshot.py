@@ -60,7 +60,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from qmpdump.elf.format import parse_header
 from qmpdump.elf.plan import (
@@ -196,7 +196,7 @@ class SnapshotDumpRequest:
     hooks: PauseHooks = field(default_factory=PauseHooks)
     #: "qemu": QEMU's own pause is the instant, the notes come from the state it stashed
     #: (x86-64 guests in long mode); "stop": qmpdump stops the VM and reads QEMU's notes
-    instant: str = "qemu"
+    instant: Literal["qemu", "stop"] = "qemu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,7 +535,52 @@ class _Reader:
                 self.seen[index : index + n] = b"\x01" * n
                 self.received += n
                 self.zero_pages += n
+                if self.received >= self._next_check:  # zero pages of the plan's data too
+                    self._next_check = self.received + _HASH_STEP
+                    self._advance_frontier()
             offset = stop
+
+    def data_run(self, block: str, offset: int, count: int, data: bytes, /) -> None:
+        """``count`` data pages from ``offset`` (the parser found them in order), placed window
+        by window: one seen-check, one write per window."""
+        if (self.windows is None and not self.plan_ready.is_set()) or self.early:
+            for i in range(count):
+                self.page(block, offset + i * PAGE_SIZE, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+            return
+        end = offset + count * PAGE_SIZE
+        at = offset
+        while at < end:
+            w = self._last.get(block)
+            if w is None or not w.start <= at < w.end:
+                w = self._window(block, at)
+                if w is None:
+                    self._place(block, at, data[at - offset : at - offset + PAGE_SIZE])
+                    at += PAGE_SIZE
+                    continue
+            stop = min(end, w.end)
+            n = (stop - at) // PAGE_SIZE
+            if w.covered:
+                gpa = w.gpa + at - w.start
+                if w.file_offset < 0:
+                    raise MigrationStreamError(
+                        f"the page at {gpa:#x} holds data, but the host reported that memory "
+                        "unpopulated at the snapshot point"
+                    )
+                index = (gpa - self.base) >> 12
+                twice = self.seen.find(1, index, index + n)
+                if twice != -1:
+                    raise MigrationStreamError(
+                        f"the page at {self.base + (twice << 12):#x} was sent twice"
+                    )
+                self.seen[index : index + n] = b"\x01" * n
+                self.received += n
+                self.data_pages += n
+                self.pending.add(w.file_offset + at - w.start, data[at - offset : stop - offset])
+                self.copied += n * PAGE_SIZE
+                if self.received >= self._next_check:
+                    self._next_check = self.received + _HASH_STEP
+                    self._advance_frontier()
+            at = stop
 
     def _hold(self, block: str, offset: int, data: bytes | None) -> None:
         if not self.first_page.is_set():
@@ -958,6 +1003,17 @@ class _Run:
         self.timings["planned_s"] = time.monotonic() - t0
         return result, plan
 
+    async def _recheck_plugged(self) -> None:
+        """Without the stream's early virtio-mem sections (QEMU before they were added), the
+        plug state of the instant is not in hand: QEMU's coverage is read again after the
+        stream (plugging was frozen from ``migrate`` on; a change between the first probe and
+        ``migrate`` shows as a difference) and must be what the dump was planned with."""
+        again = dump_loads(await read_dump_prefix(self.session, timeout_s=self.session.timeout_s))
+        if again != self.reader.coverage:
+            raise MigrationStreamError(
+                "the plugged virtio-mem memory changed while the snapshot started; try again"
+            )
+
     def write_instant_notes(self, plan: CorePlan) -> None:
         """Replace the probe's notes with those of the snapshot point (same size, or fail).
 
@@ -1048,6 +1104,8 @@ class _Run:
             if self.qemu_mode:
                 await asyncio.to_thread(self.write_instant_notes, plan)
             final = await self.finish(timeout_s)
+            if self.qemu_mode and self.before.layout.devices and not self.reader.early_vmem:
+                await self._recheck_plugged()  # (a dump waits for the migration to end)
             if self.qemu_mode:
                 self.heard = listener.drain()
         return result, plan, final
