@@ -279,7 +279,7 @@ async def restore_orphaned(journal: SettingsJournal, session: QMPSession, err: T
             await asyncio.to_thread(journal.remove)
         err.write(
             f"qmpdump: note: removed a journal of migration settings for QEMU pid "
-            f"{entry.qemu_pid} on {entry.qmp_address}, which is gone\n"
+            f"{entry.qemu_pid} on {entry.qmp_address}: that QEMU no longer serves it\n"
         )
         return
     what = describe_settings(entry)
