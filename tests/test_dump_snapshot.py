@@ -37,11 +37,12 @@ from typing import Any
 import pytest
 
 from qmpdump.cli.settings_journal import SettingsJournal
+from qmpdump.engines import snapshot as snapshot_engine
 from qmpdump.engines.base import Progress
 from qmpdump.engines.run import DumpTask, run_dump
 from qmpdump.engines.snapshot import SnapshotDumpRequest, dump_with_snapshot
 from qmpdump.engines.spec import DumpSpec, EngineName
-from qmpdump.errors import DiskFull, DumpBusy, DumpCancelled, DumpError
+from qmpdump.errors import DiskFull, DumpBusy, DumpCancelled, DumpError, DumpFailed
 from qmpdump.output import DumpFile
 from qmpdump.qmp.migsettings import MigrationSettings
 from qmpdump.qmp.session import QMPSession
@@ -287,6 +288,49 @@ async def test_where_qmpdump_makes_the_instant_the_notes_are_read_inside_its_pau
 
 
 # ================================================================ faults
+
+
+@pytest.mark.guest
+@needs_snapshot
+async def test_a_stuck_output_is_given_up_and_the_guest_released(
+    snap_vm: VM,
+    dumps: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write that never returns (a hung disk) stops the reader; while nothing is read QEMU
+    cannot send, and the guest's writes to pages not sent yet wait. The stream's stall timer
+    gives up, the socket is shut, QEMU's snapshot fails and the guest runs on, while the
+    reader thread is still blocked. A real disk cannot be made to hang on demand here, so the
+    reader's write is replaced by one that blocks until the test releases it."""
+    release = threading.Event()
+    real_flush = snapshot_engine._Pending.flush
+    blocked: list[int] = []
+
+    def stuck_flush(self: Any) -> None:
+        if not blocked:
+            blocked.append(1)
+            release.wait(120)
+        real_flush(self)
+
+    monkeypatch.setattr(snapshot_engine._Pending, "flush", stuck_flush)
+    assert snap_vm.qmp is not None
+    try:
+        async with QMPSession(str(snap_vm.qmp_path)) as session:
+            caps = await capabilities(session)
+            with (
+                DumpFile.create(dumps / "stuck.elf") as output,
+                pytest.raises(DumpFailed, match="stood still"),
+            ):
+                await dump_with_snapshot(session, output, SnapshotDumpRequest(stall_s=2.0))
+            assert blocked  # the fault happened
+            assert not release.is_set()  # and is still there: the guest was freed without it
+            await assert_runs(snap_vm)
+            assert await capabilities(session) == caps
+            assert await migration_status(session) in ("failed", "cancelled")
+    finally:
+        release.set()
+    assert not (dumps / "stuck.elf").exists()
+    assert leftovers(dumps) == []
 
 
 @pytest.mark.guest

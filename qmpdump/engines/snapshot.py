@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import os
 import socket
 import threading
@@ -60,7 +61,7 @@ import time
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from qmpdump.elf.format import parse_header
 from qmpdump.elf.plan import (
@@ -121,6 +122,8 @@ from qmpdump.qmp.session import EventQueue, QMPSession
 from qmpdump.survey import Survey, probe_prefix_without_growth, region_population, survey
 from qmpdump.vmstate import parse_device_state
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ENGINE",
     "MIN_QEMU",
@@ -168,6 +171,7 @@ _ACTIVE: Final = frozenset(
     }
 )
 _FINAL: Final = frozenset({"completed", "failed", "cancelled"})
+_T = TypeVar("_T")
 _SOCKET_BUFFER: Final = 4 << 20
 _TOUCH_CHUNK: Final = 8 << 20
 #: data pages held in memory while the plan is being made (then the reader waits for it)
@@ -181,6 +185,8 @@ _FLUSH: Final = 1 << 20
 #: pages received between two moves of the hasher's frontier (16 MiB)
 _HASH_STEP: Final = 4096
 POLL_S: Final = 0.05
+#: how long unwinding waits for the reader and hasher threads
+_THREAD_GRACE_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +203,8 @@ class SnapshotDumpRequest:
     #: "qemu": QEMU's own pause is the instant, the notes come from the state it stashed
     #: (x86-64 guests in long mode); "stop": qmpdump stops the VM and reads QEMU's notes
     instant: Literal["qemu", "stop"] = "qemu"
+    #: give up when the stream stands still this long (the guest's writes wait meanwhile)
+    stall_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -899,7 +907,13 @@ class _Run:
         # every guest write to a page not yet sent).
         self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.fdname: str | None = None
-        self.reader = _Reader(self.ours.fileno(), output.fd, before.layout)
+        # The threads write and read through their own descriptor of the output: one stuck in
+        # the kernel past unwinding must never touch a number the caller closed and reused.
+        self.out_fd = os.dup(output.fd)
+        self.reader = _Reader(self.ours.fileno(), self.out_fd, before.layout)
+        self._threads = 0
+        self._abandoned = False
+        self._lock = threading.Lock()
         self.worker: asyncio.Task[None] | None = None
         self.hasher: asyncio.Task[str] | None = None
         self.migration = _Migration(session, request.hooks)
@@ -911,6 +925,26 @@ class _Run:
         self.probe_events: list[Event] = []
         self.qemu_mode = False
         self.paused_clock: float | None = None
+
+    def _owned(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` in this thread; the last thread out of an abandoned run closes the
+        descriptors the threads use."""
+        with self._lock:
+            self._threads += 1
+        try:
+            return work()
+        finally:
+            with self._lock:
+                self._threads -= 1
+                last = self._threads == 0 and self._abandoned
+            if last:
+                self._close()
+
+    def _close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+        with contextlib.suppress(OSError):
+            os.close(self.out_fd)
 
     async def hand_over_socket(self) -> None:
         with contextlib.suppress(OSError):
@@ -944,7 +978,7 @@ class _Run:
             )
             self.timings["probe_s"] = time.monotonic() - t0
             self.worker = asyncio.create_task(
-                asyncio.to_thread(self.reader.run), name="snapshot-read"
+                asyncio.to_thread(self._owned, self.reader.run), name="snapshot-read"
             )
             try:
                 await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
@@ -989,7 +1023,9 @@ class _Run:
             self.probe_events = []
             return await self.snapshot_point()
         self.qemu_mode = True
-        self.worker = asyncio.create_task(asyncio.to_thread(self.reader.run), name="snapshot-read")
+        self.worker = asyncio.create_task(
+            asyncio.to_thread(self._owned, self.reader.run), name="snapshot-read"
+        )
         try:
             await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
         except QMPCommandError as err:
@@ -1064,7 +1100,8 @@ class _Run:
         """Plan the core (off the loop) and start hashing what is final of it."""
         plan = await asyncio.to_thread(self._plan, prefix, result)
         self.hasher = asyncio.create_task(
-            asyncio.to_thread(hash_output, self.output.fd, self.reader.hashing), name="snap-hash"
+            asyncio.to_thread(self._owned, lambda: hash_output(self.out_fd, self.reader.hashing)),
+            name="snap-hash",
         )
         return plan
 
@@ -1098,6 +1135,7 @@ class _Run:
                 progress=progress,
                 cancel=cancel,
                 timeout_s=timeout_s,
+                stall_s=self.request.stall_s,
             )
             self.timings["read_s"] = time.monotonic() - t0
             self.timings["pages_s"] = self.reader.done_at - self.reader.first_at
@@ -1161,16 +1199,27 @@ class _Run:
         self.reader.hashing.stop.set()
         with self.reader.hashing.changed:
             self.reader.hashing.changed.notify_all()
-        for task in (self.worker, self.hasher):
-            if task is not None:
-                await asyncio.wait([task])
-                if not task.cancelled():
-                    task.exception()
-        self.ours.close()
-        self.theirs.close()
+        # Settings back before waiting for our threads: a reader stuck in a write to a hung
+        # disk must not keep the VM's migration settings changed.
         await step(self.migration.restore())
         if self.fdname is not None:
             await self.session.close_fd(self.fdname)
+        tasks = [t for t in (self.worker, self.hasher) if t is not None]
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=_THREAD_GRACE_S)
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()
+            if stuck:
+                # A thread blocked in the kernel (a write to a hung disk) cannot be stopped;
+                # the descriptors it uses are closed when it returns (closing them under it
+                # could hand their numbers to other files).
+                with self._lock:
+                    self._abandoned = self._threads > 0
+                if self._abandoned:
+                    log.warning("snapshot: a reader thread is still blocked; left to finish")
+                    return failures[0] if failures else None
+        self._close()
         return failures[0] if failures else None
 
 
@@ -1200,10 +1249,10 @@ async def dump_with_snapshot(
     fd_before = _fd_populated(before)
     run = _Run(session, output, request, before)
     run.timings["surveyed_s"] = surveyed_s
-    if request.preallocate and request.instant != "qemu":
-        run.timings["preallocated_bytes"] = await asyncio.to_thread(preallocate, before)
-        run.timings["preallocate_s"] = time.monotonic() - t0
     try:
+        if request.preallocate and request.instant != "qemu":
+            run.timings["preallocated_bytes"] = await asyncio.to_thread(preallocate, before)
+            run.timings["preallocate_s"] = time.monotonic() - t0
         await run.migration.prepare()
         await run.hand_over_socket()
         result, plan, final = await run.stream(progress, cancel, timeout_s, t0)
@@ -1349,16 +1398,28 @@ async def _follow(
     progress: Callable[[Progress], None] | None,
     cancel: asyncio.Event,
     timeout_s: float,
+    stall_s: float,
 ) -> None:
     expected = plan.data.total
     deadline = time.monotonic() + timeout_s
+    seen, moved = reader.stream_bytes, time.monotonic()
     try:
         while not worker.done():
             await asyncio.wait([worker], timeout=0.1)
             if cancel.is_set():
                 raise DumpCancelled("the dump was cancelled")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise QMPTimeout("the background snapshot's stream", timeout_s)
+            if reader.stream_bytes != seen:
+                seen, moved = reader.stream_bytes, now
+            elif now - moved > stall_s:
+                # While nothing is read, QEMU cannot send, and the guest's writes to pages not
+                # sent yet wait: stop the snapshot (unwinding shuts the socket) to free them.
+                raise DumpFailed(
+                    f"the snapshot stream stood still for {stall_s:g} s (the output's disk or "
+                    "qmpdump's reader is stuck); stopped to release the guest"
+                )
             if progress is not None:
                 progress(Progress(reader.copied, reader.copied, expected))
         worker.result()
