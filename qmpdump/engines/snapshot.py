@@ -1019,8 +1019,8 @@ class _Run:
         self.timings["probe_s"] = time.monotonic() - t0
         if parse_header(prefix).machine != EM_X86_64:
             # QEMU's core of this guest (another architecture, or x86 outside long mode) has
-            # notes qmpdump does not build: the instant is a pause of qmpdump's own.
-            self.probe_events = []
+            # notes qmpdump does not build: the instant is a pause of qmpdump's own (the probe's
+            # pause still counts).
             return await self.snapshot_point()
         self.qemu_mode = True
         self.worker = asyncio.create_task(
