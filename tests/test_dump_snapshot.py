@@ -360,6 +360,24 @@ async def test_a_running_migration_makes_the_vm_busy(snap_vm: VM, dumps: Path) -
     await assert_runs(snap_vm)
 
 
+async def _cli_dump(
+    vm: VM, engine: str, out: Path, runtime: Path, *extra: str
+) -> tuple[int, str, str]:
+    """``qmpdump dump`` of ``vm`` with its settings journal in ``runtime``."""
+    return await run_cli(
+        "dump",
+        "--qmp",
+        str(vm.qmp_path),
+        "--engine",
+        engine,
+        *extra,
+        "-o",
+        str(out),
+        env={"QMPDUMP_RUNTIME_DIR": str(runtime)},
+        timeout_s=300.0,
+    )
+
+
 async def _wait_migrating(session: QMPSession) -> None:
     for _ in range(2000):
         if await migration_status(session) == "active":
@@ -491,17 +509,7 @@ async def test_the_next_cli_run_restores_what_a_killed_one_changed(
     assert journal.exists()
     assert stat.S_IMODE(journal.stat().st_mode) == 0o600
 
-    code, _out, err = await run_cli(
-        "dump",
-        "--qmp",
-        str(snap_vm.qmp_path),
-        "--engine",
-        "backend",
-        "-o",
-        str(dumps / "next.elf"),
-        env={"QMPDUMP_RUNTIME_DIR": str(runtime)},
-        timeout_s=300.0,
-    )
+    code, _out, err = await _cli_dump(snap_vm, "backend", dumps / "next.elf", runtime)
     assert code == 0, err
     assert "warning: restored the migration settings a killed qmpdump dump had changed" in err
     assert "background-snapshot=off" in err
@@ -560,17 +568,7 @@ async def test_the_next_cli_run_cancels_an_orphaned_snapshot(
         fdname = await snap_vm.qmp.pass_fd(theirs.fileno())
         await snap_vm.qmp.execute("migrate", {"uri": f"fd:{fdname}"})
         await _wait_migrating(snap_vm.qmp)
-        code, _out, err = await run_cli(
-            "dump",
-            "--qmp",
-            str(snap_vm.qmp_path),
-            "--engine",
-            "backend",
-            "-o",
-            str(dumps / "next.elf"),
-            env={"QMPDUMP_RUNTIME_DIR": str(runtime)},
-            timeout_s=300.0,
-        )
+        code, _out, err = await _cli_dump(snap_vm, "backend", dumps / "next.elf", runtime)
         assert code == 0, err
         assert "after cancelling its orphaned background snapshot" in err
         assert await migration_status(snap_vm.qmp) == "cancelled"
@@ -619,18 +617,7 @@ async def test_qmpdump_killed_mid_stream_leaves_the_guest_running(
             break
         await asyncio.sleep(0.05)
     await assert_runs(snap_vm)
-    code, out, err = await run_cli(
-        "dump",
-        "--qmp",
-        str(snap_vm.qmp_path),
-        "--engine",
-        "snapshot",
-        "--json",
-        "-o",
-        str(dumps / "again.elf"),
-        env={"QMPDUMP_RUNTIME_DIR": str(runtime)},
-        timeout_s=300.0,
-    )
+    code, out, err = await _cli_dump(snap_vm, "snapshot", dumps / "again.elf", runtime, "--json")
     assert code == 0, err
     assert "warning: restored the migration settings" in err
     assert json.loads(out)["engine"] == "snapshot"

@@ -977,17 +977,7 @@ class _Run:
                 self.before.access,
             )
             self.timings["probe_s"] = time.monotonic() - t0
-            self.worker = asyncio.create_task(
-                asyncio.to_thread(self._owned, self.reader.run), name="snapshot-read"
-            )
-            try:
-                await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
-            except QMPCommandError as err:
-                raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
-            self.migrating = True
-            self.timings["migrate_s"] = time.monotonic() - t0
-            await _wait_first_page(self.reader, self.worker, self.session, timeout_s=30.0)
-            self.timings["first_page_s"] = time.monotonic() - t0
+            await self._migrate(t0)
             if self.running:
                 await _resume(self.session)
                 self.resumed = True
@@ -1000,6 +990,20 @@ class _Run:
         plan = await self.planned(prefix, result)
         self.timings["planned_s"] = time.monotonic() - t0
         return result, plan
+
+    async def _migrate(self, t0: float) -> None:
+        """Start the reader and the snapshot; return once its first page arrived."""
+        self.worker = asyncio.create_task(
+            asyncio.to_thread(self._owned, self.reader.run), name="snapshot-read"
+        )
+        try:
+            await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
+        except QMPCommandError as err:
+            raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
+        self.migrating = True
+        self.timings["migrate_s"] = time.monotonic() - t0
+        await _wait_first_page(self.reader, self.worker, self.session, timeout_s=30.0)
+        self.timings["first_page_s"] = time.monotonic() - t0
 
     async def qemu_instant(self, listener: EventQueue) -> tuple[Survey, CorePlan]:
         """QEMU's own pause is the snapshot point; qmpdump never stops the VM.
@@ -1023,17 +1027,7 @@ class _Run:
             # pause still counts).
             return await self.snapshot_point()
         self.qemu_mode = True
-        self.worker = asyncio.create_task(
-            asyncio.to_thread(self._owned, self.reader.run), name="snapshot-read"
-        )
-        try:
-            await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
-        except QMPCommandError as err:
-            raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
-        self.migrating = True
-        self.timings["migrate_s"] = time.monotonic() - t0
-        await _wait_first_page(self.reader, self.worker, self.session, timeout_s=30.0)
-        self.timings["first_page_s"] = time.monotonic() - t0
+        await self._migrate(t0)
         result = await _rescan(self.before)
         plan = await self.planned(prefix, result)
         self.timings["planned_s"] = time.monotonic() - t0
