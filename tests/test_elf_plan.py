@@ -533,3 +533,36 @@ def test_notes_last_puts_the_notes_after_the_data_and_nothing_else_moves(
         elif seg["p_type"] == "PT_LOAD":
             start = seg["p_paddr"]
             assert seg.data() == pattern(start, seg["p_filesz"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(sets=range_sets(), max_phdrs=st.integers(2, 10), cut=st.integers(0, 1 << 22))
+def test_placement_orders_the_data_in_the_file_and_every_byte_stays_at_its_gpa(
+    sets: tuple[RangeSet, RangeSet], max_phdrs: int, cut: int
+) -> None:
+    """The snapshot engine's placement: memory above ``cut`` first (the order QEMU streams
+    its RAM blocks in), program headers still in gpa order, each byte found at its gpa."""
+    data, zero = sets
+    notes = note(b"CORE", 1, bytes(336))
+    plan = plan_core(
+        notes, data, zero, max_phdrs=max_phdrs, notes_last=True, placement=lambda g: g < cut
+    )
+    loads = [s for s in plan.segments if s.file_offset is not None]
+    by_file = sorted(loads, key=lambda s: s.file_offset or 0)
+    assert [s.gpa >= cut for s in by_file] == sorted((s.gpa >= cut for s in by_file), reverse=True)
+    at = plan.data_offset
+    for seg in by_file:  # packed without gaps in placement order
+        assert seg.file_offset == at
+        at += seg.filesz
+    assert at == plan.notes_offset
+    image = bytearray(plan.header) + bytes(plan.file_size - len(plan.header))
+    for seg in loads:
+        assert seg.file_offset is not None
+        image[seg.file_offset : seg.file_offset + seg.filesz] = pattern(seg.gpa, seg.filesz)
+    image[plan.notes_offset :] = notes
+    elf = ELFFile(io.BytesIO(bytes(image)))
+    gpas = [seg["p_paddr"] for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]
+    assert gpas == sorted(gpas)
+    for phdr in elf.iter_segments():
+        if phdr["p_type"] == "PT_LOAD" and phdr["p_filesz"]:
+            assert phdr.data() == pattern(phdr["p_paddr"], phdr["p_filesz"])

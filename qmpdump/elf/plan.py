@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from operator import attrgetter
@@ -166,7 +167,8 @@ class CorePlan:
 
     ``header`` holds offsets ``[0, data_offset)``: ELF header, program headers, section header 0
     (PN_XNUM only), notes and padding. ``segments`` are the PT_LOADs in program-header order,
-    which is gpa order; data segments' file offsets increase along it without gaps. ``data`` is
+    which is gpa order; data segments' file offsets increase along it without gaps (unless
+    planned with a ``placement``: then along that order). ``data`` is
     the set of gpa bytes the caller must copy, a superset of the requested data once holes were
     joined to respect the header cap; ``zero_fill`` the set described as zeros after dropping.
     ``phnum`` is the real program header count (PT_NOTE included).
@@ -308,6 +310,7 @@ def plan_core(
     merge_zero_tail: bool = False,
     data_align: int = PAGE_SIZE,
     notes_last: bool = False,
+    placement: Callable[[int], int] | None = None,
 ) -> CorePlan:
     """Plan an ELF64 ET_CORE holding ``notes``, the bytes of ``data`` and zeros for ``zero_fill``.
 
@@ -325,7 +328,10 @@ def plan_core(
     ``notes_last`` puts the notes after the data instead of before it (PT_NOTE may lie anywhere):
     for a writer whose notes are final only after the data (the snapshot engine's notes of the
     instant), so that everything before them can be hashed while it is written. ``header`` then
-    ends before the notes, which the caller writes at ``notes_offset``.
+    ends before the notes, which the caller writes at ``notes_offset``. ``placement`` orders the
+    data in the file by ``placement(first gpa of each run)``, then gpa (default: gpa order):
+    a writer that receives memory in another order can then hash the file as it fills it. The
+    PT_LOADs stay in gpa order either way (as ELF requires; ``p_offset`` may go in any order).
 
     Raises ``ValueError`` for bad arguments or overlapping sets, and :class:`ElfFormatError` if
     ``notes`` is not a sequence of ELF note records.
@@ -377,18 +383,21 @@ def plan_core(
     )
     segments: list[Segment] = []
     phdrs = [PHDR.pack(PT_NOTE, 0, notes_offset, 0, 0, len(notes), len(notes), 0)]
+    placed = sorted(data, key=lambda r: (placement(r.start), r.start)) if placement else list(data)
+    offset_of: dict[int, int] = {}
     file_offset = data_offset
+    for rng in placed:
+        offset_of[rng.start] = file_offset
+        file_offset += rng.size
     # Zero-fill segments point at the end of the file: no reader that sizes a read from
     # p_offset + p_memsz (makedumpfile's mmap path does) may land inside another segment's data.
     data_end = data_offset + data_bytes + (len(notes) if notes_last else 0)
     for gpa, size, is_data in items:
         if is_data:
             tail = tail_at.get(gpa + size, 0)
-            segments.append(Segment(gpa, size + tail, file_offset, tail))
-            phdrs.append(
-                PHDR.pack(PT_LOAD, _LOAD_FLAGS, file_offset, gpa, gpa, size, size + tail, 0)
-            )
-            file_offset += size
+            at = offset_of[gpa]
+            segments.append(Segment(gpa, size + tail, at, tail))
+            phdrs.append(PHDR.pack(PT_LOAD, _LOAD_FLAGS, at, gpa, gpa, size, size + tail, 0))
         else:
             segments.append(Segment(gpa, size, None))
             phdrs.append(PHDR.pack(PT_LOAD, _LOAD_FLAGS, data_end, gpa, gpa, 0, size, 0))

@@ -653,7 +653,10 @@ class _Reader:
 
     def start_hashing(self, plan: CorePlan) -> None:
         """The header is final: the hasher may start; the pages' part follows the frontier."""
-        self._data_segments = [seg for seg in plan.segments if seg.file_offset is not None]
+        self._data_segments = sorted(
+            (seg for seg in plan.segments if seg.file_offset is not None),
+            key=lambda seg: seg.file_offset or 0,
+        )
         self._front = self._data_segments[0].gpa if self._data_segments else 0
         self.hashing.advance(0, plan.data_offset)
 
@@ -741,6 +744,33 @@ class _Pending:
             view = view[done:]
             offset += done
         self.buf = bytearray()
+
+
+def _stream_order(layout: Layout, blocks: RamBlocks | None) -> Callable[[int], int] | None:
+    """The rank, in the stream, of the RAM block that holds each guest-physical address (QEMU
+    sends block after block, e.g. a virtio-mem device's before main RAM): the core's data is
+    laid out in that order so that the hasher can follow the pages as they arrive."""
+    if blocks is None:
+        return None
+    rank = {b.idstr: i for i, b in enumerate(blocks.blocks)}
+    starts: list[tuple[int, int]] = []
+    for backend in layout.backends:
+        found = [
+            i
+            for name, i in rank.items()
+            if name == backend.region or name.endswith("/" + backend.region)
+        ]
+        if len(found) != 1:
+            return None  # block_windows reports it
+        starts += [(piece.gpa.start, found[0]) for piece in layout.pieces_of(backend.region)]
+    starts.sort()
+    keys = [gpa for gpa, _ in starts]
+
+    def order(gpa: int) -> int:
+        i = bisect_right(keys, gpa) - 1
+        return starts[i][1] if i >= 0 else -1
+
+    return order
 
 
 def _check_plugged(coverage: RangeSet, early: list[EarlyVirtioMem]) -> None:
@@ -1080,6 +1110,7 @@ class _Run:
             machine=parse_header(prefix).machine,
             max_phdrs=self.request.max_phdrs,
             notes_last=True,
+            placement=_stream_order(self.before.layout, self.reader.blocks),
         )
         os.pwrite(self.output.fd, plan.header, 0)
         os.pwrite(self.output.fd, notes, plan.notes_offset)
