@@ -16,13 +16,20 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from qmpdump.engines.spec import EngineName, Mode
+from qmpdump.engines import backend as backend_engine
+from qmpdump.engines import copier
+from qmpdump.engines.run import run_dump
+from qmpdump.engines.spec import DumpSpec, EngineName, Mode
+from qmpdump.errors import DumpFailed
+from qmpdump.qmp.session import QMPSession
 from qmpdump.service.views import DumpRequest
 from qmpdump.testbed.vm import Backend, GiB, MiB
 
@@ -437,6 +444,48 @@ async def test_a_cont_that_times_out_is_sent_again_until_it_lands(
     if code:
         assert err.count("qmpdump: error: ") == 1, err
         assert files_in(tmp_path) == []
+
+
+@pytest.mark.bare
+async def test_a_hung_output_disk_never_keeps_the_vm_paused(
+    vm_factory: VMFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consistent backend dump whose writes hang (a dead NFS server, a failing disk): after
+    the stall limit the VM is resumed while the copy thread is still stuck in the kernel; once
+    the write returns, the dump ends as failed, nothing presented. A real disk cannot be made
+    to hang on demand here, so the copy is replaced by one that blocks until released."""
+    vm = await bare_vm(vm_factory, "hungdisk", 1 * GiB, backend=Backend.FILE, data=256 * MiB)
+    release = threading.Event()
+    real_copy = copier.copy_ops_into
+
+    def hung_copy(*args: Any, **kwargs: Any) -> None:
+        release.wait(120)
+        real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(backend_engine, "copy_ops_into", hung_copy)
+    monkeypatch.setattr(backend_engine, "STALL_S", 2.0)
+    out = tmp_path / "d.elf"
+    try:
+        async with QMPSession(str(vm.qmp_path)) as session:
+            dump = asyncio.create_task(run_dump(session, out, DumpSpec(engine=EngineName.BACKEND)))
+
+            async def paused() -> str | None:
+                assert not dump.done()
+                return "paused" if await run_state(vm) == "paused" else None
+
+            async def resumed() -> str | None:
+                return "running" if await run_state(vm) == "running" else None
+
+            await eventually(paused, "the dump pausing the VM", interval_s=0.005)
+            await eventually(resumed, "the VM resumed though the copy hangs", timeout_s=30)
+            assert not dump.done()  # the stuck thread is still waited for (it holds the fds)
+            release.set()
+            with pytest.raises(DumpFailed, match="stood still"):
+                await dump
+    finally:
+        release.set()
+    assert await run_state(vm) == "running"
+    assert files_in(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- a hung QEMU

@@ -50,6 +50,7 @@ from qmpdump.engines.spec import ENGINE_TRAITS, OWN_KDUMP_FORMATS, EngineName, E
 from qmpdump.engines.threads import run_threads
 from qmpdump.errors import (
     DumpError,
+    DumpFailed,
     HostAccessError,
     QEMUGone,
     QMPCommandError,
@@ -86,6 +87,9 @@ __all__ = [
 #: how long a ``cont`` that QEMU does not answer is sent again before qmpdump gives up (and
 #: says that it left the VM paused)
 RESUME_GIVE_UP_S = 300.0
+#: how long the output may stand still before the dump is given up and the VM resumed (a hung
+#: disk would otherwise keep a consistent dump's VM paused until the write returned)
+STALL_S = 10.0
 
 POLL_S = 0.1
 log = logging.getLogger(__name__)
@@ -217,7 +221,11 @@ class _PauseGuard:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.stopped_at is None:
+        await self.release()
+
+    async def release(self) -> None:
+        """Resume now if we stopped the VM and have not resumed it yet (idempotent)."""
+        if self.stopped_at is None or self.resumed_at is not None:
             return
         # Shielded: a second cancel must not keep the VM paused.
         await asyncio.shield(self._resume())
@@ -307,7 +315,14 @@ class BackendEngine:
                 try:
                     os.pwrite(output.fd, plan.header, 0)
                     digest = await _copy(
-                        output, ops, sources, state=state, plan=plan, total=total, job=job
+                        output,
+                        ops,
+                        sources,
+                        state=state,
+                        plan=plan,
+                        total=total,
+                        job=job,
+                        stall=_StallWatch(guard),
                     )
                 except OSError as err:
                     raise write_error(err, output.final) from err
@@ -325,6 +340,32 @@ class BackendEngine:
             sources=sources_record(result),
         )
         return EngineResult(plan.file_size, digest, paused_s, details, result)
+
+
+class _StallWatch:
+    """Gives the dump up when its threads make no progress for :data:`STALL_S`, resuming the
+    VM first: a thread stuck in the kernel (a write to a hung disk) cannot be stopped, and the
+    run waits for it before returning (it uses the dump's fds), but the guest must not."""
+
+    def __init__(self, guard: _PauseGuard) -> None:
+        self.guard = guard
+        self.last = -1
+        self.at = time.monotonic()
+
+    async def check(self, progress: int, *, flushing: bool = False) -> None:
+        """``flushing``: the threads are in the final ``fdatasync`` or hash, whose length
+        depends on what the kernel holds unwritten, not on a stall: not counted."""
+        now = time.monotonic()
+        if progress != self.last or flushing:
+            self.last, self.at = progress, now
+            return
+        if now - self.at > STALL_S:
+            await self.guard.release()
+            resumed = " (the VM was resumed)" if self.guard.stopped_at is not None else ""
+            raise DumpFailed(
+                f"the dump stood still for {STALL_S:g} s (the output's disk, or a source, does "
+                f"not answer); given up{resumed}"
+            )
 
 
 async def _run_kdump(job: EngineJob, guard: _PauseGuard) -> EngineResult:
@@ -360,7 +401,7 @@ async def _run_kdump(job: EngineJob, guard: _PauseGuard) -> EngineResult:
         with _open_sources(result) as sources:
             try:
                 written, digest = await _write_kdump(
-                    output, plan, sources, codec, total=total, job=job
+                    output, plan, sources, codec, total=total, job=job, stall=_StallWatch(guard)
                 )
             except OSError as err:
                 raise write_error(err, output.final) from err
@@ -414,8 +455,10 @@ async def _write_kdump(
     *,
     total: int,
     job: EngineJob,
+    stall: _StallWatch,
 ) -> tuple[KdumpWriteResult, str]:
     stop = threading.Event()
+    flushing = threading.Event()
     done = [0, 0]  # guest bytes read, file bytes written
 
     def record(read: int, written: int) -> None:
@@ -423,6 +466,7 @@ async def _write_kdump(
 
     def write_and_hash() -> tuple[KdumpWriteResult, str]:
         written = write_kdump(plan, sources, output.fd, codec, stop=stop, progress=record)
+        flushing.set()
         os.fdatasync(output.fd)
         # Headers and bitmaps are final only now: hash the whole file (small, page cache).
         state = CopyState(stop=stop)
@@ -440,6 +484,7 @@ async def _write_kdump(
             # QEMU is gone (killed, crashed): what is left to copy is no VM's memory any more
             raise QEMUGone("QEMU went away during the dump (QMP connection closed)")
         cursor = done[1]
+        await stall.check(done[0] + cursor, flushing=flushing.is_set())
         settled = None
         if cursor > plan.data_offset:  # the writer has started, and written page data
             settled = head | RangeSet.of(plan.data_offset, cursor - plan.data_offset)
@@ -491,10 +536,14 @@ async def _copy(
     plan: CorePlan,
     total: int,
     job: EngineJob,
+    stall: _StallWatch,
 ) -> str:
+    flushing = threading.Event()
+
     def copy_all() -> None:
         copy_ops_into(output.fd, ops, sources, state)
         os.ftruncate(output.fd, plan.file_size)
+        flushing.set()
         state.finish(plan.file_size)
         # Write back while the hasher catches up: the commit's fsync then has little left.
         os.fdatasync(output.fd)
@@ -509,6 +558,7 @@ async def _copy(
             raise QEMUGone("QEMU went away during the dump (QMP connection closed)")
         # final_upto is the hasher's mark: nothing below it is written again
         upto = state.final_upto
+        await stall.check(state.copied + upto + state.hashed_upto, flushing=flushing.is_set())
         settled = RangeSet.of(0, upto) if upto else None
         job.report(Progress(upto, state.copied, total, settled, plan.file_size))
 
