@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,26 @@ async def test_where_qmpdump_makes_the_instant_the_notes_are_read_inside_its_pau
     mine, theirs = read_core(path), read_core(qemu.path)
     assert mine.coverage == theirs.coverage
     assert result.size == path.stat().st_size
+
+
+@pytest.mark.guest
+@needs_snapshot
+async def test_a_stream_without_its_device_description_makes_qemu_pause_for_the_notes(
+    vm_factory: VMFactory,
+    dumps: Path,  # noqa: F811
+) -> None:
+    """``-machine suppress-vmdesc=on``: QEMU's stream would not describe the device state the
+    notes come from, so the engine takes the stopping instant (and says so), never a guess."""
+    spec = _spec("snap-novmdesc", Backend.RAM)
+    vm = await vm_factory(replace(spec, machine_options=("suppress-vmdesc=on",)))
+    async with QMPSession(str(vm.qmp_path)) as session:
+        ours = await run_dump(session, dumps / "ours.elf", DumpSpec(engine=EngineName.SNAPSHOT))
+        await assert_runs(vm)
+        qemu = await run_dump(session, dumps / "qemu.elf", DumpSpec(engine=EngineName.QEMU))
+    assert check_files(ours.path)["request"]["timings_s"]["instant"] == 0.0
+    mine, theirs = read_core(ours.path), read_core(qemu.path)
+    assert mine.coverage == theirs.coverage
+    assert len(mine.notes) == len(theirs.notes)
 
 
 # ================================================================ faults

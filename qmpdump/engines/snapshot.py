@@ -746,6 +746,18 @@ class _Pending:
         self.buf = bytearray()
 
 
+async def _devices_described(session: QMPSession) -> bool:
+    """Whether QEMU will end the stream with its JSON description of the device state (not
+    with the machine property ``suppress-vmdesc=on``; a QEMU without it always does)."""
+    try:
+        suppressed = await session.execute(
+            "qom-get", {"path": "/machine", "property": "suppress-vmdesc"}
+        )
+    except QMPCommandError:
+        return True
+    return not suppressed
+
+
 def _stream_order(layout: Layout, blocks: RamBlocks | None) -> Callable[[int], int] | None:
     """The rank, in the stream, of the RAM block that holds each guest-physical address (QEMU
     sends block after block, e.g. a virtio-mem device's before main RAM): the core's data is
@@ -1051,10 +1063,11 @@ class _Run:
         prefix = await read_dump_prefix(self.session, timeout_s=self.session.timeout_s)
         self.probe_events = listener.drain()
         self.timings["probe_s"] = time.monotonic() - t0
-        if parse_header(prefix).machine != EM_X86_64:
+        if parse_header(prefix).machine != EM_X86_64 or not await _devices_described(self.session):
             # QEMU's core of this guest (another architecture, or x86 outside long mode) has
-            # notes qmpdump does not build: the instant is a pause of qmpdump's own (the probe's
-            # pause still counts).
+            # notes qmpdump does not build, or the stream will not describe the device state
+            # they come from: the instant is a pause of qmpdump's own (the probe's pause still
+            # counts).
             return await self.snapshot_point()
         self.qemu_mode = True
         await self._migrate(t0)

@@ -183,6 +183,8 @@ class VMSpec:
     """A test VM, described by what matters to memory dumps."""
 
     machine: str = "q35"
+    #: ``-machine`` properties beyond those the spec sets (e.g. ``suppress-vmdesc=on``)
+    machine_options: tuple[str, ...] = ()
     ram_backend: Backend = Backend.DEFAULT
     ram_size: int = 512 * MiB
     #: how main RAM's backend object maps its memory (not for ``Backend.DEFAULT``)
@@ -278,7 +280,7 @@ def qemu_argv(
 
     ``qemu`` is the resolved :attr:`VMSpec.qemu`: the binary and its ``-L`` folders.
     """
-    machine = [spec.machine]
+    machine = [spec.machine, *spec.machine_options]
     if spec.below_4g is not None:
         machine.append(f"max-ram-below-4g={spec.below_4g}")
     argv = [*qemu.argv_prefix(), "-name", f"guest={spec.name},debug-threads=on"]
