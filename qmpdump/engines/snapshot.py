@@ -59,7 +59,7 @@ import socket
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, TypeVar
 
@@ -523,30 +523,12 @@ class _Reader:
             for held in early:
                 self._place(*held)
         end = offset + count * PAGE_SIZE
-        while offset < end:
-            w = self._last.get(block)
-            if w is None or not w.start <= offset < w.end:
-                w = self._window(block, offset)
-                if w is None:  # outside every window: as _place, one page at a time
-                    self._place(block, offset, None)
-                    offset += PAGE_SIZE
-                    continue
-            stop = min(end, w.end)
-            n = (stop - offset) // PAGE_SIZE
-            if w.covered:
-                index = (w.gpa + offset - w.start - self.base) >> 12
-                twice = self.seen.find(1, index, index + n)
-                if twice != -1:
-                    raise MigrationStreamError(
-                        f"the page at {self.base + (twice << 12):#x} was sent twice"
-                    )
-                self.seen[index : index + n] = b"\x01" * n
-                self.received += n
-                self.zero_pages += n
-                if self.received >= self._next_check:  # zero pages of the plan's data too
-                    self._next_check = self.received + _HASH_STEP
-                    self._advance_frontier()
-            offset = stop
+        for w, at, stop in self._spans(block, offset, end):
+            if w is None:  # outside every window: as _place, one page at a time
+                self._place(block, at, None)
+            elif w.covered:
+                self._mark((w.gpa + at - w.start - self.base) >> 12, (stop - at) // PAGE_SIZE)
+                self.zero_pages += (stop - at) // PAGE_SIZE
 
     def data_run(self, block: str, offset: int, count: int, data: bytes, /) -> None:
         """``count`` data pages from ``offset`` (the parser found them in order), placed window
@@ -555,40 +537,48 @@ class _Reader:
             for i in range(count):
                 self.page(block, offset + i * PAGE_SIZE, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
             return
-        end = offset + count * PAGE_SIZE
-        at = offset
-        while at < end:
-            w = self._last.get(block)
-            if w is None or not w.start <= at < w.end:
-                w = self._window(block, at)
-                if w is None:
-                    self._place(block, at, data[at - offset : at - offset + PAGE_SIZE])
-                    at += PAGE_SIZE
-                    continue
-            stop = min(end, w.end)
-            n = (stop - at) // PAGE_SIZE
-            if w.covered:
+        for w, at, stop in self._spans(block, offset, offset + count * PAGE_SIZE):
+            if w is None:
+                self._place(block, at, data[at - offset : at - offset + PAGE_SIZE])
+            elif w.covered:
                 gpa = w.gpa + at - w.start
                 if w.file_offset < 0:
                     raise MigrationStreamError(
                         f"the page at {gpa:#x} holds data, but the host reported that memory "
                         "unpopulated at the snapshot point"
                     )
-                index = (gpa - self.base) >> 12
-                twice = self.seen.find(1, index, index + n)
-                if twice != -1:
-                    raise MigrationStreamError(
-                        f"the page at {self.base + (twice << 12):#x} was sent twice"
-                    )
-                self.seen[index : index + n] = b"\x01" * n
-                self.received += n
-                self.data_pages += n
+                n = (stop - at) // PAGE_SIZE
                 self.pending.add(w.file_offset + at - w.start, data[at - offset : stop - offset])
+                self.data_pages += n
                 self.copied += n * PAGE_SIZE
-                if self.received >= self._next_check:
-                    self._next_check = self.received + _HASH_STEP
-                    self._advance_frontier()
+                self._mark((gpa - self.base) >> 12, n)
+
+    def _spans(self, block: str, offset: int, end: int) -> Iterator[tuple[Window | None, int, int]]:
+        """Cut ``[offset, end)`` of a block at its windows: (window, start, stop), or (None,
+        page, page + 4096) for a page outside every window."""
+        at = offset
+        while at < end:
+            w = self._last.get(block)
+            if w is None or not w.start <= at < w.end:
+                w = self._window(block, at)
+                if w is None:
+                    yield None, at, at + PAGE_SIZE
+                    at += PAGE_SIZE
+                    continue
+            stop = min(end, w.end)
+            yield w, at, stop
             at = stop
+
+    def _mark(self, index: int, n: int) -> None:
+        """Pages ``index .. index + n`` (of the seen-map) arrived: each must arrive once."""
+        twice = self.seen.find(1, index, index + n)
+        if twice != -1:
+            raise MigrationStreamError(f"the page at {self.base + (twice << 12):#x} was sent twice")
+        self.seen[index : index + n] = b"\x01" * n
+        self.received += n
+        if self.received >= self._next_check:  # zero pages of the plan's data count too
+            self._next_check = self.received + _HASH_STEP
+            self._advance_frontier()
 
     def _hold(self, block: str, offset: int, data: bytes | None) -> None:
         if not self.first_page.is_set():
