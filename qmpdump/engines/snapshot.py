@@ -185,6 +185,9 @@ _FLUSH: Final = 1 << 20
 #: pages received between two moves of the hasher's frontier (16 MiB)
 _HASH_STEP: Final = 4096
 POLL_S: Final = 0.05
+#: the first page's wait, plus QEMU's pre-touch of the predicted growth at a slow rate
+_FIRST_PAGE_S: Final = 30.0
+_PRETOUCH_RATE: Final = 50 << 20
 #: how long unwinding waits for the reader and hasher threads
 _THREAD_GRACE_S: Final = 10.0
 
@@ -956,6 +959,7 @@ class _Run:
         self.heard: list[Event] = []
         self.probe_events: list[Event] = []
         self.qemu_mode = False
+        self.predicted_growth = 0
         self.paused_clock: float | None = None
 
     def _owned(self, work: Callable[[], _T]) -> _T:
@@ -1034,7 +1038,10 @@ class _Run:
             raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
         self.migrating = True
         self.timings["migrate_s"] = time.monotonic() - t0
-        await _wait_first_page(self.reader, self.worker, self.session, timeout_s=30.0)
+        # QEMU's setup faults in every hole of plugged RAM first (allocating shmem: measured
+        # about 150 MiB/s here), so the first page may come late on a large shmem VM.
+        wait_s = _FIRST_PAGE_S + self.predicted_growth / _PRETOUCH_RATE
+        await _wait_first_page(self.reader, self.worker, self.session, timeout_s=wait_s)
         self.timings["first_page_s"] = time.monotonic() - t0
 
     async def qemu_instant(self, listener: EventQueue) -> tuple[Survey, CorePlan]:
@@ -1276,6 +1283,7 @@ async def dump_with_snapshot(
         predicted = _check_request(before, request)
     fd_before = _fd_populated(before)
     run = _Run(session, output, request, before)
+    run.predicted_growth = predicted
     run.timings["surveyed_s"] = surveyed_s
     try:
         if request.preallocate and request.instant != "qemu":
