@@ -26,9 +26,9 @@ import pytest
 
 from qmpdump.engines import backend as backend_engine
 from qmpdump.engines import copier
-from qmpdump.engines.run import run_dump
+from qmpdump.engines.run import DumpTask, run_dump
 from qmpdump.engines.spec import DumpSpec, EngineName, Mode
-from qmpdump.errors import DumpFailed
+from qmpdump.errors import DumpCancelled, DumpFailed
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.views import DumpRequest
 from qmpdump.testbed.vm import Backend, GiB, MiB
@@ -484,6 +484,37 @@ async def test_a_hung_output_disk_never_keeps_the_vm_paused(
                 await dump
     finally:
         release.set()
+    assert await run_state(vm) == "running"
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.bare
+async def test_ctrl_c_twice_while_cont_is_sent_again_still_resumes_the_vm(
+    vm_factory: VMFactory, tmp_path: Path
+) -> None:
+    """Cancel a consistent backend dump (Ctrl-C) while QEMU is stopped (SIGSTOP): the ``cont``
+    times out and is sent again; a second cancel must not end that loop. Once QEMU runs again
+    the VM is resumed, and only then does the dump end, cancelled."""
+    vm = await bare_vm(vm_factory, "twice", 2 * GiB, backend=Backend.FILE, data=1536 * MiB)
+    async with QMPSession(str(vm.qmp_path), timeout_s=1.0) as session:
+        dump = DumpTask(run_dump(session, tmp_path / "d.elf", DumpSpec(engine=EngineName.BACKEND)))
+
+        async def paused() -> str | None:
+            assert not dump.task.done()
+            return "paused" if await run_state(vm) == "paused" else None
+
+        await eventually(paused, "the dump pausing the VM", interval_s=0.005)
+        os.kill(vm.pid, signal.SIGSTOP)
+        try:
+            dump.cancel()  # the first Ctrl-C: the copy stops, the cont times out
+            await asyncio.sleep(2.5)
+            dump.cancel()  # the second, while the cont is being sent again
+            await asyncio.sleep(1.5)
+            assert not dump.task.done()  # still sending its cont
+        finally:
+            os.kill(vm.pid, signal.SIGCONT)
+        with pytest.raises(DumpCancelled):
+            await dump.result()
     assert await run_state(vm) == "running"
     assert files_in(tmp_path) == []
 

@@ -47,7 +47,7 @@ from qmpdump.engines.copier import (
 from qmpdump.engines.copyplan import CopyOp, copy_ops, region_runs
 from qmpdump.engines.kdump_writer import KdumpWriteResult, read_source, write_kdump
 from qmpdump.engines.spec import ENGINE_TRAITS, OWN_KDUMP_FORMATS, EngineName, EngineTraits, Mode
-from qmpdump.engines.threads import run_threads
+from qmpdump.engines.threads import run_threads, uncancellable
 from qmpdump.errors import (
     DumpError,
     DumpFailed,
@@ -227,8 +227,8 @@ class _PauseGuard:
         """Resume now if we stopped the VM and have not resumed it yet (idempotent)."""
         if self.stopped_at is None or self.resumed_at is not None:
             return
-        # Shielded: a second cancel must not keep the VM paused.
-        await asyncio.shield(self._resume())
+        # Through any number of cancels: a second Ctrl-C must not keep the VM paused.
+        await uncancellable(self._resume())
 
     async def _resume(self) -> None:
         """``cont``, sent again each time it times out (a stopped or overloaded QEMU) until it

@@ -90,6 +90,7 @@ from qmpdump.engines.spec import (
     EngineName,
     EngineTraits,
 )
+from qmpdump.engines.threads import uncancellable
 from qmpdump.errors import (
     DumpBusy,
     DumpCancelled,
@@ -1214,10 +1215,15 @@ class _Run:
         failure is returned for the caller to raise when the dump itself succeeded.
         """
         failures: list[QmpdumpError] = []
+        cancelled = False
 
         async def step(action: Awaitable[None]) -> None:
+            # Each step to its end through any number of cancels (re-raised once all ran).
+            nonlocal cancelled
             try:
-                await asyncio.shield(action)
+                await uncancellable(action)
+            except asyncio.CancelledError:
+                cancelled = True
             except QmpdumpError as err:
                 failures.append(err)
 
@@ -1241,7 +1247,11 @@ class _Run:
             await self.session.close_fd(self.fdname)
         tasks = [t for t in (self.worker, self.hasher) if t is not None]
         if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=_THREAD_GRACE_S)
+            try:
+                _, stuck = await asyncio.wait(tasks, timeout=_THREAD_GRACE_S)
+            except asyncio.CancelledError:
+                cancelled = True
+                _, stuck = await asyncio.wait(tasks, timeout=_THREAD_GRACE_S)
             for task in tasks:
                 if task.done() and not task.cancelled():
                     task.exception()
@@ -1253,8 +1263,14 @@ class _Run:
                     self._abandoned = self._threads > 0
                 if self._abandoned:
                     log.warning("snapshot: a reader thread is still blocked; left to finish")
-                    return failures[0] if failures else None
+                    return self._outcome(failures, cancelled)
         self._close()
+        return self._outcome(failures, cancelled)
+
+    @staticmethod
+    def _outcome(failures: list[QmpdumpError], cancelled: bool) -> QmpdumpError | None:
+        if cancelled:
+            raise asyncio.CancelledError
         return failures[0] if failures else None
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["run_threads"]
+__all__ = ["run_threads", "uncancellable"]
+
+_T = TypeVar("_T")
 
 
 async def _settle(tasks: Sequence[asyncio.Future[Any]]) -> None:
@@ -31,6 +33,24 @@ async def _settle(tasks: Sequence[asyncio.Future[Any]]) -> None:
             task.exception()
     if cancelled:
         raise asyncio.CancelledError
+
+
+async def uncancellable(action: Awaitable[_T]) -> _T:
+    """Run ``action`` to its end even when the caller is cancelled, once or many times (a
+    second Ctrl-C while ``cont`` is being sent again); the cancel is re-raised after."""
+    task = asyncio.ensure_future(action)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():  # the task itself was cancelled (the loop is closing)
+                raise
+            cancelled = True
+    result = task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 async def run_threads(
