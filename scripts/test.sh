@@ -28,8 +28,20 @@ start_all=$(date +%s)
 if [ -n "${QMPDUMP_QEMU_BUILD:-}" ]; then
     run_pytest "$QMPDUMP_QEMU_BUILD" "$@"
 else
-    run_pytest 7.2 "$@"
-    run_pytest 10.0 -m "bare or guest" "$@"
+    # Both QEMUs at once: most of a run is guests booting and waiting, so two runs share the two
+    # cores well. Each has its own pytest temp folder and log, printed whole when both are done.
+    logs=$(mktemp -d)
+    ( run_pytest 10.0 -m "bare or guest" --basetemp="$logs/tmp-10.0" -p no:cacheprovider "$@" \
+        > "$logs/10.0.log" 2>&1
+      printf '%s\n' "${timings[@]}" > "$logs/10.0.timing"
+      printf '%s\n' "${failed[@]+"${failed[@]}"}" > "$logs/10.0.failed" ) &
+    other=$!
+    run_pytest 7.2 --basetemp="$logs/tmp-7.2" "$@"
+    wait "$other" || true
+    cat "$logs/10.0.log"
+    mapfile -t more < "$logs/10.0.timing"; timings+=("${more[@]}")
+    while read -r line; do [ -n "$line" ] && failed+=("$line"); done < "$logs/10.0.failed"
+    rm -rf "$logs"
 fi
 printf 'suite wall time: %s\n' "${timings[@]}"
 echo "suite wall time, all runs: $(( $(date +%s) - start_all )) s"
