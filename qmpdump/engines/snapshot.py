@@ -186,6 +186,10 @@ _FLUSH: Final = 1 << 20
 #: pages received between two moves of the hasher's frontier (16 MiB)
 _HASH_STEP: Final = 4096
 POLL_S: Final = 0.05
+#: QEMU's refusal of ``migrate`` while its dump's migration blocker is still up, and how long
+#: it is asked again after the probe dump finished
+_DUMP_BLOCKED: Final = "dump-guest-memory in progress"
+_DUMP_BLOCKER_S: Final = 5.0
 #: the first page's wait, plus QEMU's pre-touch of the predicted growth at a slow rate
 _FIRST_PAGE_S: Final = 30.0
 _PRETOUCH_RATE: Final = 50 << 20
@@ -1033,10 +1037,17 @@ class _Run:
         self.worker = asyncio.create_task(
             asyncio.to_thread(self._owned, self.reader.run), name="snapshot-read"
         )
-        try:
-            await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
-        except QMPCommandError as err:
-            raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
+        deadline = time.monotonic() + _DUMP_BLOCKER_S
+        while True:
+            try:
+                await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
+                break
+            except QMPCommandError as err:
+                # QEMU reports its probe dump finished a moment before it lifts the dump's
+                # migration blocker (seen on a loaded host): that refusal is asked again.
+                if _DUMP_BLOCKED not in str(err) or time.monotonic() > deadline:
+                    raise DumpFailed(f"QEMU refused the background snapshot: {err}") from err
+                await asyncio.sleep(0.01)
         self.migrating = True
         self.timings["migrate_s"] = time.monotonic() - t0
         # QEMU's setup faults in every hole of plugged RAM first (allocating shmem: measured
