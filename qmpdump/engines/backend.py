@@ -55,6 +55,7 @@ from qmpdump.errors import (
     QEMUGone,
     QMPCommandError,
     QMPDisconnected,
+    QmpdumpError,
     QMPTimeout,
     SourceUnproven,
 )
@@ -180,6 +181,14 @@ def _qemu_gone(pid: int | None) -> bool:
     return state in (b"Z", b"X")
 
 
+def _unproven(why: str, pid: int | None) -> QmpdumpError:
+    """The second look's refusal: QEMUGone if QEMU died meanwhile (its threads and mappings
+    vanished with it), else the unproven source."""
+    if _qemu_gone(pid):
+        return QEMUGone("QEMU exited during the dump")
+    return SourceUnproven(None, why)
+
+
 def _source(access: RegionAccess, pid: int | None, fds: list[int]) -> Source:
     if access.read_from is None:
         if _qemu_gone(pid):  # its mappings vanished with it: not an unproven source
@@ -294,7 +303,7 @@ class BackendEngine:
             result = await survey(session) if guard.pause else before
             ok, why = self.assess(result)
             if not ok:  # the second look, with the VM stopped, must prove it again
-                raise SourceUnproven(None, why)
+                raise _unproven(why, before.facts.pid)
             prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
             coverage = dump_loads(prefix)
             wanted = result.population.populated | result.population.unknown
@@ -379,7 +388,7 @@ async def _run_kdump(job: EngineJob, guard: _PauseGuard) -> EngineResult:
         result = await survey(session) if guard.pause else before
         ok, why = readable(result)
         if not ok:  # the second look, with the VM stopped, must prove it again
-            raise SourceUnproven(None, why)
+            raise _unproven(why, before.facts.pid)
         prefix, probe_paused_s = await _probe(session, result, measure=result.facts.running)
         coverage = dump_loads(prefix)
         wanted = result.population.populated | result.population.unknown
