@@ -196,6 +196,7 @@ async def test_snapshot_of_a_stopped_vm_equals_qemus_dump(
     assert record["engine"] == "snapshot"
     details = record["request"]
     assert details["mode"] == "snapshot"
+    assert details["timings_s"]["instant"] == 1.0  # the notes were decoded from the stream
     assert details["data_pages"] + details["zero_pages"] == mine.coverage.total // PAGE
     growth_record = details["host_growth"]
     if backend is Backend.RAM:

@@ -31,7 +31,7 @@ from qmpdump.engines.spec import DumpSpec, EngineName, Mode
 from qmpdump.errors import DumpCancelled, DumpFailed
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.views import DumpRequest
-from qmpdump.testbed.vm import Backend, GiB, MiB
+from qmpdump.testbed.vm import VM, Backend, GiB, MiB
 
 from .clirun import QMPDUMP, run_cli
 from .conftest import VMFactory
@@ -423,11 +423,7 @@ async def test_a_cont_that_times_out_is_sent_again_until_it_lands(
         )
     )
 
-    async def paused() -> str | None:
-        assert not cli.done(), cli.result()
-        return "paused" if await run_state(vm) == "paused" else None
-
-    await eventually(paused, "the dump pausing the VM", interval_s=0.005)
+    await _until_paused(vm, cli)
     t0 = time.monotonic()
     os.kill(vm.pid, signal.SIGSTOP)
     try:
@@ -444,6 +440,16 @@ async def test_a_cont_that_times_out_is_sent_again_until_it_lands(
     if code:
         assert err.count("qmpdump: error: ") == 1, err
         assert files_in(tmp_path) == []
+
+
+async def _until_paused(vm: VM, dump: asyncio.Future[Any]) -> None:
+    """Wait until the dump running in ``dump`` has paused the VM (it must not end first)."""
+
+    async def paused() -> str | None:
+        assert not dump.done(), dump.result()
+        return "paused" if await run_state(vm) == "paused" else None
+
+    await eventually(paused, "the dump pausing the VM", interval_s=0.005)
 
 
 @pytest.mark.bare
@@ -469,14 +475,10 @@ async def test_a_hung_output_disk_never_keeps_the_vm_paused(
         async with QMPSession(str(vm.qmp_path)) as session:
             dump = asyncio.create_task(run_dump(session, out, DumpSpec(engine=EngineName.BACKEND)))
 
-            async def paused() -> str | None:
-                assert not dump.done()
-                return "paused" if await run_state(vm) == "paused" else None
-
             async def resumed() -> str | None:
                 return "running" if await run_state(vm) == "running" else None
 
-            await eventually(paused, "the dump pausing the VM", interval_s=0.005)
+            await _until_paused(vm, dump)
             await eventually(resumed, "the VM resumed though the copy hangs", timeout_s=30)
             assert not dump.done()  # the stuck thread is still waited for (it holds the fds)
             release.set()
@@ -499,11 +501,7 @@ async def test_ctrl_c_twice_while_cont_is_sent_again_still_resumes_the_vm(
     async with QMPSession(str(vm.qmp_path), timeout_s=1.0) as session:
         dump = DumpTask(run_dump(session, tmp_path / "d.elf", DumpSpec(engine=EngineName.BACKEND)))
 
-        async def paused() -> str | None:
-            assert not dump.task.done()
-            return "paused" if await run_state(vm) == "paused" else None
-
-        await eventually(paused, "the dump pausing the VM", interval_s=0.005)
+        await _until_paused(vm, dump.task)
         os.kill(vm.pid, signal.SIGSTOP)
         try:
             dump.cancel()  # the first Ctrl-C: the copy stops, the cont times out
@@ -734,11 +732,7 @@ async def test_qemu_killed_mid_backend_dump_is_qemu_gone_at_once(
         )
     )
 
-    async def paused() -> str | None:
-        assert not cli.done(), cli.result()
-        return "paused" if await run_state(vm) == "paused" else None
-
-    await eventually(paused, "the dump pausing the VM", interval_s=0.005)
+    await _until_paused(vm, cli)
     t0 = time.monotonic()
     os.kill(vm.pid, signal.SIGKILL)
     code, _out, err = await cli

@@ -613,11 +613,8 @@ class _Reader:
             return  # ROM blobs, hidden parts of main RAM: not in QEMU's dump either
         delta = offset - w.start
         index = (w.gpa + delta - self.base) >> 12
-        if self.seen[index]:
-            raise MigrationStreamError(f"the page at {w.gpa + delta:#x} was sent twice")
-        self.seen[index] = 1
-        self.received += 1
         if data is None:
+            self._mark(index, 1)
             self.zero_pages += 1
             return
         if w.file_offset < 0:
@@ -625,12 +622,10 @@ class _Reader:
                 f"the page at {w.gpa + delta:#x} holds data, but the host reported that memory "
                 "unpopulated at the snapshot point"
             )
+        self.pending.add(w.file_offset + delta, data)  # before the mark: the hasher follows it
         self.data_pages += 1
-        self.pending.add(w.file_offset + delta, data)
         self.copied += PAGE_SIZE
-        if self.received >= self._next_check:
-            self._next_check = self.received + _HASH_STEP
-            self._advance_frontier()
+        self._mark(index, 1)
 
     def _window(self, block: str, offset: int) -> Window | None:
         if self.stop.is_set():
