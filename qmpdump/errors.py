@@ -170,12 +170,15 @@ class LaunchError(TestbedError):
 class GuestTimeout(TestbedError):
     """Raised when a test VM does not reach an expected state (booted, plugged) in time."""
 
-    def __init__(self, what: str, timeout_s: float, log_tail: str = ""):
+    def __init__(self, what: str, timeout_s: float, log_tail: str = "", *, vcpus: str = ""):
         self.what = what
         self.timeout_s = timeout_s
         self.log_tail = log_tail
+        #: Where QEMU's vCPUs were when it was given up (run state, instruction pointers).
+        self.vcpus = vcpus
         tail = f"\nlast serial output:\n{log_tail}" if log_tail else ""
-        super().__init__(f"{what} did not happen within {timeout_s:g} s.{tail}")
+        state = f"\n{vcpus}" if vcpus else ""
+        super().__init__(f"{what} did not happen within {timeout_s:g} s.{tail}{state}")
 
 
 class QMPConnectError(QmpdumpError, ConnectionError):

@@ -20,6 +20,7 @@ import pytest
 
 from qmpdump.testbed.s3server import leftover_servers
 from qmpdump.testbed.vm import (
+    HUNG_BOOTS,
     VM,
     Backend,
     GiB,
@@ -104,5 +105,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for name, seconds in BOOT_TIMES:
         terminalreporter.write_line(f"testbed: {name} booted and plugged in {seconds:.1f} s")
+    for name, why in HUNG_BOOTS:
+        terminalreporter.write_line(f"testbed: {name} hung at boot, started again: {why}")
     for line in SUMMARY:
         terminalreporter.write_line(line)

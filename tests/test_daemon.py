@@ -920,12 +920,24 @@ async def test_sigterm_lets_a_short_dump_finish_within_the_grace(
         tmp_path, {"s": vm.qmp_path}, default_engine=EngineName.BACKEND, shutdown_grace_s=60.0
     )
     svc = await daemons.start(setup, connected=1)
-    job = await svc.api.request("s")
-    await wait_job(svc.api, job.id, ("running",))
+    # The dump must still run when SIGTERM arrives, whatever the machine's speed: QEMU is held
+    # (SIGSTOP) so the job waits on its first QMP answer, and let go once the daemon said it
+    # waits for the dump. A copy that finished first would leave nothing to wait for.
+    os.kill(vm.pid, signal.SIGSTOP)
+    try:
+        job = await svc.api.request("s")
+        await wait_job(svc.api, job.id, ("running",))
+        os.kill(svc.pid, signal.SIGTERM)
+
+        async def waits() -> bool | None:
+            return "waiting up to 60 s for 1 running dump(s)" in svc.log_text() or None
+
+        await eventually(waits, "the daemon waits for the running dump", timeout_s=5.0)
+    finally:
+        os.kill(vm.pid, signal.SIGCONT)
 
     code = await daemons.stop(svc)
     assert code == 0, svc.log_text()
-    assert "waiting up to 60 s for 1 running dump(s)" in svc.log_text()
     assert not setup.api_socket.exists()
     assert await run_state(vm) == "running"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,6 +124,33 @@ async def test_failed_launch_reports_exit_code_command_line_and_log(
     assert "no-such-object-type" in " ".join(err.argv)
     assert "no-such-object-type" in err.log
     assert vm_module.live_vms() == before  # the failed QEMU is reaped and forgotten
+
+
+@pytest.mark.guest
+async def test_a_boot_that_hangs_silently_is_started_once_more_and_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A real silent hang: the guest's QEMU held at reset (-S), so nothing ever reaches its
+    # serial console. The testbed starts it once more, then gives up naming where the vCPUs are.
+    real_argv = vm_module.qemu_argv
+
+    def held_argv(*args: object, **kwargs: object) -> list[str]:
+        return [*real_argv(*args, **kwargs), "-S"]  # type: ignore[arg-type]
+
+    hung: list[tuple[str, str]] = []
+    monkeypatch.setattr(vm_module, "qemu_argv", held_argv)
+    monkeypatch.setattr(vm_module, "SILENT_BOOT_S", 1.0)
+    monkeypatch.setattr(vm_module, "HUNG_BOOTS", hung)
+    before = vm_module.live_vms()
+    with pytest.raises(vm_module.SilentBoot) as caught:
+        await vm_module.start(VMSpec(name="guest-held", ram_size=512 * MiB))
+    vcpus = caught.value.vcpus
+    assert re.fullmatch(
+        r"run state prelaunch; vCPUs: CPU#0 EIP=0000fff0 HLT=0 CR0=\w+ CPU#1 .*", vcpus
+    )
+    assert [name for name, _ in hung] == ["guest-held"]
+    assert "run state prelaunch" in hung[0][1]
+    assert vm_module.live_vms() == before  # both QEMUs reaped and forgotten
 
 
 @pytest.mark.bare
