@@ -916,7 +916,11 @@ def _check_request(before: Survey, request: SnapshotDumpRequest) -> int:
     for backend in before.layout.backends:
         region = before.population.regions.get(backend.region)
         if region is None or not region.known:
-            raise SnapshotRefused(f"the population of {backend.region} is unknown")
+            why = f": {region.note}" if region is not None and region.note else ""
+            raise SnapshotRefused(
+                f"the host memory QEMU's snapshot would allocate for {backend.region} cannot be "
+                f"predicted: its populated pages are not known{why}"
+            )
     predicted = predict_growth(before)
     if predicted > request.max_host_growth:
         raise SnapshotRefused(
