@@ -43,7 +43,14 @@ from qmpdump.engines.base import Progress
 from qmpdump.engines.run import DumpTask, run_dump
 from qmpdump.engines.snapshot import SnapshotDumpRequest, dump_with_snapshot
 from qmpdump.engines.spec import DumpSpec, EngineName
-from qmpdump.errors import DiskFull, DumpBusy, DumpCancelled, DumpError, DumpFailed
+from qmpdump.errors import (
+    DiskFull,
+    DumpBusy,
+    DumpCancelled,
+    DumpError,
+    DumpFailed,
+    SnapshotRefused,
+)
 from qmpdump.output import DumpFile
 from qmpdump.qmp.migsettings import MigrationSettings
 from qmpdump.qmp.session import QMPSession
@@ -131,6 +138,59 @@ async def test_refused_before_qemu_8_1(snap_vm: VM, dumps: Path) -> None:  # noq
         assert await capabilities(session) == caps
     assert not list(dumps.iterdir())
     await assert_runs(snap_vm)
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        ("running", None),
+        ("paused", None),
+        ("prelaunch", "does not allow from 'prelaunch'"),
+        ("shutdown", "does not allow from 'shutdown'"),
+        ("guest-panicked", "does not allow from 'guest-panicked'"),
+        ("suspended", "wake the suspended guest up"),
+    ],
+)
+def test_run_states_a_snapshot_may_start_from(state: str, why: str | None) -> None:
+    refusal = snapshot_engine.run_state_refusal(state)
+    if why is None:
+        assert refusal is None
+    else:
+        assert refusal is not None
+        assert why in str(refusal)
+        assert refusal.exit_code == SnapshotRefused.exit_code
+
+
+@pytest.mark.bare
+@needs_snapshot
+async def test_a_vm_that_never_ran_is_refused_and_its_qemu_lives(
+    vm_factory: VMFactory,
+    dumps: Path,  # noqa: F811
+) -> None:
+    # QEMU held at reset (-S) is in run state 'prelaunch'. A background snapshot from there
+    # makes QEMU 10.0 abort ("invalid runstate transition: 'prelaunch' -> 'paused'"), found by
+    # trying it. The engine refuses before it changes anything; QEMU's engine dumps the VM.
+    vm = await vm_factory(VMSpec(name="snap-prelaunch", guest=False, ram_size=256 * MiB))
+    async with QMPSession(str(vm.qmp_path)) as session:
+        caps = await capabilities(session)
+    target = dumps / "never.elf"
+    code, _, err = await run_cli(
+        "dump", "--qmp", str(vm.qmp_path), "--engine", "snapshot", "-o", str(target)
+    )
+    assert code == SnapshotRefused.exit_code, (code, err)
+    assert "run state 'prelaunch'" in err, err
+    assert "Traceback" not in err
+    assert not list(dumps.iterdir())
+    assert vm.proc.returncode is None
+    assert await status(vm) == "prelaunch"
+    async with QMPSession(str(vm.qmp_path)) as session:
+        assert await capabilities(session) == caps
+        assert await migration_status(session) is None  # no migration was ever started
+    code, _, err = await run_cli(
+        "dump", "--qmp", str(vm.qmp_path), "--engine", "qemu", "-o", str(target)
+    )
+    assert code == 0, err
+    assert await status(vm) == "prelaunch"
 
 
 @pytest.mark.guest

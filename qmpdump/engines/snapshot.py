@@ -134,6 +134,7 @@ __all__ = [
     "SnapshotEngine",
     "dump_with_snapshot",
     "predict_growth",
+    "run_state_refusal",
     "snapshot_supported",
 ]
 
@@ -908,11 +909,38 @@ def _event_time(event: Mapping[str, Any]) -> float:
     return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
 
 
+#: Run states a background snapshot may start from. QEMU takes the VM to 'paused' for the
+#: snapshot point and back to the state it found. From any other state one of those transitions
+#: is not allowed, and QEMU aborts (seen on 10.0: "invalid runstate transition: 'prelaunch' ->
+#: 'paused'", QEMU gone); from 'suspended' it first wakes the guest up.
+SNAPSHOT_RUN_STATES = ("running", "paused")
+
+
+def run_state_refusal(state: str) -> SnapshotRefused | None:
+    """Why a background snapshot must not start on a VM in run state ``state``, if it must not."""
+    if state in SNAPSHOT_RUN_STATES:
+        return None
+    if state == "suspended":
+        why = "QEMU's background snapshot would wake the suspended guest up"
+    else:
+        why = (
+            "QEMU's background snapshot takes the VM through 'paused' and back, which QEMU "
+            f"does not allow from {state!r} (it aborts)"
+        )
+    return SnapshotRefused(
+        f"the snapshot engine will not run on a VM in run state {state!r}: {why}; "
+        "--engine qemu or --engine backend dump it as it is"
+    )
+
+
 def _check_request(before: Survey, request: SnapshotDumpRequest) -> int:
     """Refuse what the engine will not do here; the predicted host memory growth (bytes)."""
     ok, why = snapshot_supported(before.facts.qemu_version)
     if not ok:
         raise SnapshotRefused(f"the snapshot engine will not run here: {why}")
+    refusal = run_state_refusal(before.facts.run_state)
+    if refusal is not None:
+        raise refusal
     for backend in before.layout.backends:
         region = before.population.regions.get(backend.region)
         if region is None or not region.known:
@@ -1037,6 +1065,12 @@ class _Run:
             asyncio.to_thread(self._owned, self.reader.run), name="snapshot-read"
         )
         deadline = time.monotonic() + _DUMP_BLOCKER_S
+        # Once more just before: the guest may have shut down, panicked or suspended since
+        # the survey, and a snapshot from there would abort QEMU (SNAPSHOT_RUN_STATES).
+        status = await self.session.execute("query-status")
+        refusal = run_state_refusal(str(status.get("status")))
+        if refusal is not None:
+            raise refusal
         while True:
             try:
                 await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
