@@ -315,9 +315,14 @@ async def bare_vm(
     backend: Backend = Backend.DEFAULT,
     data: int = 0,
     running: bool = True,
+    no_reboot: bool = True,
 ) -> VM:
-    """A bare VM; ``data`` bytes written by the host into its file-backed RAM; then ``cont``."""
-    vm = await vm_factory(VMSpec(name=name, guest=False, ram_size=ram_size, ram_backend=backend))
+    """A bare VM; ``data`` bytes written by the host into its file-backed RAM; then ``cont``.
+    ``no_reboot=False``: a ``system_reset`` resets it instead of ending QEMU."""
+    spec = VMSpec(
+        name=name, guest=False, ram_size=ram_size, ram_backend=backend, no_reboot=no_reboot
+    )
+    vm = await vm_factory(spec)
     assert vm.qmp is not None
     if data:
         assert backend is Backend.FILE

@@ -351,6 +351,45 @@ async def test_where_qmpdump_makes_the_instant_the_notes_are_read_inside_its_pau
 
 @pytest.mark.guest
 @needs_snapshot
+async def test_a_resume_by_another_client_inside_qmpdumps_pause_leaves_no_dump(
+    snap_vm: VM,
+    dumps: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where qmpdump makes the instant, the notes are read inside its pause and the memory is
+    taken at QEMU's snapshot point a moment later: another QMP client that resumes (or resets)
+    the VM in between would tear the two apart, so the dump fails and nothing is kept. QEMU is
+    real; the probe is held until the other client's ``cont`` has landed, to hit the window."""
+    assert snap_vm.qmp is not None
+    resumed = asyncio.Event()
+    real_probe = snapshot_engine.probe_prefix_without_growth  # type: ignore[attr-defined]
+
+    async def held_probe(*args: Any, **kwargs: Any) -> bytes:
+        await asyncio.wait_for(resumed.wait(), 60)
+        return await real_probe(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot_engine, "probe_prefix_without_growth", held_probe)
+    async with QMPSession(str(snap_vm.qmp_path)) as session:
+        caps = await capabilities(session)
+        with DumpFile.create(dumps / "torn.elf") as output:
+            dump = asyncio.create_task(
+                dump_with_snapshot(session, output, SnapshotDumpRequest(instant="stop"))
+            )
+            while await status(snap_vm) != "paused":
+                assert not dump.done()
+                await asyncio.sleep(0.005)
+            await snap_vm.qmp.execute("cont")  # another client
+            resumed.set()
+            with pytest.raises(DumpFailed, match="changed between its notes and the snapshot"):
+                await dump
+        await assert_runs(snap_vm)
+        assert await capabilities(session) == caps
+        assert await migration_status(session) in (None, "cancelled", "completed")
+    assert not list(dumps.iterdir())
+
+
+@pytest.mark.guest
+@needs_snapshot
 async def test_a_stream_without_its_device_description_makes_qemu_pause_for_the_notes(
     vm_factory: VMFactory,
     dumps: Path,  # noqa: F811

@@ -27,7 +27,7 @@ import pytest
 from qmpdump.engines import backend as backend_engine
 from qmpdump.engines import copier
 from qmpdump.engines.run import DumpTask, run_dump
-from qmpdump.engines.spec import DumpSpec, EngineName, Mode
+from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, Mode
 from qmpdump.errors import DumpCancelled, DumpFailed
 from qmpdump.qmp.session import QMPSession
 from qmpdump.service.views import DumpRequest
@@ -486,6 +486,59 @@ async def test_a_hung_output_disk_never_keeps_the_vm_paused(
                 await dump
     finally:
         release.set()
+    assert await run_state(vm) == "running"
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.bare
+@pytest.mark.parametrize(
+    ("change", "fmt"),
+    [("cont", DumpFormat.ELF), ("system_reset", DumpFormat.ELF), ("cont", DumpFormat.KDUMP)],
+)
+async def test_a_vm_changed_by_another_client_during_a_consistent_dump_leaves_no_dump(
+    vm_factory: VMFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+    fmt: DumpFormat,
+) -> None:
+    """Another QMP client resumes or resets the VM while a consistent backend dump holds it
+    paused (a reset also discards all of virtio-mem's memory and reloads ROMs into RAM): what
+    was copied is not the memory of one instant, so the dump fails and nothing is kept. QEMU is
+    real; only the copy is held until the change has landed, so that the change falls inside
+    the copy whatever the machine's speed."""
+    vm = await bare_vm(
+        vm_factory,
+        f"changed-{change}",
+        1 * GiB,
+        backend=Backend.FILE,
+        data=64 * MiB,
+        no_reboot=False,
+    )
+    changed = threading.Event()
+    name = "copy_ops_into" if fmt is DumpFormat.ELF else "write_kdump"
+    real = getattr(backend_engine, name)
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        changed.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend_engine, name, held)
+    out = tmp_path / "d.dump"
+    assert vm.qmp is not None
+    try:
+        async with QMPSession(str(vm.qmp_path)) as session:
+            spec = DumpSpec(engine=EngineName.BACKEND, format=fmt)
+            dump = asyncio.create_task(run_dump(session, out, spec))
+            await _until_paused(vm, dump)
+            with vm.qmp.listen("RESET", "RESUME") as heard:
+                await vm.qmp.execute(change)
+                assert (await heard.get()).event == ("RESUME" if change == "cont" else "RESET")
+            changed.set()
+            with pytest.raises(DumpFailed, match="changed while the dump held it paused"):
+                await dump
+    finally:
+        changed.set()
     assert await run_state(vm) == "running"
     assert files_in(tmp_path) == []
 

@@ -64,9 +64,9 @@ from qmpdump.kdump.format import UTS_READ_SIZE, Utsname, init_uts_ns_gpa, utsnam
 from qmpdump.kdump.plan import KdumpPlan, plan_kdump, vmcoreinfo_of
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpTarget, write_error
-from qmpdump.qmp.events import paused_seconds
+from qmpdump.qmp.events import PAUSE_BREAKERS, paused_seconds
 from qmpdump.qmp.plugged import dump_loads
-from qmpdump.qmp.session import QMPSession
+from qmpdump.qmp.session import EventQueue, QMPSession
 from qmpdump.survey import (
     ReadFrom,
     RegionAccess,
@@ -207,7 +207,8 @@ def _source(access: RegionAccess, pid: int | None, fds: list[int]) -> Source:
 
 
 class _PauseGuard:
-    """``stop`` now, ``cont`` at exit if we stopped it; the resume survives a cancel."""
+    """``stop`` now, ``cont`` at exit if we stopped it; the resume survives a cancel. While it
+    holds the VM paused it listens for :data:`PAUSE_BREAKERS` (:meth:`held`)."""
 
     def __init__(self, session: QMPSession, pause: bool, hooks: PauseHooks) -> None:
         self.session = session
@@ -215,11 +216,14 @@ class _PauseGuard:
         self.hooks = hooks
         self.stopped_at: float | None = None
         self.resumed_at: float | None = None
+        self._watch = contextlib.ExitStack()
+        self._heard: EventQueue | None = None
 
     async def __aenter__(self) -> _PauseGuard:
         if self.pause:
             if self.hooks.before_pause is not None:
                 await self.hooks.before_pause()
+            self._heard = self._watch.enter_context(self.session.listen(*PAUSE_BREAKERS))
             self.stopped_at = time.monotonic()
             try:
                 await self.session.execute("stop")
@@ -232,8 +236,26 @@ class _PauseGuard:
     async def __aexit__(self, *exc: object) -> None:
         await self.release()
 
+    async def held(self) -> None:
+        """Raise :class:`DumpFailed` unless the VM stayed paused and unchanged since ``stop``:
+        another QMP client (or the guest, before the stop landed) may have resumed, reset or
+        resized it, and then what was copied is not the memory of one instant."""
+        if self._heard is None:
+            return
+        heard = [e.event for e in self._heard.drain()]
+        status = await self.session.execute("query-status")
+        state = str(status.get("status"))
+        if heard or state != "paused":
+            what = ", ".join(dict.fromkeys(heard)) or f"its run state is {state!r}"
+            raise DumpFailed(
+                f"the VM changed while the dump held it paused ({what}; another QMP client or "
+                "the guest did it): what was copied is not the memory of one instant, so no "
+                "dump was kept; dump again"
+            )
+
     async def release(self) -> None:
         """Resume now if we stopped the VM and have not resumed it yet (idempotent)."""
+        self._watch.close()
         if self.stopped_at is None or self.resumed_at is not None:
             return
         # Through any number of cancels: a second Ctrl-C must not keep the VM paused.
@@ -335,6 +357,7 @@ class BackendEngine:
                     )
                 except OSError as err:
                     raise write_error(err, output.final) from err
+            await guard.held()
         job.report(Progress(plan.file_size, state.copied, total))
         paused_s = guard.paused_s if guard.pause else probe_paused_s
         details = BackendDetails(
@@ -414,6 +437,7 @@ async def _run_kdump(job: EngineJob, guard: _PauseGuard) -> EngineResult:
                 )
             except OSError as err:
                 raise write_error(err, output.final) from err
+        await guard.held()
         log.debug(
             "kdump-%s: survey, probe and plan %.3f s, write and hash %.3f s",
             codec.name,

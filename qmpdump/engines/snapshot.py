@@ -59,7 +59,7 @@ import socket
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, TypeVar
 
@@ -117,7 +117,7 @@ from qmpdump.migstream import (
     RamDone,
 )
 from qmpdump.output import DumpTarget, write_error
-from qmpdump.qmp.events import Event, paused_seconds
+from qmpdump.qmp.events import PAUSE_BREAKERS, Event, paused_seconds
 from qmpdump.qmp.plugged import dump_loads, read_dump_prefix
 from qmpdump.qmp.session import EventQueue, QMPSession
 from qmpdump.survey import Survey, probe_prefix_without_growth, region_population, survey
@@ -1031,7 +1031,10 @@ class _Run:
         stay holes), and on shmem the holes were faulted in before the pause anyway.
         """
         t0 = time.monotonic()
-        with self.session.listen("STOP", "RESUME") as listener:
+        with (
+            self.session.listen("STOP", "RESUME") as listener,
+            self.session.listen(*PAUSE_BREAKERS) as breakers,
+        ):
             if self.running:
                 if self.request.hooks.before_pause is not None:
                     await self.request.hooks.before_pause()
@@ -1045,7 +1048,13 @@ class _Run:
                 self.before.access,
             )
             self.timings["probe_s"] = time.monotonic() - t0
+            # Between the probe (the notes) and QEMU's snapshot point the VM must stay as it
+            # was: a reset or a resume by another client would tear the two apart. A RESUME
+            # counts only until ``migrate``: some QEMU versions resume after their snapshot
+            # point themselves, which is harmless (the pages are write-protected by then).
+            _refuse_changes(breakers.drain())
             await self._migrate(t0)
+            _refuse_changes(e for e in breakers.drain() if e.event != "RESUME")
             if self.running:
                 await _resume(self.session)
                 self.resumed = True
@@ -1462,6 +1471,16 @@ async def _wait_first_page(
                 f"the background snapshot {status.get('status')}: "
                 f"{status.get('error-desc', 'no reason given')}"
             )
+
+
+def _refuse_changes(heard: Iterable[Event]) -> None:
+    """Raise :class:`DumpFailed` if any :data:`PAUSE_BREAKERS` event was heard."""
+    changed = list(dict.fromkeys(e.event for e in heard))
+    if changed:
+        raise DumpFailed(
+            f"the VM changed between its notes and the snapshot point ({', '.join(changed)}; "
+            "another QMP client or the guest did it): no dump was kept; dump again"
+        )
 
 
 async def _resume(session: QMPSession) -> None:

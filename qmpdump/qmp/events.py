@@ -14,7 +14,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qmpdump.qmp.models import DumpQueryResult, QMPModel
 
-__all__ = ["DumpCompleted", "Event", "EventStamp", "paused_seconds"]
+__all__ = ["PAUSE_BREAKERS", "DumpCompleted", "Event", "EventStamp", "paused_seconds"]
+
+
+#: QMP events that say the VM changed while the dump held it paused, so the copy is not of one
+#: instant: resumed by another client, reset (which also discards all of virtio-mem's memory,
+#: and reloads ROMs into RAM), shut down, a memory device resized or removed, suspended or woken.
+PAUSE_BREAKERS = (
+    "RESUME",
+    "RESET",
+    "SHUTDOWN",
+    "MEMORY_DEVICE_SIZE_CHANGE",
+    "DEVICE_DELETED",
+    "SUSPEND",
+    "WAKEUP",
+)
 
 
 class EventStamp(BaseModel):

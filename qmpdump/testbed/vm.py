@@ -217,6 +217,8 @@ class VMSpec:
     boot_timeout_s: float = 180.0
     #: also serve QMP on ``127.0.0.1:PORT`` (QMP over TCP: QEMU's pid is then unknown)
     qmp_tcp_port: int | None = None
+    #: ``-no-reboot``: a guest reboot (or QMP ``system_reset``) ends QEMU; False: it resets
+    no_reboot: bool = True
 
     def __post_init__(self) -> None:
         if self.machine not in ("q35", "pc"):
@@ -323,7 +325,9 @@ def qemu_argv(
             f"block-size={dev.block_size},requested-size={dev.requested_size}{on_node}",
         ]
     argv += ["-device", "vmcoreinfo", "-nodefaults", "-no-user-config", "-display", "none"]
-    argv += ["-no-reboot", "-pidfile", str(run_dir / "qemu.pid")]
+    if spec.no_reboot:
+        argv.append("-no-reboot")
+    argv += ["-pidfile", str(run_dir / "qemu.pid")]
     # Two monitors, as on a managed host: the testbed keeps one (as libvirt would), the other is
     # free for qmpdump. QEMU serves one client per QMP monitor.
     argv += ["-qmp", f"unix:{run_dir / 'control.sock'},server=on,wait=off"]
