@@ -492,21 +492,27 @@ async def test_a_hung_output_disk_never_keeps_the_vm_paused(
 
 @pytest.mark.bare
 @pytest.mark.parametrize(
-    ("change", "fmt"),
-    [("cont", DumpFormat.ELF), ("system_reset", DumpFormat.ELF), ("cont", DumpFormat.KDUMP)],
+    "case",
+    [
+        ("cont", DumpFormat.ELF, False),
+        ("system_reset", DumpFormat.ELF, False),
+        ("cont", DumpFormat.KDUMP, False),
+        ("cont", DumpFormat.ELF, True),
+    ],
+    ids=["resumed", "reset", "resumed-kdump", "resumed-operator-paused"],
 )
 async def test_a_vm_changed_by_another_client_during_a_consistent_dump_leaves_no_dump(
     vm_factory: VMFactory,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    change: str,
-    fmt: DumpFormat,
+    case: tuple[str, DumpFormat, bool],
 ) -> None:
-    """Another QMP client resumes or resets the VM while a consistent backend dump holds it
-    paused (a reset also discards all of virtio-mem's memory and reloads ROMs into RAM): what
-    was copied is not the memory of one instant, so the dump fails and nothing is kept. QEMU is
-    real; only the copy is held until the change has landed, so that the change falls inside
-    the copy whatever the machine's speed."""
+    """Another QMP client resumes or resets the VM while a consistent backend dump reads it,
+    paused by the dump or by its operator before (a reset also discards all of virtio-mem's
+    memory and reloads ROMs into RAM): what was copied is not the memory of one instant, so
+    the dump fails and nothing is kept. QEMU is real; only the copy is held until the change
+    has landed, so that the change falls inside the copy whatever the machine's speed."""
+    change, fmt, paused_before = case
     vm = await bare_vm(
         vm_factory,
         f"changed-{change}",
@@ -515,27 +521,31 @@ async def test_a_vm_changed_by_another_client_during_a_consistent_dump_leaves_no
         data=64 * MiB,
         no_reboot=False,
     )
-    changed = threading.Event()
+    assert vm.qmp is not None
+    if paused_before:
+        await vm.qmp.execute("stop")  # the operator's own pause
+    copying, changed = threading.Event(), threading.Event()
     name = "copy_ops_into" if fmt is DumpFormat.ELF else "write_kdump"
     real = getattr(backend_engine, name)
 
     def held(*args: Any, **kwargs: Any) -> Any:
+        copying.set()
         changed.wait(60)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(backend_engine, name, held)
     out = tmp_path / "d.dump"
-    assert vm.qmp is not None
     try:
         async with QMPSession(str(vm.qmp_path)) as session:
             spec = DumpSpec(engine=EngineName.BACKEND, format=fmt)
             dump = asyncio.create_task(run_dump(session, out, spec))
-            await _until_paused(vm, dump)
+            assert await asyncio.to_thread(copying.wait, 60)
+            assert await run_state(vm) == "paused"
             with vm.qmp.listen("RESET", "RESUME") as heard:
                 await vm.qmp.execute(change)
                 assert (await heard.get()).event == ("RESUME" if change == "cont" else "RESET")
             changed.set()
-            with pytest.raises(DumpFailed, match="changed while the dump held it paused"):
+            with pytest.raises(DumpFailed, match="changed while the dump"):
                 await dump
     finally:
         changed.set()

@@ -210,7 +210,12 @@ class _PauseGuard:
     """``stop`` now, ``cont`` at exit if we stopped it; the resume survives a cancel. While it
     holds the VM paused it listens for :data:`PAUSE_BREAKERS` (:meth:`held`)."""
 
-    def __init__(self, session: QMPSession, pause: bool, hooks: PauseHooks) -> None:
+    def __init__(
+        self, session: QMPSession, pause: bool, hooks: PauseHooks, *, watch: str | None = None
+    ) -> None:
+        """``pause``: stop the VM (it runs). ``watch``: the run state the VM must keep through
+        the copy when it is not paused by us (a VM found paused: consistent all the same, as
+        long as nobody resumes it); None: nothing is watched (a live dump)."""
         self.session = session
         self.pause = pause
         self.hooks = hooks
@@ -218,12 +223,14 @@ class _PauseGuard:
         self.resumed_at: float | None = None
         self._watch = contextlib.ExitStack()
         self._heard: EventQueue | None = None
+        self._state = "paused" if pause else watch
 
     async def __aenter__(self) -> _PauseGuard:
+        if self._state is not None:
+            self._heard = self._watch.enter_context(self.session.listen(*PAUSE_BREAKERS))
         if self.pause:
             if self.hooks.before_pause is not None:
                 await self.hooks.before_pause()
-            self._heard = self._watch.enter_context(self.session.listen(*PAUSE_BREAKERS))
             self.stopped_at = time.monotonic()
             try:
                 await self.session.execute("stop")
@@ -237,20 +244,21 @@ class _PauseGuard:
         await self.release()
 
     async def held(self) -> None:
-        """Raise :class:`DumpFailed` unless the VM stayed paused and unchanged since ``stop``:
-        another QMP client (or the guest, before the stop landed) may have resumed, reset or
-        resized it, and then what was copied is not the memory of one instant."""
+        """Raise :class:`DumpFailed` unless the VM stayed stopped and unchanged through the
+        copy: another QMP client (or the guest, before the stop landed) may have resumed, reset
+        or resized it, and then what was copied is not the memory of one instant."""
         if self._heard is None:
             return
         heard = [e.event for e in self._heard.drain()]
         status = await self.session.execute("query-status")
         state = str(status.get("status"))
-        if heard or state != "paused":
-            what = ", ".join(dict.fromkeys(heard)) or f"its run state is {state!r}"
+        if heard or state != self._state:
+            what = ", ".join(dict.fromkeys(heard)) or f"its run state is now {state!r}"
+            held = "held it paused" if self.pause else "read the stopped VM"
             raise DumpFailed(
-                f"the VM changed while the dump held it paused ({what}; another QMP client or "
-                "the guest did it): what was copied is not the memory of one instant, so no "
-                "dump was kept; dump again"
+                f"the VM changed while the dump {held} ({what}; another QMP client or the "
+                "guest did it): what was copied is not the memory of one instant, so no dump "
+                "was kept; dump again"
             )
 
     async def release(self) -> None:
@@ -318,7 +326,12 @@ class BackendEngine:
         if not ok:
             raise SourceUnproven(None, why)
         live = spec.mode is Mode.LIVE
-        guard = _PauseGuard(session, before.facts.running and not live, job.hooks)
+        guard = _PauseGuard(
+            session,
+            before.facts.running and not live,
+            job.hooks,
+            watch=None if live else before.facts.run_state,
+        )
         if spec.format in OWN_KDUMP_FORMATS:
             return await _run_kdump(job, guard)
         async with guard:
