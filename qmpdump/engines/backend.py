@@ -64,7 +64,7 @@ from qmpdump.kdump.format import UTS_READ_SIZE, Utsname, init_uts_ns_gpa, utsnam
 from qmpdump.kdump.plan import KdumpPlan, plan_kdump, vmcoreinfo_of
 from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpTarget, write_error
-from qmpdump.qmp.events import PAUSE_BREAKERS, paused_seconds
+from qmpdump.qmp.events import PAUSE_BREAKERS, changes_heard, paused_seconds
 from qmpdump.qmp.plugged import dump_loads
 from qmpdump.qmp.session import EventQueue, QMPSession
 from qmpdump.survey import (
@@ -243,17 +243,19 @@ class _PauseGuard:
     async def __aexit__(self, *exc: object) -> None:
         await self.release()
 
-    async def held(self) -> None:
+    async def held(self, read: Survey) -> None:
         """Raise :class:`DumpFailed` unless the VM stayed stopped and unchanged through the
         copy: another QMP client (or the guest, before the stop landed) may have resumed, reset
-        or resized it, and then what was copied is not the memory of one instant."""
+        or resized it, and then what was copied is not the memory of one instant. ``read``: the
+        survey the copy followed (the virtio-mem sizes it read)."""
         if self._heard is None:
             return
-        heard = [e.event for e in self._heard.drain()]
+        plugged = {d.id: d.size for d in read.layout.devices}
+        heard = changes_heard(self._heard.drain(), plugged)
         status = await self.session.execute("query-status")
         state = str(status.get("status"))
         if heard or state != self._state:
-            what = ", ".join(dict.fromkeys(heard)) or f"its run state is now {state!r}"
+            what = ", ".join(heard) or f"its run state is now {state!r}"
             held = "held it paused" if self.pause else "read the stopped VM"
             raise DumpFailed(
                 f"the VM changed while the dump {held} ({what}; another QMP client or the "
@@ -370,7 +372,7 @@ class BackendEngine:
                     )
                 except OSError as err:
                     raise write_error(err, output.final) from err
-            await guard.held()
+            await guard.held(result)
         job.report(Progress(plan.file_size, state.copied, total))
         paused_s = guard.paused_s if guard.pause else probe_paused_s
         details = BackendDetails(
@@ -450,7 +452,7 @@ async def _run_kdump(job: EngineJob, guard: _PauseGuard) -> EngineResult:
                 )
             except OSError as err:
                 raise write_error(err, output.final) from err
-        await guard.held()
+        await guard.held(result)
         log.debug(
             "kdump-%s: survey, probe and plan %.3f s, write and hash %.3f s",
             codec.name,

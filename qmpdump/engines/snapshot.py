@@ -117,7 +117,7 @@ from qmpdump.migstream import (
     RamDone,
 )
 from qmpdump.output import DumpTarget, write_error
-from qmpdump.qmp.events import PAUSE_BREAKERS, Event, paused_seconds
+from qmpdump.qmp.events import PAUSE_BREAKERS, Event, changes_heard, paused_seconds
 from qmpdump.qmp.plugged import dump_loads, read_dump_prefix
 from qmpdump.qmp.session import EventQueue, QMPSession
 from qmpdump.survey import Survey, probe_prefix_without_growth, region_population, survey
@@ -1052,9 +1052,10 @@ class _Run:
             # was: a reset or a resume by another client would tear the two apart. A RESUME
             # counts only until ``migrate``: some QEMU versions resume after their snapshot
             # point themselves, which is harmless (the pages are write-protected by then).
-            _refuse_changes(breakers.drain())
+            plugged = {d.id: d.size for d in self.before.layout.devices}
+            _refuse_changes(changes_heard(breakers.drain(), plugged))
             await self._migrate(t0)
-            _refuse_changes(e for e in breakers.drain() if e.event != "RESUME")
+            _refuse_changes(c for c in changes_heard(breakers.drain(), plugged) if c != "RESUME")
             if self.running:
                 await _resume(self.session)
                 self.resumed = True
@@ -1473,9 +1474,9 @@ async def _wait_first_page(
             )
 
 
-def _refuse_changes(heard: Iterable[Event]) -> None:
-    """Raise :class:`DumpFailed` if any :data:`PAUSE_BREAKERS` event was heard."""
-    changed = list(dict.fromkeys(e.event for e in heard))
+def _refuse_changes(heard: Iterable[str]) -> None:
+    """Raise :class:`DumpFailed` if any change (:func:`changes_heard`) was heard."""
+    changed = list(heard)
     if changed:
         raise DumpFailed(
             f"the VM changed between its notes and the snapshot point ({', '.join(changed)}; "

@@ -7,14 +7,21 @@ An event (QMP spec, ``docs/interop/qmp-spec.rst``: ``{"event", "data", "timestam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from qmpdump.qmp.models import DumpQueryResult, QMPModel
 
-__all__ = ["PAUSE_BREAKERS", "DumpCompleted", "Event", "EventStamp", "paused_seconds"]
+__all__ = [
+    "PAUSE_BREAKERS",
+    "DumpCompleted",
+    "Event",
+    "EventStamp",
+    "changes_heard",
+    "paused_seconds",
+]
 
 
 #: QMP events that say the VM changed while the dump held it paused, so the copy is not of one
@@ -89,3 +96,23 @@ def paused_seconds(events: Iterable[Event]) -> float | None:
             paused += max(0.0, event.at - stopped_at)
             stopped_at = None
     return paused if heard else None
+
+
+def changes_heard(heard: Iterable[Event], plugged: Mapping[str, int]) -> list[str]:
+    """The names (each once, in order) of the :data:`PAUSE_BREAKERS` events in ``heard``.
+
+    QEMU reports a virtio-mem size change up to about a second late (it rate-limits
+    ``MEMORY_DEVICE_SIZE_CHANGE``): one that reports the size the dump read for that device
+    (``plugged``: device id to bytes) tells of a change before the dump, and does not count.
+    """
+    names: list[str] = []
+    for event in heard:
+        if event.event not in PAUSE_BREAKERS:
+            continue
+        if event.event == "MEMORY_DEVICE_SIZE_CHANGE":
+            device, size = event.data.get("id"), event.data.get("size")
+            if isinstance(device, str) and plugged.get(device) == size:
+                continue
+        if event.event not in names:
+            names.append(event.event)
+    return names
