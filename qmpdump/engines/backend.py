@@ -252,7 +252,10 @@ class _PauseGuard:
             return
         plugged = {d.id: d.size for d in read.layout.devices}
         heard = changes_heard(self._heard.drain(), plugged)
-        status = await self.session.execute("query-status")
+        try:
+            status = await self.session.execute("query-status")
+        except QMPDisconnected as err:
+            raise QEMUGone(f"QEMU went away during the dump: {err}") from err
         state = str(status.get("status"))
         if heard or state != self._state:
             what = ", ".join(heard) or f"its run state is now {state!r}"
