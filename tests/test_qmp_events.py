@@ -41,12 +41,17 @@ def test_a_late_size_report_of_the_size_read_is_not_a_change() -> None:
     assert changes_heard([late], {"vmem0": 256 * MiB}) == []
 
 
+def test_a_late_report_of_a_device_without_an_id_is_matched_by_its_size() -> None:
+    late = event("MEMORY_DEVICE_SIZE_CHANGE", size=256 * MiB, **{"qom-path": "/anon"})
+    assert changes_heard([late], {"virtio-mem@0x140000000": 256 * MiB}) == []
+
+
 @pytest.mark.parametrize(
     "data",
     [
         {"id": "vmem0", "size": 0},  # unplugged meanwhile (a reset)
         {"id": "vmem1", "size": 256 * MiB},  # a device the dump did not read
-        {"size": 256 * MiB},  # no id: cannot be matched to what was read
+        {"size": 128 * MiB},  # no id, and no size the dump read
     ],
 )
 def test_another_size_is_a_change(data: dict[str, Any]) -> None:

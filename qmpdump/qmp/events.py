@@ -104,6 +104,8 @@ def changes_heard(heard: Iterable[Event], plugged: Mapping[str, int]) -> list[st
     QEMU reports a virtio-mem size change up to about a second late (it rate-limits
     ``MEMORY_DEVICE_SIZE_CHANGE``): one that reports the size the dump read for that device
     (``plugged``: device id to bytes) tells of a change before the dump, and does not count.
+    A device without an id is reported without one: its event counts unless its size is one
+    the dump read (while the VM is stopped only a reset, heard as ``RESET``, changes a size).
     """
     names: list[str] = []
     for event in heard:
@@ -112,6 +114,8 @@ def changes_heard(heard: Iterable[Event], plugged: Mapping[str, int]) -> list[st
         if event.event == "MEMORY_DEVICE_SIZE_CHANGE":
             device, size = event.data.get("id"), event.data.get("size")
             if isinstance(device, str) and plugged.get(device) == size:
+                continue
+            if device is None and size in plugged.values():
                 continue
         if event.event not in names:
             names.append(event.event)
