@@ -9,6 +9,7 @@ fails on every command proves and a real QEMU could not.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -28,7 +29,7 @@ from qmpdump.cli.settings_journal import (
     restore_orphaned,
     runtime_dir,
 )
-from qmpdump.errors import HostAccessError
+from qmpdump.errors import DumpBusy, HostAccessError
 from qmpdump.host.procfs import process_start_ticks
 from qmpdump.qmp.migsettings import MigrationSettings, describe_settings
 from qmpdump.qmp.session import QMPSession
@@ -251,3 +252,55 @@ async def test_no_entry_no_output(tmp_path: Path) -> None:
     err = io.StringIO()
     await restore_orphaned(SettingsJournal(tmp_path, "/vm.sock"), _session(1), err)
     assert err.getvalue() == ""
+
+
+# ---------------------------------------------------------------- a run that still runs
+
+
+def _entry(writer_pid: int | None, writer_start: int | None) -> JournalEntry:
+    start = process_start_ticks(os.getpid())
+    assert start is not None
+    return JournalEntry(
+        qmp_address="/vm.sock",
+        qemu_pid=os.getpid(),
+        qemu_start=start,
+        capabilities=SETTINGS.capabilities,
+        parameters=SETTINGS.parameters,
+        changed_at=0.0,
+        writer_pid=writer_pid,
+        writer_start=writer_start,
+    )
+
+
+async def test_the_entry_of_a_dump_that_still_runs_makes_the_vm_busy(tmp_path: Path) -> None:
+    # Another qmpdump dump (a real process here) is taking a snapshot of the VM: its entry is
+    # not a killed run's. Ending "its orphaned snapshot" would end that dump; no QMP command
+    # may be sent (the stand-in session fails on any), and the entry stays.
+    writer = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        start = process_start_ticks(writer.pid)
+        assert start is not None
+        journal = SettingsJournal(tmp_path, "/vm.sock")
+        journal.write(_entry(writer.pid, start))
+        with pytest.raises(DumpBusy, match=f"another qmpdump dump \\(pid {writer.pid}\\)"):
+            await restore_orphaned(journal, _session(os.getpid()), io.StringIO())
+        assert journal.path.exists()
+    finally:
+        writer.kill()
+        await writer.wait()
+
+
+@pytest.mark.parametrize("writer", ["gone", "reused"])
+async def test_the_entry_of_a_dump_that_ended_is_a_killed_runs(tmp_path: Path, writer: str) -> None:
+    # The writer is gone (or its pid now names another process): the entry is restored as a
+    # killed run's; a stand-in session that fails on any command makes the restore fail, which
+    # is the path that proves it was tried (the entry is kept for the next run, with a warning).
+    if writer == "gone":
+        pid, start = _gone_pid(), 12345
+    else:
+        pid, start = os.getppid(), (process_start_ticks(os.getppid()) or 0) - 1
+    journal = SettingsJournal(tmp_path, "/vm.sock")
+    journal.write(_entry(pid, start))
+    err = io.StringIO()
+    with pytest.raises(AssertionError, match="no QMP command expected"):
+        await restore_orphaned(journal, _session(os.getpid()), err)

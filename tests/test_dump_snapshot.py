@@ -666,6 +666,12 @@ async def test_the_next_cli_run_cancels_an_orphaned_snapshot(
         snap_vm.pid,
         MigrationSettings({"background-snapshot": False}, {"max-bandwidth": before[1]}),
     )
+    # ... by a CLI that was killed since: its writer process is gone (this test's is not)
+    entry = journal.read()
+    assert entry is not None
+    killed = subprocess.Popen(["true"])  # noqa: ASYNC220 - exits at once
+    killed.wait()
+    journal.write(entry.model_copy(update={"writer_pid": killed.pid, "writer_start": 1}))
     ours, theirs = socket.socketpair()
     stop = threading.Event()
 

@@ -15,7 +15,9 @@ real migration would silently become a background snapshot. This module is the C
   back. Written atomically (a 0600 temporary file, fsync, rename) by the engine's
   ``before_migration_settings`` hook, before the change; removed by ``after_migration_settings``.
 * **when it is read**: at the start of every ``qmpdump dump`` on a QMP session, before the dump
-  (:func:`restore_orphaned`): an entry of the same QEMU process is a killed run's; its orphaned
+  (:func:`restore_orphaned`): an entry whose writer (another ``qmpdump dump``: pid and start
+  time) still runs is that run's, and the new dump is refused as busy; otherwise an entry of the
+  same QEMU process is a killed run's; its orphaned
   background snapshot is cancelled, its settings are sent back, the file is removed and one
   warning line says what was restored. An entry of another process (QEMU restarted on the same
   socket) is removed with a note.
@@ -105,6 +107,10 @@ class JournalEntry(BaseModel):
     parameters: dict[str, int]
     #: when (seconds since the epoch)
     changed_at: float
+    #: the ``qmpdump dump`` process that wrote it (pid and start time): while it runs, its
+    #: entry is not a killed run's (entries written before these fields: unknown)
+    writer_pid: int | None = None
+    writer_start: int | None = None
 
 
 def _private_dir(directory: Path, *, create: bool) -> bool:
@@ -214,6 +220,8 @@ class SettingsJournal:
                 capabilities=capabilities,
                 parameters=parameters,
                 changed_at=time.time(),
+                writer_pid=os.getpid(),
+                writer_start=process_start_ticks(os.getpid()),
             )
         )
         return True
@@ -270,6 +278,15 @@ async def restore_orphaned(journal: SettingsJournal, session: QMPSession, err: T
         return
     if entry is None:
         return
+    if entry.writer_pid is not None and entry.writer_pid != os.getpid():
+        writer_start = await asyncio.to_thread(process_start_ticks, entry.writer_pid)
+        if writer_start is not None and writer_start == entry.writer_start:
+            # Not a killed run's: another qmpdump dump is taking a snapshot of this VM now.
+            # Ending "its orphaned snapshot" would end that dump.
+            raise DumpBusy(
+                f"another qmpdump dump (pid {entry.writer_pid}) is taking a snapshot of this VM "
+                "and has changed its migration settings; try again once it has ended"
+            )
     same = (
         session.pid == entry.qemu_pid
         and await asyncio.to_thread(process_start_ticks, entry.qemu_pid) == entry.qemu_start
