@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 from qmpdump.engines import backend as backend_engine
-from qmpdump.engines import copier
 from qmpdump.engines.run import DumpTask, run_dump
 from qmpdump.engines.spec import DumpFormat, DumpSpec, EngineName, Mode
 from qmpdump.errors import DumpCancelled, DumpFailed
@@ -452,6 +451,24 @@ async def _until_paused(vm: VM, dump: asyncio.Future[Any]) -> None:
     await eventually(paused, "the dump pausing the VM", interval_s=0.005)
 
 
+def _hold_copy(
+    monkeypatch: pytest.MonkeyPatch, name: str = "copy_ops_into"
+) -> tuple[threading.Event, threading.Event]:
+    """Make the backend engine's copy (``copy_ops_into``, or ``write_kdump``) wait, in its
+    thread, until the second event is set; the first is set once the copy has begun. The
+    caller sets the second in a ``finally``."""
+    began, release = threading.Event(), threading.Event()
+    real = getattr(backend_engine, name)
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        began.set()
+        release.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend_engine, name, held)
+    return began, release
+
+
 @pytest.mark.bare
 async def test_a_hung_output_disk_never_keeps_the_vm_paused(
     vm_factory: VMFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -461,14 +478,7 @@ async def test_a_hung_output_disk_never_keeps_the_vm_paused(
     the write returns, the dump ends as failed, nothing presented. A real disk cannot be made
     to hang on demand here, so the copy is replaced by one that blocks until released."""
     vm = await bare_vm(vm_factory, "hungdisk", 1 * GiB, backend=Backend.FILE, data=256 * MiB)
-    release = threading.Event()
-    real_copy = copier.copy_ops_into
-
-    def hung_copy(*args: Any, **kwargs: Any) -> None:
-        release.wait(120)
-        real_copy(*args, **kwargs)
-
-    monkeypatch.setattr(backend_engine, "copy_ops_into", hung_copy)
+    _, release = _hold_copy(monkeypatch)
     monkeypatch.setattr(backend_engine, "STALL_S", 2.0)
     out = tmp_path / "d.elf"
     try:
@@ -524,16 +534,10 @@ async def test_a_vm_changed_by_another_client_during_a_consistent_dump_leaves_no
     assert vm.qmp is not None
     if paused_before:
         await vm.qmp.execute("stop")  # the operator's own pause
-    copying, changed = threading.Event(), threading.Event()
-    name = "copy_ops_into" if fmt is DumpFormat.ELF else "write_kdump"
-    real = getattr(backend_engine, name)
-
-    def held(*args: Any, **kwargs: Any) -> Any:
-        copying.set()
-        changed.wait(60)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(backend_engine, name, held)
+    copying, changed = _hold_copy(
+        monkeypatch, "copy_ops_into" if fmt is DumpFormat.ELF else "write_kdump"
+    )
+    heard_name = "RESUME" if change == "cont" else "RESET"
     out = tmp_path / "d.dump"
     try:
         async with QMPSession(str(vm.qmp_path)) as session:
@@ -543,9 +547,9 @@ async def test_a_vm_changed_by_another_client_during_a_consistent_dump_leaves_no
             assert await run_state(vm) == "paused"
             with vm.qmp.listen("RESET", "RESUME") as heard:
                 await vm.qmp.execute(change)
-                assert (await heard.get()).event == ("RESUME" if change == "cont" else "RESET")
+                assert (await heard.get()).event == heard_name
             changed.set()
-            with pytest.raises(DumpFailed, match="changed while the dump"):
+            with pytest.raises(DumpFailed, match=f"changed while the dump .*\\b{heard_name}\\b"):
                 await dump
     finally:
         changed.set()

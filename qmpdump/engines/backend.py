@@ -93,6 +93,8 @@ RESUME_GIVE_UP_S = 300.0
 STALL_S = 10.0
 
 POLL_S = 0.1
+#: what a dump says when QEMU's process is found gone (as when its QMP connection closed)
+_EXITED = "QEMU went away during the dump (its process exited)"
 log = logging.getLogger(__name__)
 
 
@@ -185,14 +187,14 @@ def _unproven(why: str, pid: int | None) -> QmpdumpError:
     """The second look's refusal: QEMUGone if QEMU died meanwhile (its threads and mappings
     vanished with it), else the unproven source."""
     if _qemu_gone(pid):
-        return QEMUGone("QEMU exited during the dump")
+        return QEMUGone(_EXITED)
     return SourceUnproven(None, why)
 
 
 def _source(access: RegionAccess, pid: int | None, fds: list[int]) -> Source:
     if access.read_from is None:
         if _qemu_gone(pid):  # its mappings vanished with it: not an unproven source
-            raise QEMUGone("QEMU exited during the dump")
+            raise QEMUGone(_EXITED)
         raise SourceUnproven(access.region, access.proof)
     if access.read_from is ReadFrom.FILE and access.path is not None:
         try:
@@ -250,12 +252,13 @@ class _PauseGuard:
         survey the copy followed (the virtio-mem sizes it read)."""
         if self._heard is None:
             return
-        plugged = {d.id: d.size for d in read.layout.devices}
-        heard = changes_heard(self._heard.drain(), plugged)
         try:
             status = await self.session.execute("query-status")
         except QMPDisconnected as err:
             raise QEMUGone(f"QEMU went away during the dump: {err}") from err
+        # Drained after the answer: QEMU sends an event before the answer of a later command.
+        plugged = {d.id: d.size for d in read.layout.devices}
+        heard = changes_heard(self._heard.drain(), plugged)
         state = str(status.get("status"))
         if heard or state != self._state:
             what = ", ".join(heard) or f"its run state is now {state!r}"

@@ -1071,16 +1071,16 @@ class _Run:
 
     async def _migrate(self, t0: float) -> None:
         """Start the reader and the snapshot; return once its first page arrived."""
-        self.worker = asyncio.create_task(
-            asyncio.to_thread(self._owned, self.reader.run), name="snapshot-read"
-        )
-        deadline = time.monotonic() + _DUMP_BLOCKER_S
-        # Once more just before: the guest may have shut down, panicked or suspended since
-        # the survey, and a snapshot from there would abort QEMU (SNAPSHOT_RUN_STATES).
+        # Once more just before: the guest may have shut down, panicked or suspended since the
+        # survey, and a snapshot from there would abort QEMU (SNAPSHOT_RUN_STATES).
         status = await self.session.execute("query-status")
         refusal = run_state_refusal(str(status.get("status")))
         if refusal is not None:
             raise refusal
+        self.worker = asyncio.create_task(
+            asyncio.to_thread(self._owned, self.reader.run), name="snapshot-read"
+        )
+        deadline = time.monotonic() + _DUMP_BLOCKER_S
         while True:
             try:
                 await self.session.execute("migrate", {"uri": f"fd:{self.fdname}"})
