@@ -73,7 +73,8 @@ class _Running:
     job: Job
     task: asyncio.Task[None] | None = None
     dump: DumpTask | None = None
-    cancelled: bool = False
+    #: why the job was cancelled, once it was (the dump, if not started yet, says so)
+    cancelled: str | None = None
     #: the engine's last report (every one, not only those stored)
     last: Progress | None = None
     #: where the dump went when its job names a ``[[sink]]``
@@ -174,14 +175,11 @@ class JobRunner:
                 job = self.store.next_queued(busy=busy)
                 if job is None:
                     break
-                try:
-                    job = await self.db(self.store.mark_running, job.id)
-                except Unavailable:
-                    # The store cannot be written: the job stays queued; look again soon.
-                    asyncio.get_running_loop().call_later(_PERSIST_RETRY_MAX_S, self.wake)
-                    break
+                # The job is ours from here, before the store says it runs: a shutdown that
+                # comes while the store marks it waits for it like for any running job (an API
+                # client may see it running at once, and then stop the daemon).
                 running = self.running[job.id] = _Running(job)
-                running.task = jobs.create_task(self._run_job(job), name=f"job-{job.id}")
+                running.task = jobs.create_task(self._start_job(job), name=f"job-{job.id}")
 
     def _absent_vms(self) -> set[str]:
         """VMs with queued jobs that the daemon does not serve now (a libvirt domain that is
@@ -194,7 +192,7 @@ class JobRunner:
         running = self.running.get(job_id)
         if running is None:
             return False
-        running.cancelled = True
+        running.cancelled = reason
         if running.dump is not None:
             running.dump.cancel(reason)
         return True
@@ -215,13 +213,29 @@ class JobRunner:
         self.cancel_all("the dump was cancelled: the daemon is stopping")
         await asyncio.wait(tasks)
 
+    async def _start_job(self, job: Job) -> None:
+        try:
+            job = await self.db(self.store.mark_running, job.id)
+        except Unavailable:
+            # The store cannot be written: the job stays queued; look again soon.
+            self.running.pop(job.id, None)
+            asyncio.get_running_loop().call_later(_PERSIST_RETRY_MAX_S, self.wake)
+            return
+        except ValueError:
+            # No longer queued: cancelled through the API while this task was being started.
+            self.running.pop(job.id, None)
+            self._wake.set()
+            return
+        self.running[job.id].job = job
+        await self._run_job(job)
+
     async def _run_job(self, job: Job) -> None:
         running = self.running[job.id]
         vm = self.vms[job.vm]
         try:
             running.dump = DumpTask(self._dump(job, vm), name=f"dump-{job.id}")
-            if running.cancelled:
-                running.dump.cancel()
+            if running.cancelled is not None:
+                running.dump.cancel(running.cancelled)
             outcome = await running.dump.result()
         except DumpCancelled as err:
             await self._end(job, JobState.CANCELLED, err, "cancelled")
