@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import cast
 
@@ -92,6 +93,25 @@ def held_store(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[_Held
         store.close()
 
 
+@asynccontextmanager
+async def _scheduling(store: _HeldStore, tmp_path: Path) -> AsyncIterator[tuple[_Runner, Job]]:
+    """A runner scheduling one queued job (woken); on the way out nothing is left waiting:
+    the store's thread and the dumps are let go, the scheduler is stopped, the thread joined."""
+    job = store.create(_VM, "backend", "elf", "consistent")
+    runner = _Runner(store, tmp_path)
+    scheduler = asyncio.create_task(runner.run())
+    runner.wake()
+    try:
+        yield runner, job
+        assert not scheduler.done(), scheduler
+    finally:
+        store.go.set()
+        runner.release.set()
+        scheduler.cancel()
+        await asyncio.gather(scheduler, return_exceptions=True)
+        runner.close()
+
+
 def _job(store: JobStore, job_id: str) -> Job:
     job = store.get(job_id)
     assert job is not None, job_id
@@ -103,24 +123,20 @@ def _reason(job: Job) -> str:
     return job.error.message
 
 
-async def _until(event: threading.Event) -> None:
+async def _until(check: Callable[[], bool], what: str) -> None:
     for _ in range(600):
-        if event.is_set():
+        if check():
             return
         await asyncio.sleep(0.05)
-    raise AssertionError("the store's worker thread never got there")
+    raise AssertionError(f"not within 30 s: {what}")
 
 
 @pytest.mark.parametrize("held_store", ["after"], indirect=True)
 async def test_a_shutdown_while_the_store_marks_a_job_running_waits_for_that_job(
     held_store: _HeldStore, tmp_path: Path
 ) -> None:
-    job = held_store.create(_VM, "backend", "elf", "consistent")
-    runner = _Runner(held_store, tmp_path)
-    scheduler = asyncio.create_task(runner.run())
-    try:
-        runner.wake()
-        await _until(held_store.entered)
+    async with _scheduling(held_store, tmp_path) as (runner, job):
+        await _until(held_store.entered.is_set, "the store's thread marking the job")
         # The store says running (an API client polling it would now send SIGTERM) ...
         assert _job(held_store, job.id).state is JobState.RUNNING
         drain = asyncio.create_task(runner.drain(grace_s=30.0))
@@ -128,20 +144,11 @@ async def test_a_shutdown_while_the_store_marks_a_job_running_waits_for_that_job
         # ... and the shutdown waits for the job it has not heard back about yet.
         assert not drain.done(), "the drain ended without waiting for the job being started"
         held_store.go.set()
-        for _ in range(100):
-            if runner.dumps_started:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: bool(runner.dumps_started), "the dump started")
         assert runner.dumps_started == 1
         assert not drain.done()
         runner.release.set()
         await asyncio.wait_for(drain, 30)
-    finally:
-        held_store.go.set()
-        runner.release.set()
-        scheduler.cancel()
-        await asyncio.gather(scheduler, return_exceptions=True)
-        runner.close()
     ended = _job(held_store, job.id)
     assert ended.state is JobState.FAILED, ended
     assert "the test's dump ends here" in _reason(ended)
@@ -152,22 +159,12 @@ async def test_a_shutdown_while_the_store_marks_a_job_running_waits_for_that_job
 async def test_a_shutdown_past_its_grace_cancels_a_job_still_being_started(
     held_store: _HeldStore, tmp_path: Path
 ) -> None:
-    job = held_store.create(_VM, "backend", "elf", "consistent")
-    runner = _Runner(held_store, tmp_path)
-    scheduler = asyncio.create_task(runner.run())
-    try:
-        runner.wake()
-        await _until(held_store.entered)
+    async with _scheduling(held_store, tmp_path) as (runner, job):
+        await _until(held_store.entered.is_set, "the store's thread marking the job")
         drain = asyncio.create_task(runner.drain(grace_s=0.2))
         await asyncio.sleep(0.5)  # the grace is over: the job is cancelled before its dump
         held_store.go.set()
         await asyncio.wait_for(drain, 30)
-    finally:
-        held_store.go.set()
-        runner.release.set()
-        scheduler.cancel()
-        await asyncio.gather(scheduler, return_exceptions=True)
-        runner.close()
     ended = _job(held_store, job.id)
     assert ended.state is JobState.CANCELLED, ended
     assert "the daemon is stopping" in _reason(ended)
@@ -181,38 +178,21 @@ async def test_a_job_cancelled_while_it_is_being_started_does_not_run(
     # The API cancels a job the store still holds as queued (the daemon's cancel ends it in
     # the store when the runner does not know it yet): the runner's start then finds it no
     # longer queued, drops it and keeps scheduling.
-    job = held_store.create(_VM, "backend", "elf", "consistent")
-    runner = _Runner(held_store, tmp_path)
-    scheduler = asyncio.create_task(runner.run())
-    try:
-        runner.wake()
-        await _until(held_store.entered)
+    async with _scheduling(held_store, tmp_path) as (runner, job):
+        await _until(held_store.entered.is_set, "the store's thread marking the job")
         assert job.id in runner.running  # the runner holds it while the store works
         held_store.hold = "none"
         cancelled = held_store.finish(job.id, JobState.CANCELLED)  # from this (another) thread
         assert cancelled.state is JobState.CANCELLED
         held_store.go.set()
-        for _ in range(100):
-            if job.id not in runner.running:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: job.id not in runner.running, "the runner dropped the job")
         assert runner.running == {}
         # The scheduler lives on: the next job runs.
         second = held_store.create(_VM, "backend", "elf", "consistent")
         runner.wake()
-        for _ in range(100):
-            if runner.dumps_started:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: bool(runner.dumps_started), "the dump started")
         assert runner.dumps_started == 1
         runner.release.set()
         await asyncio.wait_for(runner.drain(grace_s=30.0), 30)
-        assert not scheduler.done()
-    finally:
-        held_store.go.set()
-        runner.release.set()
-        scheduler.cancel()
-        await asyncio.gather(scheduler, return_exceptions=True)
-        runner.close()
     assert _job(held_store, job.id).state is JobState.CANCELLED
     assert _job(held_store, second.id).state is JobState.FAILED

@@ -66,6 +66,7 @@ from qmpdump.memmap.ranges import RangeSet
 from qmpdump.output import DumpTarget, write_error
 from qmpdump.qmp.events import PAUSE_BREAKERS, changes_heard, paused_seconds
 from qmpdump.qmp.plugged import dump_loads
+from qmpdump.qmp.probe import query_status
 from qmpdump.qmp.session import EventQueue, QMPSession
 from qmpdump.survey import (
     ReadFrom,
@@ -252,14 +253,10 @@ class _PauseGuard:
         survey the copy followed (the virtio-mem sizes it read)."""
         if self._heard is None:
             return
-        try:
-            status = await self.session.execute("query-status")
-        except QMPDisconnected as err:
-            raise QEMUGone(f"QEMU went away during the dump: {err}") from err
+        state = (await query_status(self.session)).status
         # Drained after the answer: QEMU sends an event before the answer of a later command.
         plugged = {d.id: d.size for d in read.layout.devices}
         heard = changes_heard(self._heard.drain(), plugged)
-        state = str(status.get("status"))
         if heard or state != self._state:
             what = ", ".join(heard) or f"its run state is now {state!r}"
             held = "held it paused" if self.pause else "read the stopped VM"

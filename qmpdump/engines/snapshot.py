@@ -119,6 +119,7 @@ from qmpdump.migstream import (
 from qmpdump.output import DumpTarget, write_error
 from qmpdump.qmp.events import PAUSE_BREAKERS, Event, changes_heard, paused_seconds
 from qmpdump.qmp.plugged import dump_loads, read_dump_prefix
+from qmpdump.qmp.probe import query_status
 from qmpdump.qmp.session import EventQueue, QMPSession
 from qmpdump.survey import Survey, probe_prefix_without_growth, region_population, survey
 from qmpdump.vmstate import parse_device_state
@@ -1073,8 +1074,7 @@ class _Run:
         """Start the reader and the snapshot; return once its first page arrived."""
         # Once more just before: the guest may have shut down, panicked or suspended since the
         # survey, and a snapshot from there would abort QEMU (SNAPSHOT_RUN_STATES).
-        status = await self.session.execute("query-status")
-        refusal = run_state_refusal(str(status.get("status")))
+        refusal = run_state_refusal((await query_status(self.session)).status)
         if refusal is not None:
             raise refusal
         self.worker = asyncio.create_task(
@@ -1491,8 +1491,7 @@ async def _resume(session: QMPSession) -> None:
             await session.execute("cont")
         except QMPCommandError as err:
             raise DumpError(f"could not resume the VM after the snapshot point: {err}") from err
-        status = await session.execute("query-status")
-        if status.get("running"):
+        if (await query_status(session)).running:
             return
         await asyncio.sleep(0.01)
     raise DumpError("the VM did not run again after the snapshot point")

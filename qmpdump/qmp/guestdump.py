@@ -42,7 +42,8 @@ from qmpdump.errors import (
 )
 from qmpdump.host.libvirt_owner import libvirt_domain_of
 from qmpdump.qmp.events import DumpCompleted, Event, paused_seconds
-from qmpdump.qmp.models import DumpQueryResult, StatusInfo, parse_reply
+from qmpdump.qmp.models import DumpQueryResult, parse_reply
+from qmpdump.qmp.probe import query_status
 from qmpdump.qmp.sealsink import SealSink
 from qmpdump.qmp.session import EventQueue, QMPSession
 
@@ -189,7 +190,7 @@ class GuestDump:
 
 
 async def _precheck(session: QMPSession) -> bool:
-    status = parse_reply(StatusInfo, await session.execute("query-status"), "query-status")
+    status = await query_status(session)
     if status.status == "inmigrate":
         raise DumpError("the VM is in incoming migration: its memory is not complete yet")
     current = parse_reply(DumpQueryResult, await session.execute("query-dump"), "query-dump")

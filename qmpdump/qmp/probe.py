@@ -40,6 +40,7 @@ from qmpdump.qmp.session import QMPSession
 
 __all__ = [
     "VMFacts",
+    "query_status",
     "read_layout",
     "read_vm_facts",
     "region_host_addresses",
@@ -71,10 +72,15 @@ class VMFacts:
     name: str | None
 
 
+async def query_status(session: QMPSession) -> StatusInfo:
+    """The VM's run state now (``query-status``)."""
+    return parse_reply(StatusInfo, await session.execute("query-status"), "query-status")
+
+
 async def read_vm_facts(session: QMPSession) -> VMFacts:
     """QEMU version, pid (SO_PEERCRED), run state and guest name."""
     version = parse_reply(VersionInfo, await session.execute("query-version"), "query-version")
-    status = parse_reply(StatusInfo, await session.execute("query-status"), "query-status")
+    status = await query_status(session)
     name_reply = await session.execute("query-name")
     q = version.qemu
     return VMFacts(
